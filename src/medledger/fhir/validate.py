@@ -18,7 +18,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import orjson
@@ -322,7 +322,7 @@ def parse_json(data: bytes | str) -> Any:
         ) from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def resource_model(resource_type: str) -> type[FHIRAbstractModel]:
     """The R4B model class of a resource type; InvalidInput if it is not a FHIR R4B resource."""
     try:
@@ -344,16 +344,16 @@ def parse_resource(
     """
     raw = parse_json(data) if isinstance(data, bytes | str) else data
     if not isinstance(raw, Mapping):
-        raise InvalidInput(
-            f"a FHIR resource must be a JSON object, got {_json_kind(raw)}"
-        )
+        raise InvalidInput(f"a FHIR resource must be a JSON object, got {_json_kind(raw)}")
     resource_type = raw.get("resourceType")
     if resource_type is None:
         raise InvalidInput("missing resourceType: every FHIR resource names its type")
     if not isinstance(resource_type, str):
         raise InvalidInput(f"resourceType must be a string, got {_json_kind(resource_type)}")
     if expected_type is not None and resource_type != expected_type:
-        raise InvalidInput(f"expected a {expected_type} resource, got resourceType {resource_type!r}")
+        raise InvalidInput(
+            f"expected a {expected_type} resource, got resourceType {resource_type!r}"
+        )
     model = resource_model(resource_type)
     problems: list[str] = []
     try:
