@@ -66,8 +66,10 @@ def go_module_dir(module: str, version: str) -> Path:
     except json.JSONDecodeError:
         sys.exit(f"gen_proto: go mod download {module}@{version} failed:\n{proc.stderr}")
     if proc.returncode != 0 or info.get("Error") or not info.get("Dir"):
-        sys.exit(f"gen_proto: go mod download {module}@{version} failed: "
-                 f"{info.get('Error') or proc.stderr}")
+        sys.exit(
+            f"gen_proto: go mod download {module}@{version} failed: "
+            f"{info.get('Error') or proc.stderr}"
+        )
     return Path(info["Dir"])
 
 
@@ -120,7 +122,9 @@ def protoc_version() -> str:
 
     out = subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "--version"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout.strip()
 
@@ -157,9 +161,12 @@ def generate(out: Path, force: bool = False) -> bool:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             *[f"-I{d}" for d in (*includes, wkt)],
-            f"--python_out={tmp}", f"--pyi_out={tmp}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
             *[name for name, _ in files],
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -181,8 +188,10 @@ def generate(out: Path, force: bool = False) -> bool:
         out.mkdir(parents=True, exist_ok=True)
         for child in tmp.iterdir():
             shutil.move(str(child), out / child.name)
-    print(f"gen_proto: generated {len(files)} protos from {stamp['cometbft']} and "
-          f"{stamp['gogoproto']} with {version} into {out}")
+    print(
+        f"gen_proto: generated {len(files)} protos from {stamp['cometbft']} and "
+        f"{stamp['gogoproto']} with {version} into {out}"
+    )
     return True
 
 
