@@ -6,9 +6,12 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medledger.errors import InvalidInput
-from medledger.fhir.validate import canonical_bytes, parse_resource
+from medledger.fhir.synthetic import synthetic_observation
+from medledger.fhir.validate import canonical_bytes, parse_resource, preload_models
 
 OBS: dict[str, Any] = {
     "resourceType": "Observation",
@@ -145,3 +148,27 @@ def test_bundle_resource_validates_nested_entries() -> None:
         "entry": [{"resource": {"resourceType": "Observation", "status": "final"}}],
     }
     assert "required element is missing at Bundle.entry[0].resource.code" in _error(bundle)
+
+
+def test_fhir_comments_are_not_kept() -> None:
+    out = parse_resource({"resourceType": "Patient", "fhir_comments": ["hi"]})
+    assert "fhir_comments" not in out
+
+
+def test_preload_models() -> None:
+    preload_models(("Patient", "Observation"))
+    with pytest.raises(InvalidInput):
+        preload_models(("NotAType",))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32),
+    pid=st.from_regex(r"[A-Za-z0-9]{1,20}", fullmatch=True),
+)
+def test_canonical_form_is_deterministic_and_idempotent(seed: int, pid: str) -> None:
+    once = parse_resource(synthetic_observation(pid, seed))
+    assert parse_resource(canonical_bytes(once)) == once
+    assert canonical_bytes(parse_resource(synthetic_observation(pid, seed))) == canonical_bytes(
+        once
+    )

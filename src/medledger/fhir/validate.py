@@ -29,7 +29,14 @@ from pydantic import ValidationError
 
 from medledger.errors import InvalidInput
 
-__all__ = ["MAX_ERRORS", "canonical_bytes", "parse_json", "parse_resource", "resource_model"]
+__all__ = [
+    "MAX_ERRORS",
+    "canonical_bytes",
+    "parse_json",
+    "parse_resource",
+    "preload_models",
+    "resource_model",
+]
 
 MAX_ERRORS = 3
 """How many validation problems a single error message lists."""
@@ -334,6 +341,28 @@ def resource_model(resource_type: str) -> type[FHIRAbstractModel]:
     return model
 
 
+COMMON_RESOURCE_TYPES = (
+    "Patient",
+    "Observation",
+    "Encounter",
+    "Condition",
+    "MedicationRequest",
+    "AllergyIntolerance",
+    "Immunization",
+    "Procedure",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Consent",
+    "Bundle",
+)
+
+
+def preload_models(resource_types: Sequence[str] = COMMON_RESOURCE_TYPES) -> None:
+    """Import and build the model classes up front (the first use of each costs ~10 ms)."""
+    for resource_type in resource_types:
+        resource_model(resource_type)
+
+
 def parse_resource(
     data: bytes | str | Mapping[str, Any], expected_type: str | None = None
 ) -> dict[str, Any]:
@@ -368,7 +397,9 @@ def parse_resource(
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
         raise InvalidInput(f"{resource_type} is invalid: {shown}{suffix}")
     assert instance is not None
-    dumped: dict[str, Any] = instance.model_dump(mode="json", by_alias=True, exclude_none=True)
+    dumped: dict[str, Any] = instance.model_dump(
+        mode="json", by_alias=True, exclude_none=True, exclude_comments=True
+    )
     return dumped
 
 
