@@ -24,7 +24,9 @@ PATIENT: dict[str, Any] = {
 }
 
 
-def _obs(oid: str, category: str, code: str, display: str, value: float, unit: str) -> dict:
+def _obs(
+    oid: str, category: str, code: str, display: str, value: float, unit: str
+) -> dict[str, Any]:
     return {
         "resourceType": "Observation",
         "id": oid,
@@ -118,7 +120,10 @@ RESOURCES: list[dict[str, Any]] = [
 
 
 def _ips(**kwargs: Any) -> dict[str, Any]:
-    return international_patient_summary(PATIENT, RESOURCES, NOW, "ips-1", **kwargs)
+    bundle: dict[str, Any] = international_patient_summary(
+        PATIENT, RESOURCES, NOW, "ips-1", **kwargs
+    )
+    return bundle
 
 
 def _sections(bundle: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -152,7 +157,9 @@ def test_validates_as_r4b_bundle() -> None:
         bundle = _ips(**kwargs)
         model = Bundle.model_validate(bundle)
         assert model.type == "document"
-        assert model.entry[0].resource.get_resource_type() == "Composition"
+        assert model.entry is not None
+        first = model.entry[0].resource
+        assert first is not None and first.get_resource_type() == "Composition"
 
 
 def test_sections_and_entries_by_full_url() -> None:

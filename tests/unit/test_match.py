@@ -216,7 +216,7 @@ def test_identifier_disagreeing_with_name_and_dob_is_not_certain() -> None:
     b = patient("b", "Garcia", "Maria", "1991-01-01", identifier=ident)
     assert match_score(a, b).grade is None
     # Same household (address and phone agree): the ceiling keeps it below probable.
-    home = {
+    home: dict[str, Any] = {
         "address": [{"line": ["1 High St"], "postalCode": "LS1 1AA"}],
         "telecom": [{"system": "phone", "value": "0113 496 0000"}],
     }
@@ -235,7 +235,7 @@ def test_old_identifiers_are_ignored() -> None:
 
 def test_bad_patient_input() -> None:
     with pytest.raises(InvalidInput):
-        match_score("not a patient", {})  # type: ignore[arg-type]
+        match_score("not a patient", {})
 
 
 @settings(max_examples=80, deadline=None)
@@ -367,7 +367,7 @@ def test_parse_match_parameters() -> None:
             {"name": "count", "valueDecimal": 2.5},
         ),
         _params({"name": "resource", "resource": {"resourceType": "Patient"}}, {"name": "x"}),
-        _params("not an object"),
+        {"resourceType": "Parameters", "parameter": ["not an object"]},
     ],
 )
 def test_parse_match_parameters_rejects_bad_input(body: Any) -> None:

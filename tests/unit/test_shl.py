@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -37,7 +38,7 @@ URL = "https://ehr.example.org/shl/Y9xwkUdtmN9wwoJoN3ffJIhX2UGvCL1JnlPVNL3kDWM"
 
 
 @pytest.mark.parametrize("case", VECTORS["valid"], ids=lambda c: c["name"])
-def test_jwe_vector_encrypts_exactly(case: dict) -> None:
+def test_jwe_vector_encrypts_exactly(case: dict[str, Any]) -> None:
     token = encrypt_jwe(
         case["plaintext_utf8"].encode(),
         bytes.fromhex(case["key_hex"]),
@@ -49,7 +50,7 @@ def test_jwe_vector_encrypts_exactly(case: dict) -> None:
 
 
 @pytest.mark.parametrize("case", VECTORS["valid"], ids=lambda c: c["name"])
-def test_jwe_vector_shape(case: dict) -> None:
+def test_jwe_vector_shape(case: dict[str, Any]) -> None:
     header_b64, enc_key, iv_b64, _ct, tag_b64 = case["expected"].split(".")
     assert enc_key == ""
     assert "=" not in case["expected"]
@@ -81,7 +82,7 @@ def test_rfc7516_a1_content_encryption_layer() -> None:
 
 
 @pytest.mark.parametrize("case", VECTORS["invalid"], ids=lambda c: c["name"])
-def test_jwe_tampered_vectors_fail(case: dict) -> None:
+def test_jwe_tampered_vectors_fail(case: dict[str, Any]) -> None:
     expected = getattr(errors, case["error"])
     with pytest.raises(expected) as info:
         decrypt_jwe(case["token"], bytes.fromhex(case["key_hex"]))
@@ -188,7 +189,7 @@ def test_shlink_accepts_label_of_80_chars_and_unicode() -> None:
 
 
 def _raw_link(obj: object) -> str:
-    return "shlink:/" + b64url_encode(json.dumps(obj).encode())
+    return "shlink:/" + str(b64url_encode(json.dumps(obj).encode()))
 
 
 @pytest.mark.parametrize(
@@ -258,7 +259,7 @@ def test_manifest_response_shape() -> None:
 
 
 @pytest.mark.parametrize("files", [[("", "https://x")], [("a/b", "")], [("only-one",)]])
-def test_manifest_response_rejects_incomplete_files(files: list) -> None:
+def test_manifest_response_rejects_incomplete_files(files: list[Any]) -> None:
     with pytest.raises(InvalidInput):
         manifest_response(files)
 
