@@ -160,6 +160,10 @@ class RecordingApp:
         return QueryResult(code=0, value=data[::-1], height=height)
 
 
+def last_call(app: RecordingApp) -> tuple[object, ...]:
+    return app.calls[-1]
+
+
 def _ts(seconds: int, nanos: int) -> dict[str, int]:
     return {"seconds": seconds, "nanos": nanos}
 
@@ -183,12 +187,12 @@ def test_handler_maps_every_request() -> None:
         )
     ).init_chain
     assert init.app_hash == b"\x01" * 32 and len(init.validators) == 0
-    assert app.calls[-1] == ("init_chain", "c", b'{"orgs":[]}', 1_700_000_000_000_000_005)
+    assert last_call(app) == ("init_chain", "c", b'{"orgs":[]}', 1_700_000_000_000_000_005)
 
     chk = h.handle(pb.Request(check_tx=pb.RequestCheckTx(tx=b"a", type=pb.RECHECK))).check_tx
-    assert chk.code == 0 and app.calls[-1] == ("check_tx", b"a", True)
+    assert chk.code == 0 and last_call(app) == ("check_tx", b"a", True)
     chk = h.handle(pb.Request(check_tx=pb.RequestCheckTx(tx=b"", type=pb.NEW))).check_tx
-    assert (chk.code, chk.log) == (2, "empty") and app.calls[-1] == ("check_tx", b"", False)
+    assert (chk.code, chk.log) == (2, "empty") and last_call(app) == ("check_tx", b"", False)
 
     prep = h.handle(
         pb.Request(
@@ -218,7 +222,7 @@ def test_handler_maps_every_request() -> None:
             )
         )
     ).finalize_block
-    assert app.calls[-1] == (
+    assert last_call(app) == (
         "finalize_block",
         4,
         10_000_000_020,
