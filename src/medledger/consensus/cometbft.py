@@ -268,11 +268,18 @@ def make_testnet(
     given ``chain_id`` and ``app_state`` (opaque JSON, delivered to ``init_chain``).
     Ports: node ``i`` uses ``base_port + 3i`` (p2p), ``+1`` (rpc), ``+2`` (abci);
     with ``base_port=None`` free ports are picked. Each node lists all others as
-    persistent peers. Existing homes are re-initialised with a fresh genesis.
+    persistent peers. Homes that already hold blocks are refused (a new genesis over
+    old chain data would not start).
     """
     if n < 1:
         raise ValueError("a network needs at least one node")
     base_dir = Path(base_dir)
+    for i in range(n):
+        if (base_dir / f"node{i}" / "data" / "blockstore.db").exists():
+            raise MedledgerError(
+                f"{base_dir / f'node{i}'} already holds a chain",
+                hint="use a fresh directory or delete the old network",
+            )
     if base_port is None:
         ports = free_ports(3 * n)
     else:
