@@ -47,7 +47,11 @@ def b64e(data: bytes) -> str:
 
 
 def b64d(text: str, *, field: str = "value", size: int | None = None) -> bytes:
-    """Decode unpadded base64url; wrong alphabet or size raises ``InvalidInput`` naming ``field``."""
+    """Decode canonical unpadded base64url.
+
+    Wrong alphabet, padding, non-zero trailing bits or a wrong ``size`` raise
+    ``InvalidInput`` naming ``field``.
+    """
     if not isinstance(text, str):
         raise InvalidInput(f"{field} must be a base64url string")
     if not _B64URL_RE.fullmatch(text):

@@ -123,3 +123,8 @@ def load_keystore(path: Path, password: str) -> Identity:
     except OSError as exc:
         raise InvalidInput(f"cannot read keystore {path}: {exc.strerror}") from exc
     return unlock(data, password)
+
+
+def passcode_hash(passcode: str, salt: bytes, n: int = 2**14) -> bytes:
+    """Slow salted hash of a share-link passcode (scrypt), stored on the ledger."""
+    return Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(passcode.encode("utf-8"))

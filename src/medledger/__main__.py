@@ -1,0 +1,3 @@
+from medledger.cli.main import main
+
+main()

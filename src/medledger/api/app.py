@@ -1,0 +1,120 @@
+"""The node's HTTP API (FastAPI): FHIR R4 REST, auth, ledger proofs, share links, portal.
+
+Routes are thin: parse, call the ``Node``, map errors. Every ``MedledgerError``
+becomes a FHIR OperationOutcome with the error's HTTP status; unexpected
+exceptions become a 500 OperationOutcome without a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medledger.api import ledger_routes, portal_routes
+from medledger.api.common import fhir_json, outcome_response
+from medledger.api.fhir_routes import router as fhir_router
+from medledger.errors import MedledgerError, TooLarge
+from medledger.node.runtime import NodeRuntime
+from medledger.node.service import Node, WrongPasscode
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
+    runtime = NodeRuntime(node)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if run_background:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if run_background:
+                await runtime.stop()
+
+    app = FastAPI(title="medledger node", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs", redoc_url=None)
+    app.state.node = node
+    app.state.runtime = runtime
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                         ) -> Response:
+        length = request.headers.get("content-length")
+        limit = node.config.max_body_bytes
+        if length and length.isdigit() and int(length) > limit:
+            return outcome_response(TooLarge(
+                f"request body of {length} bytes exceeds the {limit}-byte limit"))
+        return await call_next(request)
+
+    @app.exception_handler(WrongPasscode)
+    async def wrong_passcode(request: Request, exc: WrongPasscode) -> Response:
+        return Response(orjson.dumps({"error": str(exc), "remainingAttempts": exc.remaining}),
+                        status_code=401, media_type="application/json")
+
+    @app.exception_handler(MedledgerError)
+    async def medledger_error(request: Request, exc: MedledgerError) -> Response:
+        return outcome_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        return outcome_response(MedledgerError(f"invalid request: {first.get('msg')} at {where}"),
+                                status=400, code="invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return outcome_response(MedledgerError(str(exc.detail)), status=exc.status_code,
+                                code="not-found" if exc.status_code == 404 else "exception")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return outcome_response(MedledgerError(
+            f"internal error ({type(exc).__name__}); the node log has details"), status=500)
+
+    app.include_router(fhir_router, prefix="/fhir")
+    app.include_router(ledger_routes.router)
+    app.include_router(portal_routes.router)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        if (STATIC / "index.html").exists():
+            return FileResponse(STATIC / "index.html")
+        return RedirectResponse("/docs")
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return fhir_json({"status": "ok" if not node.integrity_failure else "refusing",
+                          "org": node.org.id, "height": node.store.height,
+                          "reason": node.integrity_failure or ""},
+                         status=200 if not node.integrity_failure else 503)
+
+    if STATIC.exists():
+        from fastapi.staticfiles import StaticFiles
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory`` (reads MEDLEDGER_HOME, MEDLEDGER_PASSWORD)."""
+    import os
+
+    from medledger.node.runtime import open_node, password_from_env
+    return create_app(open_node(os.environ["MEDLEDGER_HOME"], password_from_env()))
+
+
+def _unused(_: Any) -> None:  # keep linters quiet about re-exports
+    pass

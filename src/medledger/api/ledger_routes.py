@@ -1,0 +1,159 @@
+"""Auth, admin and ledger routes: tokens, enrolment, status, blocks, proofs, raw txs, export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from medledger.api.common import fhir_json, json_body, node_of, session_of
+from medledger.core import proofs
+from medledger.crypto.canonical import b64e
+from medledger.errors import InvalidInput, NotFound
+from medledger.node.auth import ASSERTION_TYPE
+
+router = APIRouter()
+
+
+def _token_response(token: str, session: Any, node: Any) -> Response:
+    body = {"access_token": token, "token_type": "bearer",
+            "expires_in": int(session.expires_s - node.clock()),
+            "scope": " ".join(sorted(session.scopes)), "actor": session.actor_id,
+            "kind": session.kind, "role": session.role, "org": session.org}
+    resp = Response(orjson.dumps(body), media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
+    return resp
+
+
+@router.post("/auth/token")
+async def token(request: Request) -> Response:
+    node = node_of(request)
+    form = await request.form()
+    if form.get("grant_type") != "client_credentials":
+        raise InvalidInput("grant_type must be client_credentials")
+    if form.get("client_assertion_type") != ASSERTION_TYPE:
+        raise InvalidInput(f"client_assertion_type must be {ASSERTION_TYPE}")
+    assertion = form.get("client_assertion")
+    if not isinstance(assertion, str) or not assertion:
+        raise InvalidInput("client_assertion is missing")
+    scope = form.get("scope")
+    tok, session = node.auth.exchange(assertion, scope if isinstance(scope, str) else None)
+    return _token_response(tok, session, node)
+
+
+@router.post("/auth/login")
+async def login(request: Request) -> Response:
+    node = node_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(
+            body.get("password"), str):
+        raise InvalidInput("login needs {\"id\": ..., \"password\": ...}")
+    tok, session = node.login(body["id"], body["password"])
+    resp = _token_response(tok, session, node)
+    resp.set_cookie("medledger_token", tok, httponly=True, samesite="strict",
+                    max_age=node.config.token_ttl_s)
+    return resp
+
+
+@router.post("/auth/logout")
+async def logout(request: Request) -> Response:
+    node = node_of(request)
+    tok = request.cookies.get("medledger_token")
+    if tok:
+        node.auth.logout(tok)
+    resp = Response(b"{}", media_type="application/json")
+    resp.delete_cookie("medledger_token")
+    return resp
+
+
+@router.get("/auth/me")
+async def me(request: Request) -> Response:
+    s = session_of(request)
+    return fhir_json({"actor": s.actor_id, "kind": s.kind, "role": s.role, "org": s.org,
+                      "scope": " ".join(sorted(s.scopes)), "expires_at": int(s.expires_s)})
+
+
+@router.post("/admin/practitioners")
+async def add_practitioner(request: Request) -> Response:
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("expected {id, role, password}")
+    for f in ("id", "role", "password"):
+        if not isinstance(body.get(f), str):
+            raise InvalidInput(f"field {f!r} is required")
+    identity = await node.register_practitioner(session, body["id"], body["role"],
+                                                body["password"])
+    keystore = node.home.user_keystore(identity.id).read_bytes()
+    return fhir_json({"id": identity.id, "role": body["role"], "org": node.org.id,
+                      "keystore": orjson.loads(keystore)}, 201)
+
+
+@router.get("/ledger/status")
+async def status(request: Request) -> Response:
+    node = node_of(request)
+    return fhir_json({"chain": node.chain, "org": node.org.id, "mode": node.config.mode,
+                      "height": node.store.height, "app_hash": node.store.app_hash.hex(),
+                      "header_hash": node.store.last_header_hash.hex(),
+                      "serving": node.integrity_failure is None,
+                      "problem": node.integrity_failure or ""})
+
+
+@router.get("/ledger/blocks/{height}")
+async def block(request: Request, height: int) -> Response:
+    node = node_of(request)
+    header = node.store.block(height)
+    if header is None:
+        raise NotFound(f"no block at height {height}")
+    txs = node.store.block_txs(height)
+    return fhir_json({"header": header,
+                      "txs": [{"hash": h.hex(), "code": c, "log": lg} for _, h, _, c, lg in txs]})
+
+
+@router.get("/ledger/proof/tx/{tx_hash}")
+async def tx_proof(request: Request, tx_hash: str) -> Response:
+    node = node_of(request)
+    try:
+        found = node.store.tx(bytes.fromhex(tx_hash))
+    except ValueError as exc:
+        raise InvalidInput("tx hash must be hex") from exc
+    if found is None:
+        raise NotFound(f"no tx {tx_hash}")
+    height, idx = found[0], found[1]
+    header = node.store.block(height)
+    assert header is not None
+    leaves = [raw for _, _, raw, _, _ in node.store.block_txs(height)]
+    return fhir_json(proofs.make_proof("tx", header, leaves, idx))
+
+
+@router.get("/ledger/proof/audit/{event_id}")
+async def audit_proof(request: Request, event_id: str) -> Response:
+    node = node_of(request)
+    found = node.store.audit_event(event_id)
+    if found is None:
+        raise NotFound(f"audit event {event_id} is not anchored yet (or does not exist)")
+    height, leaf, _ = found
+    header = node.store.block(height)
+    assert header is not None
+    return fhir_json(proofs.make_proof("audit", header, node.store.audit_leaves(height), leaf))
+
+
+@router.post("/ledger/tx")
+async def submit_tx(request: Request) -> Response:
+    """Submit a tx signed by the client itself (e.g. a patient's consent from the CLI)."""
+    node = node_of(request)
+    raw = await request.body()
+    committed = await node.submit_raw(raw)
+    return fhir_json({"code": committed.code, "height": committed.height,
+                      "hash": committed.tx_hash.hex(), "data": committed.data.decode()})
+
+
+@router.get("/ledger/patients/{pid}/sealed")
+async def sealed(request: Request, pid: str) -> Response:
+    node, session = node_of(request), session_of(request)
+    return fhir_json({"patient": pid, "chain": node.chain,
+                      "records": node.export_sealed(session, pid)})
+
+
+_ = b64e

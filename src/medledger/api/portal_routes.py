@@ -1,0 +1,109 @@
+"""JSON routes for the web portal and SMART Health Links (consents, shares, access log)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+
+from medledger.api.common import fhir_json, json_body, node_of, session_of
+from medledger.crypto.canonical import b64e
+from medledger.errors import InvalidInput
+from medledger.fhir import shl
+from medledger.node import audit as audit_mod
+
+router = APIRouter()
+
+
+def _json(doc: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json")
+
+
+@router.get("/api/consents")
+async def consents(request: Request) -> Response:
+    node, session = node_of(request), session_of(request)
+    patient = request.query_params.get("patient") or session.actor_id
+    return _json(node.consents(session, patient))
+
+
+@router.post("/api/consents")
+async def add_consent(request: Request) -> Response:
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("expected a consent object")
+    rule = {"patient": session.actor_id, "decision": body.get("decision"),
+            "actors": body.get("actors") or [], "orgs": body.get("orgs") or [],
+            "categories": body.get("categories") or [], "labels": body.get("labels") or [],
+            "start": body.get("start"), "end": body.get("end")}
+    return _json(await node.put_consent(session, rule), 201)
+
+
+@router.post("/api/consents/{cid}/revoke")
+async def revoke_consent(request: Request, cid: str) -> Response:
+    node, session = node_of(request), session_of(request)
+    return _json(await node.revoke_consent(session, session.actor_id, cid))
+
+
+@router.get("/api/shares")
+async def shares(request: Request) -> Response:
+    node, session = node_of(request), session_of(request)
+    return _json([{k: v for k, v in g.items() if k != "passcode"} | {
+        "has_passcode": g["passcode"] is not None} for g in node.shares(session)])
+
+
+@router.post("/api/shares")
+async def create_share(request: Request) -> Response:
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise InvalidInput("expected {selection, expires_in_s | exp, passcode, label}")
+    exp = body.get("exp")
+    if exp is None and body.get("expires_in_s") is not None:
+        if not isinstance(body["expires_in_s"], int) or body["expires_in_s"] <= 0:
+            raise InvalidInput("expires_in_s must be a positive number of seconds")
+        exp = node.now_s + body["expires_in_s"]
+    if exp is not None and not isinstance(exp, int):
+        raise InvalidInput("exp must be epoch seconds")
+    link, grant = await node.create_share(session, body.get("selection") or {}, exp,
+                                          body.get("passcode") or None,
+                                          str(body.get("label") or ""),
+                                          str(body.get("recipient") or ""))
+    return _json({"shlink": link, "id": grant["id"], "exp": grant["exp"],
+                  "label": grant["label"], "records": grant["records"],
+                  "qr_svg": shl.qr_svg(link), "qr_png": b64e(shl.qr_png(link))}, 201)
+
+
+@router.post("/api/shares/{share_id}/revoke")
+async def revoke_share(request: Request, share_id: str) -> Response:
+    node, session = node_of(request), session_of(request)
+    grant = await node.revoke_share(session, share_id)
+    return _json({"id": grant["id"], "revoked": grant["revoked"]})
+
+
+@router.post("/shl/{share_id}")
+async def shl_manifest(request: Request, share_id: str) -> Response:
+    """SMART Health Links manifest request: {recipient, passcode?} -> {files: [...]}."""
+    node = node_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("recipient"), str):
+        raise InvalidInput("manifest request needs {\"recipient\": \"<who is opening this>\"}")
+    passcode = body.get("passcode")
+    manifest = await node.open_share(share_id, body["recipient"],
+                                     passcode if isinstance(passcode, str) else None)
+    return _json(manifest)
+
+
+@router.get("/api/access-log")
+async def access_log(request: Request) -> Response:
+    """The patient's access log as plain events (the portal's table and chart)."""
+    node, session = node_of(request), session_of(request)
+    count = request.query_params.get("count", "500")
+    if not count.isdigit():
+        raise InvalidInput("count must be a positive integer")
+    rows = node.audit_log(session, session.actor_id, "", int(count))
+    return _json([ev | {"anchored_height": h} for ev, h in rows])
+
+
+_ = (fhir_json, audit_mod)

@@ -1,0 +1,324 @@
+"""The ``medledger`` command line (Typer + rich). Commands are thin: parse, call, print."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medledger.client import Client
+from medledger.crypto import keys
+from medledger.errors import InvalidInput, MedledgerError
+
+app = typer.Typer(help="medledger: a permissioned blockchain for encrypted health records.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+node_app = typer.Typer(help="Run a node.", no_args_is_help=True)
+prac_app = typer.Typer(help="Practitioners of this organisation.", no_args_is_help=True)
+record_app = typer.Typer(help="Records (FHIR resources).", no_args_is_help=True)
+consent_app = typer.Typer(help="A patient's consents.", no_args_is_help=True)
+share_app = typer.Typer(help="Time-limited share links (SMART Health Links).",
+                        no_args_is_help=True)
+audit_app = typer.Typer(help="The access log.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+app.add_typer(prac_app, name="practitioner")
+app.add_typer(record_app, name="record")
+app.add_typer(consent_app, name="consent")
+app.add_typer(share_app, name="share")
+app.add_typer(audit_app, name="audit")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
+NodeOpt = Annotated[str, typer.Option("--node", envvar="MEDLEDGER_NODE",
+                                      help="Node URL, e.g. http://127.0.0.1:8700")]
+KeyOpt = Annotated[Path, typer.Option("--key", help="Your keystore file.")]
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MedledgerError as err:
+            err_console.print(f"[bold red]error:[/] {err}")
+            raise typer.Exit(1) from None
+        except OSError as err:
+            err_console.print(f"[bold red]error:[/] {err.strerror or err}: "
+                              f"{getattr(err, 'filename', '') or ''}")
+            raise typer.Exit(1) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _password(env: str, prompt: str) -> str:
+    value = os.environ.get(env)
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise InvalidInput(f"set {env} (no terminal to prompt for the {prompt})")
+    return str(typer.prompt(prompt, hide_input=True))
+
+
+def _identity(path: Path) -> keys.Identity:
+    return keys.load_keystore(path, _password("MEDLEDGER_KEY_PASSWORD", "keystore password"))
+
+
+def _client(node: str, key: Path | None) -> Client:
+    return Client(node, _identity(key) if key else None)
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# ---------------------------------------------------------------- init / node
+
+@app.command()
+@handle_errors
+def init(home: HomeOpt, org_id: Annotated[str, typer.Option(help="Organisation id.")],
+         org_name: Annotated[str, typer.Option(help="Organisation name.")],
+         chain: Annotated[str, typer.Option(help="Chain id.")] = "medledger-local",
+         port: Annotated[int, typer.Option(help="API port.")] = 8700,
+         genesis: Annotated[Path | None, typer.Option(help="Join an existing genesis file.")]
+         = None) -> None:
+    """Create a node home: org keys (password-protected) and genesis."""
+    from medledger.node.home import init_home
+    password = _password("MEDLEDGER_PASSWORD", "new organisation keystore password")
+    gen = orjson.loads(genesis.read_bytes()) if genesis else None
+    h = init_home(home, org_id, org_name, password, chain=chain, port=port, genesis=gen)
+    console.print(f"[green]created[/] {h.path} for [bold]{org_id}[/] on chain "
+                  f"[bold]{h.load_config().chain}[/]")
+
+
+@node_app.command("start")
+@handle_errors
+def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None,
+               port: Annotated[int | None, typer.Option()] = None) -> None:
+    """Run the node (API + block production) in the foreground."""
+    import logging
+
+    import uvicorn
+
+    from medledger.api.app import create_app
+    from medledger.node.runtime import open_node
+    from medledger.node.verify import quick_check
+    node = open_node(str(home), _password("MEDLEDGER_PASSWORD", "organisation keystore password"))
+    if host:
+        node.config.host = host
+    if port:
+        node.config.port = port
+    try:
+        quick_check(node.store)
+    except MedledgerError as err:
+        node.integrity_failure = f"local ledger failed its integrity check: {err}"
+        err_console.print(f"[bold red]REFUSING TO SERVE:[/] {node.integrity_failure}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
+                        "%(message)s")
+    console.print(f"medledger node [bold]{node.org.id}[/] at {node.config.base_url} "
+                  f"(mode {node.config.mode}, height {node.store.height})")
+    uvicorn.run(create_app(node), host=node.config.host, port=node.config.port,
+                log_level="warning")
+
+
+@app.command()
+@handle_errors
+def verify(home: HomeOpt) -> None:
+    """Re-check the whole ledger: signatures, hash links, Merkle roots, replayed state."""
+    from medledger.node.home import Home
+    from medledger.node.verify import verify_store
+    from medledger.storage.sqlite import SqliteStore
+    h = Home(home)
+    h.load_config()
+    store = SqliteStore(h.db_path)
+    start = time.perf_counter()
+    with Progress(TextColumn("verifying"), BarColumn(), TextColumn("block {task.completed:,}"
+                  "/{task.total:,}"), TimeRemainingColumn(), console=err_console) as bar:
+        task = bar.add_task("verify", total=max(store.height, 1))
+        report = verify_store(store, lambda h_, top: bar.update(task, completed=h_))
+    took = time.perf_counter() - start
+    console.print(f"[green]OK[/] {report.blocks:,} blocks, {report.txs:,} txs "
+                  f"({report.bytes / 1e6:.1f} MB), {report.audit_events:,} audit events, "
+                  f"{report.state_keys:,} state keys verified in {took:.2f}s "
+                  f"({report.txs / max(took, 1e-9):,.0f} tx/s)")
+
+
+# ---------------------------------------------------------------- practitioners
+
+@prac_app.command("add")
+@handle_errors
+def practitioner_add(home: HomeOpt, id: Annotated[str, typer.Option(help="Practitioner id.")],
+                     role: Annotated[str, typer.Option(help="physician, nurse, psychiatrist, "
+                                                             "admin-clerk")],
+                     out: Annotated[Path | None, typer.Option(help="Write keystore here.")]
+                     = None) -> None:
+    """Register a practitioner of this node's organisation (node must be running)."""
+    from medledger.node.home import Home
+    h = Home(home)
+    config = h.load_config()
+    org = h.unlock_org(_password("MEDLEDGER_PASSWORD", "organisation keystore password"))
+    password = _password("MEDLEDGER_KEY_PASSWORD", "new practitioner keystore password")
+    with Client(config.base_url, org) as c:
+        doc = c.post("/admin/practitioners", {"id": id, "role": role, "password": password})
+    target = out or Path(f"{id}.key.json")
+    target.write_bytes(orjson.dumps(doc["keystore"]))
+    console.print(f"[green]registered[/] {id} ({role}) at {config.org_id}; keystore -> {target}")
+
+
+# ---------------------------------------------------------------- records
+
+@record_app.command("put")
+@handle_errors
+def record_put(node: NodeOpt, key: KeyOpt, file: Annotated[Path, typer.Argument()]) -> None:
+    """POST a FHIR resource or transaction Bundle from a JSON file."""
+    doc = orjson.loads(file.read_bytes())
+    with _client(node, key) as c:
+        if doc.get("resourceType") == "Bundle":
+            _print_json(c.post("/fhir", doc))
+        else:
+            resp = c.request("POST", f"/fhir/{doc.get('resourceType')}", doc)
+            _print_json(resp.json())
+            secret = resp.headers.get("x-medledger-enrollment-secret")
+            if secret:
+                err_console.print(f"patient enrolment secret (give it to the patient): {secret}")
+
+
+@record_app.command("get")
+@handle_errors
+def record_get(node: NodeOpt, key: KeyOpt, path: Annotated[str, typer.Argument(
+               help="FHIR path, e.g. Observation/123 or Observation?patient=p1")],
+               break_glass: Annotated[str | None, typer.Option(
+                   help="Emergency access: the reason (audited, patient notified).")] = None
+               ) -> None:
+    """GET a FHIR path (read, vread, history, search, $everything)."""
+    headers = {"X-Break-Glass-Reason": break_glass} if break_glass else None
+    with _client(node, key) as c:
+        _print_json(c.get("/fhir/" + path.lstrip("/"), headers=headers))
+
+
+@record_app.command("export")
+@handle_errors
+def record_export(node: NodeOpt, key: KeyOpt,
+                  out: Annotated[Path, typer.Option(help="Bundle file to write.")]
+                  = Path("my-records.json")) -> None:
+    """Fetch and decrypt your complete record with your own key, from any node."""
+    with _client(node, key) as c:
+        resources = c.export_records()
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"fullUrl": f"urn:medledger:{r['resourceType']}/{r['id']}",
+                         "resource": r} for r in sorted(resources, key=lambda r: (
+                             r["resourceType"], r["id"]))]}
+    out.write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+    console.print(f"[green]exported[/] {len(resources)} records (decrypted locally) -> {out}")
+
+
+# ---------------------------------------------------------------- consent
+
+def _consent(node: str, key: Path, decision: str, categories: list[str], labels: list[str],
+             orgs: list[str], actors: list[str], days: int | None) -> None:
+    import uuid
+    with _client(node, key) as c:
+        assert c.identity is not None
+        now = int(time.time())
+        body = {"id": str(uuid.uuid4()), "patient": c.identity.id, "decision": decision,
+                "categories": categories, "labels": labels, "orgs": orgs, "actors": actors,
+                "start": now - 60, "end": now + days * 86400 if days else None}
+        res = c.submit_tx("consent.put", body)
+    console.print(f"[green]{decision}[/] consent {body['id']} committed at height "
+                  f"{res['height']}")
+
+
+CatOpt = Annotated[list[str], typer.Option("--category", help="Data category (repeatable).")]
+LabelOpt = Annotated[list[str], typer.Option("--label", help="Sensitivity label, e.g. PSY.")]
+OrgOpt = Annotated[list[str], typer.Option("--org", help="Organisation id (repeatable).")]
+ActorOpt = Annotated[list[str], typer.Option("--practitioner", help="Practitioner id.")]
+DaysOpt = Annotated[int | None, typer.Option(help="Valid for this many days.")]
+
+
+@consent_app.command("grant")
+@handle_errors
+def consent_grant(node: NodeOpt, key: KeyOpt, category: CatOpt = [], label: LabelOpt = [],
+                  org: OrgOpt = [], practitioner: ActorOpt = [], days: DaysOpt = None) -> None:
+    """Permit access (signed with your own key)."""
+    _consent(node, key, "permit", category, label, org, practitioner, days)
+
+
+@consent_app.command("restrict")
+@handle_errors
+def consent_restrict(node: NodeOpt, key: KeyOpt, category: CatOpt = [], label: LabelOpt = [],
+                     org: OrgOpt = [], practitioner: ActorOpt = [], days: DaysOpt = None) -> None:
+    """Deny access (signed with your own key)."""
+    _consent(node, key, "deny", category, label, org, practitioner, days)
+
+
+@consent_app.command("revoke")
+@handle_errors
+def consent_revoke(node: NodeOpt, key: KeyOpt, consent_id: Annotated[str, typer.Argument()]
+                   ) -> None:
+    """Withdraw one of your consents."""
+    with _client(node, key) as c:
+        assert c.identity is not None
+        res = c.submit_tx("consent.revoke", {"patient": c.identity.id, "id": consent_id})
+    console.print(f"[green]revoked[/] {consent_id} at height {res['height']}")
+
+
+@consent_app.command("list")
+@handle_errors
+def consent_list(node: NodeOpt, key: KeyOpt) -> None:
+    """Your consents."""
+    with _client(node, key) as c:
+        rules = c.get("/api/consents")
+    table = Table("id", "decision", "status", "categories", "labels", "orgs", "practitioners",
+                  "end")
+    for r in rules:
+        table.add_row(r["id"][:8], r["decision"], r["status"], ",".join(r["categories"]),
+                      ",".join(r["labels"]), ",".join(r["orgs"]), ",".join(r["actors"]),
+                      str(r["end"] or ""))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- audit
+
+@audit_app.command("log")
+@handle_errors
+def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
+    """Who accessed your records, when and why."""
+    with _client(node, key) as c:
+        events = c.get(f"/api/access-log?count={count}")
+    table = Table("when", "who", "role", "org", "what", "outcome", "why")
+    for ev in events:
+        style = "bold red" if ev.get("break_glass") else None
+        table.add_row(ev["recorded"][:19], ev["agent"], ev.get("agent_role", ""),
+                      ev.get("agent_org", ""), ev.get("subtype", ""),
+                      "ok" if ev.get("outcome") == "0" else "denied",
+                      ev.get("reason") or ev.get("basis", ""), style=style)
+    console.print(table)
+
+
+from medledger.cli import share as _share  # noqa: E402,F401  (registers share commands)
+
+try:
+    from medledger.cli import net as _net  # noqa: E402
+    app.add_typer(_net.net_app, name="net")
+except ImportError:  # network mode not installed in this build
+    pass
+
+from medledger.cli import demo as _demo  # noqa: E402,F401
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

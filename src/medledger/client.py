@@ -1,0 +1,135 @@
+"""A small HTTP client for a medledger node, used by the CLI, tests and benchmarks.
+
+Authenticates with the caller's own key (SMART Backend Services: a signed JWT
+assertion exchanged for a bearer token), signs txs client-side where the
+ledger requires the patient's own signature, and decrypts sealed records with
+the patient's key, so a key file opens its owner's records from any node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from medledger.core.tx import make_tx
+from medledger.crypto.keys import Identity
+from medledger.errors import MedledgerError, Unavailable
+from medledger.node.auth import ASSERTION_TYPE, make_assertion
+from medledger.node.records import open_record
+
+
+class NodeError(MedledgerError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"node answered {status}: {message}")
+        self.status = status
+        self.http_status = status
+
+
+def _diagnosis(resp: httpx.Response) -> str:
+    try:
+        doc = resp.json()
+    except ValueError:
+        return resp.text[:300]
+    if isinstance(doc, dict) and doc.get("resourceType") == "OperationOutcome":
+        return "; ".join(i.get("diagnostics", "") for i in doc.get("issue", []))
+    if isinstance(doc, dict) and "error" in doc:
+        return str(doc["error"])
+    return str(doc)[:300]
+
+
+class Client:
+    def __init__(self, base_url: str, identity: Identity | None = None, *,
+                 timeout: float = 60.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.identity = identity
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        self._token: str | None = None
+        self._token_exp = 0.0
+        self._chain: str | None = None
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ auth
+    def token(self, scope: str | None = None) -> str:
+        if self._token and self._token_exp - 30 > time.time():
+            return self._token
+        if self.identity is None:
+            raise NodeError(401, "no key given: this command needs --key")
+        data = {"grant_type": "client_credentials", "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": make_assertion(self.identity, self.base_url + "/auth/token")}
+        if scope:
+            data["scope"] = scope
+        doc = self._check(self._send("POST", "/auth/token", data=data, auth=False)).json()
+        self._token, self._token_exp = doc["access_token"], time.time() + doc["expires_in"]
+        return self._token
+
+    def _send(self, method: str, path: str, *, auth: bool = True, headers: dict[str, str]
+              | None = None, **kw: Any) -> httpx.Response:
+        hdrs = dict(headers or {})
+        if auth:
+            hdrs["Authorization"] = f"Bearer {self.token()}"
+        try:
+            return self.http.request(method, path, headers=hdrs, **kw)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"cannot reach node at {self.base_url}: {exc}") from exc
+
+    @staticmethod
+    def _check(resp: httpx.Response) -> httpx.Response:
+        if resp.status_code >= 400:
+            raise NodeError(resp.status_code, _diagnosis(resp))
+        return resp
+
+    def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
+                headers: dict[str, str] | None = None) -> httpx.Response:
+        content = None if body is None else (body if isinstance(body, bytes)
+                                             else orjson.dumps(body))
+        hdrs = {"Content-Type": "application/fhir+json", **(headers or {})}
+        return self._check(self._send(method, path, auth=auth, headers=hdrs, content=content))
+
+    def get(self, path: str, **kw: Any) -> Any:
+        return self.request("GET", path, **kw).json()
+
+    def post(self, path: str, body: Any, **kw: Any) -> Any:
+        return self.request("POST", path, body, **kw).json()
+
+    def put(self, path: str, body: Any, **kw: Any) -> Any:
+        return self.request("PUT", path, body, **kw).json()
+
+    # ------------------------------------------------------------ ledger
+    @property
+    def chain(self) -> str:
+        if self._chain is None:
+            self._chain = self.get("/ledger/status", auth=False)["chain"]
+        return self._chain
+
+    def submit_tx(self, kind: str, body: dict[str, Any]) -> Any:
+        """Sign ``body`` with our own key and submit it."""
+        assert self.identity is not None
+        tx = make_tx(self.identity.id, self.identity.signer(), self.chain, kind, body,
+                     os.urandom(16).hex())
+        return self.request("POST", "/ledger/tx", tx.raw, auth=False,
+                            headers={"Content-Type": "application/octet-stream"}).json()
+
+    def export_records(self) -> list[dict[str, Any]]:
+        """Fetch our sealed records and decrypt them with our own key (head versions)."""
+        assert self.identity is not None
+        doc = self.get(f"/ledger/patients/{self.identity.id}/sealed")
+        heads: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        for item in doc["records"]:
+            resource = open_record(doc["chain"], item["body"], self.identity.id,
+                                   self.identity.enc_private)
+            key = (item["meta"]["type"], item["meta"]["id"])
+            if key not in heads or heads[key][0] < item["meta"]["v"]:
+                heads[key] = (item["meta"]["v"], resource)
+        return [r for _, r in heads.values()]

@@ -1,0 +1,155 @@
+"""Ledger state: an ordered key-value space, read through a ``StateReader``.
+
+Keys (UTF-8 strings) and their canonical-JSON values::
+
+    org/{org}                       organisation: keys, status, approvals
+    actor/{id}                      practitioner or patient: kind, org, role, keys
+    n/{signer}/{nonce}              used nonces (replay protection)
+    rec/{type}/{id}                 head version of a record
+    ver/{type}/{id}/{version:010d}  every version (metadata + the tx that carries it)
+    pat/{patient}/{type}/{id}       patient compartment index
+    care/{patient}/{org}            care relationship (org registered or wrote for patient)
+    consent/{patient}/{id}          consent rules
+    share/{id}                      share grants (SMART Health Links)
+
+``Overlay`` stacks a block's (or a batch's) pending writes on a reader, so the
+machine sees its own writes and can drop them whole when a batch fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from medledger.crypto.canonical import canonical, loads
+
+
+class StateReader(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        """Every (key, value) whose key starts with ``prefix``, in key order."""
+        ...
+
+
+class Overlay:
+    """Pending writes over a base reader. ``None`` marks a deletion."""
+
+    def __init__(self, base: StateReader) -> None:
+        self.base = base
+        self.writes: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        return self.base.get(key)
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        merged = dict(self.base.scan(prefix))
+        for key, value in self.writes.items():
+            if key.startswith(prefix):
+                if value is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = value
+        for key in sorted(merged):
+            yield key, merged[key]
+
+    def put(self, key: str, value: bytes | None) -> None:
+        self.writes[key] = value
+
+    def merge_into(self, parent: Overlay) -> None:
+        parent.writes.update(self.writes)
+
+
+class MemoryState:
+    """A plain in-memory state (the twin of the SQLite store's state table)."""
+
+    def __init__(self, data: dict[str, bytes] | None = None) -> None:
+        self.data: dict[str, bytes] = dict(data or {})
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        for key in sorted(k for k in self.data if k.startswith(prefix)):
+            yield key, self.data[key]
+
+    def apply(self, writes: dict[str, bytes | None]) -> None:
+        for key, value in writes.items():
+            if value is None:
+                self.data.pop(key, None)
+            else:
+                self.data[key] = value
+
+
+def get_json(state: StateReader, key: str) -> dict[str, Any] | None:
+    raw = state.get(key)
+    return None if raw is None else loads(raw)  # type: ignore[no-any-return]
+
+
+def put_json(state: Overlay, key: str, value: dict[str, Any]) -> None:
+    state.put(key, canonical(value))
+
+
+def version_key(rtype: str, rid: str, version: int) -> str:
+    return f"ver/{rtype}/{rid}/{version:010d}"
+
+
+def org(state: StateReader, org_id: str) -> dict[str, Any] | None:
+    return get_json(state, f"org/{org_id}")
+
+
+def actor(state: StateReader, actor_id: str) -> dict[str, Any] | None:
+    return get_json(state, f"actor/{actor_id}")
+
+
+def principal(state: StateReader, pid: str) -> dict[str, Any] | None:
+    """An organisation or an actor, as ``{"kind": ..., ...}``."""
+    o = org(state, pid)
+    if o is not None:
+        return {**o, "kind": "org"}
+    return actor(state, pid)
+
+
+def active_orgs(state: StateReader) -> list[dict[str, Any]]:
+    return [o for _, raw in state.scan("org/") if (o := loads(raw))["status"] == "active"]
+
+
+def record_head(state: StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
+    return get_json(state, f"rec/{rtype}/{rid}")
+
+
+def record_version(state: StateReader, rtype: str, rid: str, version: int) -> dict[str, Any] | None:
+    return get_json(state, version_key(rtype, rid, version))
+
+
+def record_versions(state: StateReader, rtype: str, rid: str) -> list[dict[str, Any]]:
+    return [loads(v) for _, v in state.scan(f"ver/{rtype}/{rid}/")]
+
+
+def patient_records(state: StateReader, patient: str, rtype: str | None = None
+                    ) -> list[tuple[str, str]]:
+    """(type, id) of every record in a patient's compartment."""
+    prefix = f"pat/{patient}/" + (f"{rtype}/" if rtype else "")
+    out = []
+    for key, _ in state.scan(prefix):
+        _, _, t, i = key.split("/", 3)
+        out.append((t, i))
+    return out
+
+
+def consents(state: StateReader, patient: str) -> list[dict[str, Any]]:
+    return [loads(v) for _, v in state.scan(f"consent/{patient}/")]
+
+
+def has_care(state: StateReader, patient: str, org_id: str) -> bool:
+    return state.get(f"care/{patient}/{org_id}") is not None
+
+
+def share(state: StateReader, share_id: str) -> dict[str, Any] | None:
+    return get_json(state, f"share/{share_id}")
+
+
+def shares_of(state: StateReader, patient: str) -> list[dict[str, Any]]:
+    return [s for _, v in state.scan("share/") if (s := loads(v))["patient"] == patient]

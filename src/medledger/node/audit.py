@@ -1,0 +1,137 @@
+"""Audit events: made for every read, search, write, consent change, share use and denial.
+
+Events hold ids, codes and reasons, never PHI beyond ids. They are written to the
+node's local log before the response leaves (``Auditor.record``), then anchored
+on the ledger in batches by ``Auditor.anchor_pending`` (an ``audit.anchor`` tx),
+which puts them in every node's copy with a Merkle root per block.
+``to_fhir`` renders one as a FHIR R4 AuditEvent in the IHE BALP shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from medledger.crypto.canonical import canonical, loads
+from medledger.storage.sqlite import SqliteStore
+
+ACTIONS = {"create": "C", "update": "U", "read": "R", "vread": "R", "history": "R",
+           "search": "E", "everything": "E", "consent": "C", "consent-revoke": "U",
+           "share-create": "C", "share-revoke": "U", "share-access": "R", "export": "R",
+           "audit-read": "R", "match": "E", "summary": "R", "register": "C", "transaction": "C"}
+SUBTYPES = {"create": "create", "update": "update", "read": "read", "vread": "vread",
+            "history": "history-instance", "search": "search-type", "everything": "operation",
+            "transaction": "transaction"}
+
+
+def iso_now(clock: Callable[[], float] = time.time) -> str:
+    return datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Auditor:
+    def __init__(self, store: SqliteStore, node_org: str,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.node_org = node_org
+        self.clock = clock
+
+    def event(self, subtype: str, *, agent: str, agent_org: str, agent_role: str | None,
+              patient: str | None, entity: list[str], outcome: str = "0",
+              purpose: str = "TREAT", reason: str = "", basis: str = "",
+              break_glass: bool = False, detail: str = "") -> dict[str, Any]:
+        ev: dict[str, Any] = {
+            "id": str(uuid.uuid4()), "recorded": iso_now(self.clock),
+            "action": ACTIONS.get(subtype, "E"), "subtype": subtype, "outcome": outcome,
+            "agent": agent, "agent_org": agent_org, "agent_role": agent_role or "",
+            "patient": patient, "entity": entity[:50], "purpose": purpose,
+            "reason": reason[:500], "node": self.node_org, "basis": basis,
+            "break_glass": break_glass, "detail": detail[:500]}
+        return ev
+
+    def record(self, *events: dict[str, Any]) -> None:
+        """Durable before return: the caller answers only after this."""
+        self.store.append_local_audit([(e["id"], canonical(e)) for e in events])
+
+    def pending(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return [loads(e) for e in self.store.pending_local_audit(limit)]
+
+
+def to_fhir(ev: dict[str, Any], anchored_height: int | None = None) -> dict[str, Any]:
+    """Render an event as a FHIR R4 AuditEvent (IHE Basic Audit Log Patterns shape)."""
+    subtype = ev.get("subtype", "")
+    rest = SUBTYPES.get(subtype)
+    resource: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": ev["id"],
+        "type": ({"system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+                  "code": "rest", "display": "RESTful Operation"} if rest else
+                 {"system": "http://medledger.example/audit-event-type", "code": subtype}),
+        "action": ev["action"],
+        "recorded": ev["recorded"],
+        "outcome": ev.get("outcome", "0"),
+        "agent": [
+            {"type": {"coding": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
+                                  "code": "110153", "display": "Source Role ID"}]},
+             "who": {"reference": _who(ev["agent"], ev.get("agent_role", "")),
+                     "display": ev.get("agent_role") or ev["agent"]},
+             "requestor": True,
+             "role": [{"text": ev.get("agent_role") or "user"}]},
+            {"who": {"reference": f"Organization/{ev.get('agent_org', '')}"},
+             "requestor": False},
+        ],
+        "source": {"observer": {"reference": f"Organization/{ev.get('node', '')}"},
+                   "type": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                       "security-source-type", "code": "4",
+                             "display": "Application Server"}]},
+        "entity": [],
+    }
+    if rest:
+        resource["subtype"] = [{"system": "http://hl7.org/fhir/restful-interaction",
+                                "code": rest}]
+    purpose = ev.get("purpose")
+    if purpose:
+        resource["purposeOfEvent"] = [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]}]
+    if ev.get("outcome") not in (None, "0"):
+        resource["outcomeDesc"] = ev.get("reason", "")
+    if ev.get("patient"):
+        resource["entity"].append({
+            "what": {"reference": f"Patient/{ev['patient']}"},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "1", "display": "Patient"}})
+    for ref in ev.get("entity", []):
+        resource["entity"].append({
+            "what": {"reference": ref},
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
+                     "code": "4", "display": "Domain Resource"}})
+    ext = [{"url": "http://medledger.example/fhir/StructureDefinition/access-basis",
+            "valueString": ev.get("basis", "")}]
+    if ev.get("break_glass"):
+        ext.append({"url": "http://medledger.example/fhir/StructureDefinition/break-glass",
+                    "valueBoolean": True})
+        resource["agent"][0]["purposeOfUse"] = [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "ETREAT"}]}]
+    if ev.get("reason"):
+        ext.append({"url": "http://medledger.example/fhir/StructureDefinition/access-reason",
+                    "valueString": ev["reason"]})
+    if ev.get("detail"):
+        ext.append({"url": "http://medledger.example/fhir/StructureDefinition/detail",
+                    "valueString": ev["detail"]})
+    if anchored_height is not None:
+        ext.append({"url": "http://medledger.example/fhir/StructureDefinition/anchored-height",
+                    "valueInteger": anchored_height})
+    resource["extension"] = ext
+    if not resource["entity"]:
+        del resource["entity"]
+    return resource
+
+
+def _who(agent: str, role: str) -> str:
+    if role in ("patient",):
+        return f"Patient/{agent}"
+    if role in ("", "system"):
+        return f"Organization/{agent}"
+    return f"Practitioner/{agent}"

@@ -1,0 +1,182 @@
+"""Authentication: SMART Backend Services style key assertions and short-lived bearer tokens.
+
+A client (practitioner, patient, organisation) proves possession of its
+ledger-registered Ed25519 key by signing a JWT assertion (``alg: EdDSA``,
+``iss == sub ==`` its id, ``aud`` = this node's token URL, ``exp`` within five
+minutes, unique ``jti``) and exchanges it for an opaque bearer token with SMART
+v2 scopes. Users enrolled at this node may instead log in with their keystore
+password (the web portal); their unlocked key then signs their own txs
+(consents, share links) for the session.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from medledger.core import state as st
+from medledger.crypto.canonical import b64d, b64e
+from medledger.crypto.keys import Identity
+from medledger.errors import Forbidden, InvalidInput, Unauthenticated
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+MAX_ASSERTION_LIFETIME_S = 300
+DEFAULT_SCOPES = {
+    "patient": "patient/*.rs patient/Consent.cruds",
+    "practitioner": "user/*.cruds",
+    "org": "system/*.cruds",
+}
+INTERACTIONS = "cruds"
+
+
+@dataclass
+class Session:
+    actor_id: str
+    kind: str  # "org" | "practitioner" | "patient"
+    role: str | None
+    org: str
+    scopes: frozenset[str]
+    expires_s: float
+    identity: Identity | None = field(default=None, repr=False)
+
+    @property
+    def actor_entry(self) -> dict[str, object]:
+        return {"id": self.actor_id, "kind": self.kind, "role": self.role, "org": self.org}
+
+
+def make_assertion(identity: Identity, token_url: str, now: float | None = None) -> str:
+    """The signed JWT a client sends to ``/auth/token`` (used by the CLI and tests)."""
+    now = time.time() if now is None else now
+    key = Ed25519PrivateKey.from_private_bytes(identity.sign_seed)
+    claims = {"iss": identity.id, "sub": identity.id, "aud": token_url, "iat": int(now),
+              "exp": int(now) + 240, "jti": uuid.uuid4().hex}
+    return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": identity.id})
+
+
+def parse_scopes(requested: str | None, kind: str) -> frozenset[str]:
+    allowed = set(DEFAULT_SCOPES[kind].split())
+    if not requested:
+        return frozenset(allowed)
+    asked = set(requested.split())
+    granted = {s for s in asked if _scope_within(s, allowed)}
+    if not granted:
+        raise Forbidden(f"none of the requested scopes ({requested}) is allowed for a {kind}; "
+                        f"allowed: {DEFAULT_SCOPES[kind]}")
+    return frozenset(granted)
+
+
+def _scope_within(scope: str, allowed: set[str]) -> bool:
+    try:
+        ctx, rest = scope.split("/", 1)
+        rtype, perms = rest.split(".", 1)
+    except ValueError:
+        return False
+    for a in allowed:
+        actx, arest = a.split("/", 1)
+        atype, aperms = arest.split(".", 1)
+        if actx == ctx and atype in ("*", rtype) and set(perms) <= set(aperms):
+            return True
+    return False
+
+
+def scope_allows(scopes: frozenset[str], rtype: str, interaction: str) -> bool:
+    for s in scopes:
+        try:
+            _, rest = s.split("/", 1)
+            stype, perms = rest.split(".", 1)
+        except ValueError:
+            continue
+        if stype in ("*", rtype) and interaction in perms:
+            return True
+    return False
+
+
+class Authenticator:
+    def __init__(self, state: st.StateReader, token_url: str, ttl_s: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.state = state
+        self.token_url = token_url
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.sessions: dict[str, Session] = {}
+        self.seen_jti: dict[str, float] = {}
+
+    def exchange(self, assertion: str, scope: str | None) -> tuple[str, Session]:
+        now = self.clock()
+        try:
+            header = jwt.get_unverified_header(assertion)
+            unverified = jwt.decode(assertion, options={"verify_signature": False})
+        except jwt.PyJWTError as exc:
+            raise InvalidInput(f"client_assertion is not a JWT: {exc}") from exc
+        if header.get("alg") != "EdDSA":
+            raise Unauthenticated("client_assertion must be signed with EdDSA (Ed25519)")
+        actor_id = str(unverified.get("iss", ""))
+        if unverified.get("sub") != actor_id:
+            raise Unauthenticated("client_assertion iss and sub must both be the client id")
+        principal = st.principal(self.state, actor_id)
+        if principal is None:
+            raise Unauthenticated(f"unknown client {actor_id!r}: not registered on the ledger")
+        pub = Ed25519PublicKey.from_public_bytes(b64d(principal["sign_pub"]))
+        try:
+            claims = jwt.decode(assertion, pub, algorithms=["EdDSA"], audience=self.token_url,
+                                options={"require": ["exp", "jti", "aud"]}, leeway=5)
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("client_assertion has expired; sign a fresh one") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise Unauthenticated(f"client_assertion aud must be {self.token_url}") from exc
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"client_assertion rejected: {exc}") from exc
+        if claims["exp"] - now > MAX_ASSERTION_LIFETIME_S + 5:
+            raise Unauthenticated("client_assertion exp is more than five minutes ahead")
+        jti = str(claims["jti"])
+        self._forget_old_jti(now)
+        if jti in self.seen_jti:
+            raise Unauthenticated("client_assertion jti was already used (replay)")
+        self.seen_jti[jti] = claims["exp"]
+        return self._open_session(principal, parse_scopes(scope, _kind(principal)), None)
+
+    def login(self, identity: Identity, scope: str | None = None) -> tuple[str, Session]:
+        """A session for a user whose keystore this node unlocked with their password."""
+        principal = st.principal(self.state, identity.id)
+        if principal is None or b64d(principal["sign_pub"]) != identity.sign_public:
+            raise Unauthenticated(f"{identity.id} is not registered with this key")
+        return self._open_session(principal, parse_scopes(scope, _kind(principal)), identity)
+
+    def _open_session(self, principal: dict[str, object], scopes: frozenset[str],
+                      identity: Identity | None) -> tuple[str, Session]:
+        kind = _kind(principal)
+        org = str(principal["id"]) if kind == "org" else str(principal["org"])
+        role = principal.get("role")
+        session = Session(str(principal["id"]), kind, str(role) if role else None, org, scopes,
+                          self.clock() + self.ttl_s, identity)
+        token = b64e(os.urandom(32))
+        self.sessions[token] = session
+        return token, session
+
+    def session(self, token: str | None) -> Session:
+        if not token:
+            raise Unauthenticated("missing bearer token: authenticate at /auth/token first")
+        session = self.sessions.get(token)
+        if session is None:
+            raise Unauthenticated("unknown or revoked bearer token")
+        if session.expires_s <= self.clock():
+            del self.sessions[token]
+            raise Unauthenticated("bearer token has expired; request a new one at /auth/token")
+        return session
+
+    def logout(self, token: str) -> None:
+        self.sessions.pop(token, None)
+
+    def _forget_old_jti(self, now: float) -> None:
+        if len(self.seen_jti) > 10_000:
+            self.seen_jti = {j: e for j, e in self.seen_jti.items() if e > now}
+
+
+def _kind(principal: dict[str, object]) -> str:
+    return "org" if principal.get("kind") == "org" else str(principal["kind"])

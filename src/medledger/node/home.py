@@ -1,0 +1,113 @@
+"""A node's home directory: config, genesis, keystores and the ledger database.
+
+    <home>/config.json          node settings (org id, chain id, API address, consensus mode)
+    <home>/genesis.json         chain id + founding organisations (public keys only)
+    <home>/keystores/org.json   this organisation's keys (password-protected)
+    <home>/keystores/users/     keystores of practitioners and patients enrolled here
+    <home>/ledger.db            SQLite: blocks, txs, state, audit
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from medledger.crypto import keys
+from medledger.crypto.canonical import b64e, loads
+from medledger.errors import Conflict, InvalidInput, NotFound
+
+
+@dataclass
+class Config:
+    org_id: str
+    chain: str
+    host: str = "127.0.0.1"
+    port: int = 8700
+    mode: str = "solo"  # "solo" | "cometbft"
+    cometbft_rpc: str = ""
+    abci_port: int = 0
+    public_url: str = ""
+    token_ttl_s: int = 900
+    max_body_bytes: int = 8 * 1024 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+
+class Home:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def genesis_path(self) -> Path:
+        return self.path / "genesis.json"
+
+    @property
+    def org_keystore(self) -> Path:
+        return self.path / "keystores" / "org.json"
+
+    @property
+    def db_path(self) -> Path:
+        return self.path / "ledger.db"
+
+    def user_keystore(self, actor_id: str) -> Path:
+        return self.path / "keystores" / "users" / f"{actor_id}.json"
+
+    def exists(self) -> bool:
+        return self.config_path.exists()
+
+    def load_config(self) -> Config:
+        if not self.exists():
+            raise NotFound(f"{self.path} is not a medledger home (run `medledger init` first)")
+        data = loads(self.config_path.read_bytes())
+        extra = data.pop("extra", {})
+        try:
+            return Config(**data, extra=extra)
+        except TypeError as exc:
+            raise InvalidInput(f"{self.config_path}: {exc}") from exc
+
+    def save_config(self, config: Config) -> None:
+        data = dict(config.__dict__)
+        self.config_path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+
+    def load_genesis(self) -> dict[str, Any]:
+        return loads(self.genesis_path.read_bytes())  # type: ignore[no-any-return]
+
+    def unlock_org(self, password: str) -> keys.Identity:
+        return keys.load_keystore(self.org_keystore, password)
+
+
+def org_genesis_entry(identity: keys.Identity, name: str,
+                      validator_pub: bytes | None = None) -> dict[str, Any]:
+    return {"id": identity.id, "name": name, "sign_pub": b64e(identity.sign_public),
+            "enc_pub": b64e(identity.enc_public),
+            "validator_pub": b64e(validator_pub) if validator_pub else None}
+
+
+def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,
+              chain: str = "medledger-local", port: int = 8700,
+              genesis: dict[str, Any] | None = None, identity: keys.Identity | None = None,
+              scrypt_n: int = keys.DEFAULT_SCRYPT_N) -> Home:
+    """Create a node home for ``org_id``. Without ``genesis`` the org founds a new chain."""
+    home = Home(path)
+    if home.exists():
+        raise Conflict(f"{home.path} already holds a medledger node")
+    home.path.mkdir(parents=True, exist_ok=True)
+    identity = identity or keys.new_identity(org_id, "org", {"name": org_name})
+    keys.save_keystore(home.org_keystore, identity, password, scrypt_n)
+    if genesis is None:
+        genesis = {"chain_id": chain, "orgs": [org_genesis_entry(identity, org_name)]}
+    home.genesis_path.write_bytes(orjson.dumps(genesis, option=orjson.OPT_INDENT_2))
+    home.save_config(Config(org_id=org_id, chain=genesis["chain_id"], port=port))
+    os.chmod(home.path, 0o700)
+    return home

@@ -1,0 +1,92 @@
+"""Start and stop a node process: open the store, pick the consensus driver, run loops.
+
+``open_node`` builds a ``Node`` from a home; ``NodeRuntime`` runs its background
+tasks (solo producer or the ABCI server + CometBFT submitter, audit anchoring)
+inside the API server's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from medledger.consensus.solo import SoloProducer
+from medledger.errors import InvalidInput, Unauthenticated
+from medledger.node.home import Home
+from medledger.node.ledger_app import LedgerApp
+from medledger.node.service import Node
+from medledger.storage.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+
+def password_from_env(var: str = "MEDLEDGER_PASSWORD") -> str:
+    password = os.environ.get(var)
+    if not password:
+        raise Unauthenticated(f"set {var} to the organisation keystore password")
+    return password
+
+
+def open_node(home_path: str, password: str) -> Node:
+    home = Home(home_path)
+    config = home.load_config()
+    org = home.unlock_org(password)
+    if org.id != config.org_id:
+        raise InvalidInput(f"keystore is for {org.id}, config says {config.org_id}")
+    store = SqliteStore(home.db_path)
+    app = LedgerApp(store, config.chain)
+    return Node(home, config, store, app, org)
+
+
+class NodeRuntime:
+    """Background machinery of a running node, started inside the server's loop."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.producer: SoloProducer | None = None
+        self.abci: Any = None
+        self.comet: Any = None
+
+    async def start(self) -> None:
+        node = self.node
+        if node.config.mode == "solo":
+            if node.store.meta("chain") is None:
+                genesis = node.home.load_genesis()
+                node.app.init_chain(genesis["chain_id"], _app_state(genesis), 0)
+                node.chain = node.app.chain
+            self.producer = SoloProducer(node.app)
+            self.producer.last_time_ns = node.app.last_time_ns
+            self.producer.start()
+            node.submitter = self.producer
+        elif node.config.mode == "cometbft":
+            from medledger.node.network import start_network_mode
+            self.abci, self.comet = await start_network_mode(node)
+        else:
+            raise InvalidInput(f"unknown consensus mode {node.config.mode!r}")
+        self.tasks.append(asyncio.get_running_loop().create_task(node.anchor_loop()))
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        try:  # anchor what is left while the driver still runs
+            await asyncio.wait_for(self.node.anchor_pending(), timeout=5)
+        except Exception as exc:
+            log.warning("could not anchor remaining audit events at shutdown: %s", exc)
+        for t in self.tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.producer:
+            await self.producer.stop()
+        if self.abci is not None:
+            await self.abci.stop()
+        self.node.store.close()
+
+
+def _app_state(genesis: dict[str, Any]) -> bytes:
+    from medledger.crypto.canonical import canonical
+    return canonical({"orgs": genesis["orgs"]})

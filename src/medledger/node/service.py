@@ -1,0 +1,776 @@
+"""The node: everything an organisation's medledger node does, behind one object.
+
+Routes (``api``) and commands (``cli``) call these methods and nothing else.
+A ``Node`` owns the store, the ledger application, a submitter (solo producer or
+CometBFT), this organisation's keys, the authenticator and the auditor. Every
+read, search, write, consent change, share use and denial produces an audit
+event, durably, before the method returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from medledger.core import policy
+from medledger.core import state as st
+from medledger.core.tx import decode_tx, make_tx
+from medledger.crypto import keys
+from medledger.crypto.canonical import b64d, b64e, canonical, loads
+from medledger.errors import (
+    BadSignature,
+    Conflict,
+    Forbidden,
+    Gone,
+    IntegrityError,
+    InvalidInput,
+    MedledgerError,
+    NotFound,
+    PreconditionFailed,
+    Replay,
+    StorageError,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    UnknownSigner,
+)
+from medledger.fhir import bundle as fbundle
+from medledger.fhir import ips, match
+from medledger.fhir.labels import classify
+from medledger.fhir.validate import parse_resource
+from medledger.node import audit as audit_mod
+from medledger.node import shares
+from medledger.node.audit import Auditor
+from medledger.node.auth import Authenticator, Session, scope_allows
+from medledger.node.home import Config, Home
+from medledger.node.ledger_app import LedgerApp
+from medledger.node.records import open_record, record_body_from_tx, seal_record
+from medledger.storage.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+_ERRORS_BY_CODE: dict[int, type[MedledgerError]] = {
+    c.code: c for c in (InvalidInput, BadSignature, UnknownSigner, Replay, Unauthenticated,
+                        Forbidden, NotFound, Conflict, PreconditionFailed, Gone, TooLarge,
+                        IntegrityError, StorageError, Unavailable)}
+
+
+def error_for(code: int, message: str) -> MedledgerError:
+    return _ERRORS_BY_CODE.get(code, MedledgerError)(message)
+
+
+class Submitter(Protocol):
+    async def submit(self, raw: bytes) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A record version as the API returns it."""
+
+    resource: dict[str, Any]
+    meta: dict[str, Any]
+    created: bool = True
+
+    @property
+    def version(self) -> int:
+        return int(self.meta["v"])
+
+    @property
+    def last_updated(self) -> str:
+        return iso(self.meta["time_ns"])
+
+
+@dataclass(frozen=True)
+class Withheld:
+    ref: str
+    category: str
+    reason: str
+
+
+def iso(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "_count", "_id"}
+
+
+class Node:
+    def __init__(self, home: Home, config: Config, store: SqliteStore, app: LedgerApp,
+                 org: keys.Identity, clock: Callable[[], float] = time.time) -> None:
+        self.home = home
+        self.config = config
+        self.store = store
+        self.app = app
+        self.org = org
+        self.chain = app.chain
+        self.clock = clock
+        self.submitter: Submitter | None = None
+        self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
+                                  clock)
+        self.auditor = Auditor(store, org.id, clock)
+        self.anchor_interval_s = 0.5
+        self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
+        self.integrity_failure: str | None = None
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def now_s(self) -> int:
+        return int(self.clock())
+
+    def _nonce(self) -> str:
+        return os.urandom(16).hex()
+
+    async def submit(self, identity: keys.Identity, kind: str, body: dict[str, Any]) -> Any:
+        """Sign as ``identity``, submit, wait for commit; raise the mapped error if refused."""
+        if self.submitter is None:
+            raise Unavailable("this node has no consensus driver running")
+        if self.integrity_failure:
+            raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+        tx = make_tx(identity.id, identity.signer(), self.chain, kind, body, self._nonce())
+        return await self.submit_raw(tx.raw)
+
+    async def submit_raw(self, raw: bytes) -> Any:
+        if self.submitter is None:
+            raise Unavailable("this node has no consensus driver running")
+        committed = await self.submitter.submit(raw)
+        if committed.code != 0:
+            raise error_for(committed.code, committed.log)
+        return committed
+
+    def _actor(self, session: Session) -> dict[str, Any]:
+        entry = st.actor(self.store, session.actor_id)
+        if entry is None:
+            if session.kind == "org":
+                return {"id": session.actor_id, "kind": "org", "org": session.actor_id}
+            raise Unauthenticated(f"{session.actor_id} is no longer registered")
+        return entry
+
+    def _need_scope(self, session: Session, rtype: str, interaction: str) -> None:
+        if not scope_allows(session.scopes, rtype, interaction):
+            raise Forbidden(f"token scopes ({' '.join(sorted(session.scopes))}) do not allow "
+                            f"'{interaction}' on {rtype}")
+
+    def _audit(self, session: Session, subtype: str, patient: str | None, entity: list[str],
+               outcome: str = "0", **kw: Any) -> dict[str, Any]:
+        ev = self.auditor.event(subtype, agent=session.actor_id, agent_org=session.org,
+                                agent_role=session.role or session.kind, patient=patient,
+                                entity=entity, outcome=outcome, **kw)
+        self.auditor.record(ev)
+        return ev
+
+    def _deny(self, session: Session, subtype: str, patient: str | None, entity: list[str],
+              reason: str) -> Forbidden:
+        self._audit(session, subtype, patient, entity, outcome="4", reason=reason,
+                    basis="denied")
+        return Forbidden(reason)
+
+    def readers_for(self, patient: str) -> dict[str, bytes]:
+        """Who a new record version's data key is wrapped to: the patient and member orgs."""
+        readers = {o["id"]: b64d(o["enc_pub"]) for o in st.active_orgs(self.store)}
+        pat = st.actor(self.store, patient)
+        if pat is not None:
+            readers[patient] = b64d(pat["enc_pub"])
+        return readers
+
+    def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
+        found = self.store.tx(bytes.fromhex(meta["tx"]))
+        if found is None:
+            raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: its tx is missing")
+        tx = decode_tx(found[2])
+        body = record_body_from_tx(tx.body, tx.kind, meta.get("op"))
+        if body.get("version") != meta["v"] or body.get("id") != meta["id"]:
+            raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: tx body does not "
+                                 "match the ledger state")
+        return open_record(self.chain, body, self.org.id, self.org.enc_private)
+
+    # ------------------------------------------------------------ identities
+    async def register_practitioner(self, session: Session, actor_id: str, role: str,
+                                    password: str) -> keys.Identity:
+        if session.kind != "org" or session.actor_id != self.org.id:
+            raise Forbidden("only this node's organisation may register its practitioners")
+        if role not in policy.ROLES:
+            raise InvalidInput(f"role must be one of {', '.join(policy.ROLES)}")
+        identity = keys.new_identity(actor_id, "practitioner", {"role": role})
+        await self.submit(self.org, "actor.register", self._register_body(identity, role))
+        keys.save_keystore(self.home.user_keystore(actor_id), identity, password)
+        return identity
+
+    @staticmethod
+    def _register_body(identity: keys.Identity, role: str | None) -> dict[str, Any]:
+        body = {"id": identity.id, "kind": identity.kind, "sign_pub": b64e(identity.sign_public),
+                "enc_pub": b64e(identity.enc_public)}
+        if role:
+            body["role"] = role
+        return body
+
+    def login(self, actor_id: str, password: str) -> tuple[str, Session]:
+        path = self.home.user_keystore(actor_id)
+        if not path.exists():
+            raise Unauthenticated(f"{actor_id} is not enrolled at this node; use your key file "
+                                  "(SMART backend services) instead")
+        return self.auth.login(keys.load_keystore(path, password))
+
+    # ------------------------------------------------------------ patients and $match
+    def known_patients(self) -> list[dict[str, Any]]:
+        for _, raw in self.store.scan("rec/Patient/"):
+            meta = loads(raw)
+            cached = self._patients.get(meta["id"])
+            if cached is None or cached["meta"]["versionId"] != str(meta["v"]):
+                try:
+                    self._patients[meta["id"]] = self.decrypt(meta)
+                except MedledgerError:
+                    continue
+        return list(self._patients.values())
+
+    def match_patients(self, session: Session, resource: dict[str, Any], only_certain: bool,
+                       count: int | None) -> list[tuple[dict[str, Any], match.MatchResult]]:
+        if session.kind == "patient":
+            raise Forbidden("patients may not search the patient index")
+        candidate = parse_resource(resource, "Patient")
+        found = match.find_matches(candidate, self.known_patients(), only_certain, count)
+        self._audit(session, "match", None, [f"Patient/{p['id']}" for p, _ in found],
+                    detail=f"{len(found)} candidates")
+        return [(dict(p), r) for p, r in found]
+
+    def _duplicate_check(self, resource: dict[str, Any]) -> tuple[str | None, str]:
+        """Raise ``Conflict`` on a certain match not linked by the client; flag probables."""
+        linked = {str(link.get("other", {}).get("reference", "")).removeprefix("Patient/")
+                  for link in resource.get("link", [])}
+        warning = None
+        for existing, result in match.find_matches(resource, self.known_patients()):
+            if existing.get("id") == resource.get("id") or existing.get("id") in linked:
+                continue
+            if result.grade == "certain":
+                raise Conflict(f"this patient is already registered as Patient/{existing['id']} "
+                               "(certain match); link to it with Patient.link or update it "
+                               "instead")
+            if result.grade == "probable" and warning is None:
+                warning = str(existing["id"])
+        return warning, "" if warning is None else f"probable duplicate of Patient/{warning}"
+
+    def _patient_ops(self, resource: dict[str, Any], password: str | None
+                     ) -> tuple[list[dict[str, Any]], keys.Identity, str]:
+        """actor.register op for a new patient; saves their keystore at this node."""
+        pid = resource["id"]
+        identity = keys.new_identity(pid, "patient")
+        secret = password or b64e(os.urandom(12))
+        keys.save_keystore(self.home.user_keystore(pid), identity, secret)
+        return ([{"kind": "actor.register", "body": self._register_body(identity, None)}],
+                identity, secret)
+
+    # ------------------------------------------------------------ writes
+    def _prepare_put(self, session: Session, resource: dict[str, Any], rid: str,
+                     if_match: int | None, patient_override: str | None = None,
+                     new_patient_key: bytes | None = None) -> tuple[dict[str, Any] | None,
+                                                                   dict[str, Any] | None]:
+        """Build a ``record.put`` body, or None when the content is identical to the head."""
+        rtype = resource["resourceType"]
+        resource = {**resource, "id": rid}
+        cls = classify(resource)
+        patient = patient_override or cls.patient_id
+        if patient is None:
+            raise InvalidInput(f"{rtype} must reference its patient (subject/patient) — "
+                               "records without a patient are not stored")
+        head = st.record_head(self.store, rtype, rid)
+        if if_match is not None and (head is None or head["v"] != if_match):
+            raise PreconditionFailed(f"If-Match version {if_match} but {rtype}/{rid} is at "
+                                     f"version {head['v'] if head else 'none (new)'}")
+        if head is not None:
+            current = self.decrypt(head)
+            if _content(current) == _content(resource):
+                return None, head
+        version = 1 if head is None else head["v"] + 1
+        labels = sorted(cls.labels)
+        meta = dict(resource.get("meta") or {})
+        meta["versionId"] = str(version)
+        meta["lastUpdated"] = audit_mod.iso_now(self.clock)
+        security = {(s.get("system"), s.get("code")) for s in meta.get("security", [])}
+        for label in labels:
+            system = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+            if (system, label) not in security and label not in ("R", "V", "N"):
+                meta.setdefault("security", []).append({"system": system, "code": label})
+        resource["meta"] = meta
+        readers = self.readers_for(patient)
+        if new_patient_key is not None:
+            readers[patient] = new_patient_key
+        body = {"type": rtype, "id": rid, "version": version,
+                "prev": "" if head is None else head["hash"], "patient": patient,
+                "category": cls.category, "labels": labels,
+                "author": session.actor_id if session.kind == "practitioner" else self.org.id,
+                **seal_record(self.chain, resource, patient, version, readers)}
+        return body, head
+
+    async def put_resource(self, session: Session, data: Any, rtype: str, rid: str | None,
+                           if_match: int | None = None, password: str | None = None) -> Stored:
+        """Create (``rid`` None) or update a record; identical content makes no new version."""
+        self._need_scope(session, rtype, "c" if rid is None else "u")
+        if session.kind == "patient":
+            raise Forbidden("patients contribute data through their provider in this version")
+        resource = parse_resource(data, rtype)
+        if rid is not None and resource.get("id") not in (None, rid):
+            raise InvalidInput(f"resource id {resource.get('id')!r} does not match the URL id "
+                               f"{rid!r}")
+        new = rid is None or st.record_head(self.store, rtype, rid) is None
+        rid = rid or str(uuid.uuid4())
+        ops: list[dict[str, Any]] = []
+        warning, detail, patient_key, secret = None, "", None, None
+        if rtype == "Patient" and new:
+            resource["id"] = rid
+            warning, detail = self._duplicate_check(resource)
+            ops, identity, secret = self._patient_ops(resource, password)
+            patient_key = identity.enc_public
+        body, head = self._prepare_put(session, resource, rid, if_match,
+                                       rid if rtype == "Patient" else None, patient_key)
+        if body is None:
+            assert head is not None
+            self._audit(session, "update", head["patient"], [_ref(head)],
+                        detail="identical content: no new version")
+            return Stored(self.decrypt(head), head, created=False)
+        patient = body["patient"]
+        try:
+            if ops:
+                await self.submit(self.org, "batch", {"ops": [*ops, {"kind": "record.put",
+                                                                    "body": body}]})
+            else:
+                await self.submit(self.org, "record.put", body)
+        except MedledgerError as err:
+            self._audit(session, "create" if new else "update", patient,
+                        [f"{rtype}/{rid}"], outcome="4" if err.http_status < 500 else "8",
+                        reason=str(err))
+            raise
+        meta = st.record_head(self.store, rtype, rid)
+        assert meta is not None
+        self._audit(session, "register" if ops else ("create" if new else "update"), patient,
+                    [_ref(meta)], detail=detail)
+        stored = Stored(self.decrypt(meta), meta)
+        if secret is not None:
+            stored.meta["enrollment_secret"] = secret if password is None else ""
+        if warning:
+            stored.meta["duplicate_warning"] = detail
+        return stored
+
+    async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
+        """Load a FHIR transaction Bundle atomically (one ``batch`` tx) or reject it whole."""
+        self._need_scope(session, "*", "c")
+        if session.kind == "patient":
+            raise Forbidden("patients may not post transaction bundles")
+        plan = fbundle.plan_transaction(data, lambda: str(uuid.uuid4()))
+        ops: list[dict[str, Any]] = []
+        new_patient_keys: dict[str, bytes] = {}
+        statuses: list[tuple[str, str, str]] = []
+        pending_registrations: dict[str, dict[str, Any]] = {}
+        for entry in plan:
+            if entry.resource_type == "Patient" and st.record_head(
+                    self.store, "Patient", entry.resource_id) is None:
+                try:
+                    self._duplicate_check(dict(entry.resource))
+                except Conflict as err:
+                    raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
+                reg_ops, identity, _ = self._patient_ops(dict(entry.resource), None)
+                ops.extend(reg_ops)
+                new_patient_keys[entry.resource_id] = identity.enc_public
+                pending_registrations[entry.resource_id] = dict(entry.resource)
+        for entry in plan:
+            resource = dict(entry.resource)
+            cls = classify({**resource, "id": entry.resource_id})
+            patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
+            try:
+                body, head = self._prepare_put_in_bundle(session, resource, entry, patient,
+                                                         new_patient_keys)
+            except MedledgerError as err:
+                raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
+                                f"{entry.resource_id}): {err.message}") from err
+            if body is None:
+                statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
+                continue
+            ops.append({"kind": "record.put", "body": body})
+            statuses.append((entry.resource_type, entry.resource_id,
+                             "201 Created" if head is None else "200 OK"))
+        if ops:
+            try:
+                await self.submit(self.org, "batch", {"ops": ops})
+            except MedledgerError as err:
+                self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
+                raise
+        out = []
+        patients = set()
+        for rtype, rid, status in statuses:
+            meta = st.record_head(self.store, rtype, rid)
+            assert meta is not None
+            patients.add(meta["patient"])
+            out.append((Stored({}, meta), status))
+        for p in sorted(patients):
+            self._audit(session, "transaction", p, [], detail=f"{len(plan)} bundle entries")
+        return out
+
+    def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
+                               entry: fbundle.PlannedEntry, patient: str | None,
+                               new_patient_keys: dict[str, bytes]
+                               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        if patient in new_patient_keys:
+            # the patient is registered by this same batch: wrap to their new key
+            return self._prepare_put(session, resource, entry.resource_id, entry.if_match,
+                                     patient, new_patient_keys[patient])
+        return self._prepare_put(session, resource, entry.resource_id, entry.if_match)
+
+    # ------------------------------------------------------------ reads
+    def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
+                ) -> policy.Decision:
+        if session.kind == "org":
+            return policy.Decision(False, "denied", "organisation credentials manage the node; "
+                                   "clinical reads need a practitioner or the patient")
+        return policy.decide_read(self.store, self._actor(session), meta["patient"],
+                                  meta["category"], meta["labels"], self.now_s, break_glass)
+
+    def read(self, session: Session, rtype: str, rid: str, version: int | None = None,
+             break_glass: str | None = None) -> Stored:
+        self._need_scope(session, rtype, "r")
+        self._check_serving()
+        meta = (st.record_head(self.store, rtype, rid) if version is None
+                else st.record_version(self.store, rtype, rid, version))
+        if meta is None:
+            raise NotFound(f"{rtype}/{rid}" + (f" version {version}" if version else "")
+                           + " does not exist")
+        decision = self._decide(session, meta, break_glass)
+        subtype = "read" if version is None else "vread"
+        if not decision.allowed:
+            raise self._deny(session, subtype, meta["patient"], [_ref(meta)], decision.reason)
+        resource = self.decrypt(meta)
+        self._audit(session, subtype, meta["patient"], [_ref(meta)], basis=decision.basis,
+                    break_glass=decision.break_glass,
+                    purpose="ETREAT" if decision.break_glass else _purpose(session),
+                    reason=break_glass or "")
+        return Stored(resource, meta)
+
+    def history(self, session: Session, rtype: str, rid: str,
+                break_glass: str | None = None) -> list[Stored]:
+        self._need_scope(session, rtype, "r")
+        self._check_serving()
+        versions = st.record_versions(self.store, rtype, rid)
+        if not versions:
+            raise NotFound(f"{rtype}/{rid} does not exist")
+        head = versions[-1]
+        decision = self._decide(session, head, break_glass)
+        if not decision.allowed:
+            raise self._deny(session, "history", head["patient"], [f"{rtype}/{rid}"],
+                             decision.reason)
+        out = [Stored(self.decrypt(m), m) for m in reversed(versions)]
+        self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
+                    basis=decision.basis, break_glass=decision.break_glass,
+                    reason=break_glass or "", purpose="ETREAT" if decision.break_glass
+                    else _purpose(session))
+        return out
+
+    def search(self, session: Session, rtype: str, params: dict[str, str],
+               break_glass: str | None = None, subtype: str = "search"
+               ) -> tuple[list[Stored], list[Withheld]]:
+        """FHIR search over the records the caller may see; denied ones are reported withheld."""
+        if rtype != "*":
+            self._need_scope(session, rtype, "s")
+        self._check_serving()
+        unknown = set(params) - SEARCH_PARAMS
+        if unknown:
+            raise InvalidInput(f"unsupported search parameters: {', '.join(sorted(unknown))}; "
+                               f"supported: {', '.join(sorted(SEARCH_PARAMS))}")
+        patient = params.get("patient") or params.get("subject")
+        if patient:
+            patient = patient.rsplit("/", 1)[-1]
+        if session.kind == "patient":
+            if patient and patient != session.actor_id:
+                raise self._deny(session, subtype, patient, [],
+                                 "patients may search only their own records")
+            patient = session.actor_id
+        metas = self._candidates(rtype, patient, params.get("_id"))
+        categories = set(params["category"].split(",")) if params.get("category") else None
+        found, withheld = [], []
+        decisions: dict[str, int] = {}
+        bg = False
+        for meta in metas:
+            if categories and meta["category"] not in categories:
+                continue
+            decision = self._decide(session, meta, break_glass)
+            if not decision.allowed:
+                withheld.append(Withheld(_ref(meta), meta["category"], decision.reason))
+                continue
+            bg = bg or decision.break_glass
+            resource = self.decrypt(meta)
+            if not _matches(resource, params):
+                continue
+            decisions[decision.basis] = decisions.get(decision.basis, 0) + 1
+            found.append(Stored(resource, meta))
+        count = int(params.get("_count") or 0)
+        if count < 0:
+            raise InvalidInput("_count must be a positive integer")
+        found.sort(key=lambda s: s.meta["time_ns"], reverse=True)
+        if count:
+            found = found[:count]
+        self._audit(session, subtype, patient, [_ref(s.meta) for s in found][:50],
+                    basis=",".join(sorted(decisions)), break_glass=bg,
+                    purpose="ETREAT" if bg else _purpose(session), reason=break_glass or "",
+                    detail=(f"{rtype} search ({', '.join(sorted(params))}): {len(found)} "
+                            f"returned, {len(withheld)} withheld"))
+        return found, withheld
+
+    def _candidates(self, rtype: str, patient: str | None, rid: str | None
+                    ) -> list[dict[str, Any]]:
+        if rid and rtype != "*":
+            head = st.record_head(self.store, rtype, rid)
+            return [head] if head and (not patient or head["patient"] == patient) else []
+        if patient:
+            refs = st.patient_records(self.store, patient, None if rtype == "*" else rtype)
+            return [m for t, i in refs if (m := st.record_head(self.store, t, i)) is not None]
+        if rtype == "*":
+            raise InvalidInput("a search across all types needs a patient")
+        return [loads(v) for _, v in self.store.scan(f"rec/{rtype}/")]
+
+    def everything(self, session: Session, patient: str, break_glass: str | None = None
+                   ) -> tuple[list[Stored], list[Withheld]]:
+        if st.actor(self.store, patient) is None:
+            raise NotFound(f"Patient/{patient} does not exist")
+        return self.search(session, "*", {"patient": patient}, break_glass, "everything")
+
+    def summary(self, session: Session, patient: str) -> dict[str, Any]:
+        found, _ = self.everything(session, patient)
+        pat = [s.resource for s in found if s.meta["type"] == "Patient"]
+        if not pat:
+            raise Forbidden("the patient summary needs access to the Patient resource")
+        others = [s.resource for s in found if s.meta["type"] != "Patient"]
+        return ips.international_patient_summary(pat[0], others, audit_mod.iso_now(self.clock),
+                                                 str(uuid.uuid4()),
+                                                 base_url=self.config.base_url + "/fhir")
+
+    def export_sealed(self, session: Session, patient: str) -> list[dict[str, Any]]:
+        """Every record version body of a patient, still sealed, for client-side decryption."""
+        if session.kind != "patient" or session.actor_id != patient:
+            raise self._deny(session, "export", patient, [],
+                             "only the patient may export their sealed records")
+        out = []
+        for t, i in st.patient_records(self.store, patient):
+            for meta in st.record_versions(self.store, t, i):
+                found = self.store.tx(bytes.fromhex(meta["tx"]))
+                if found is None:
+                    raise IntegrityError(f"{t}/{i}: tx missing")
+                tx = decode_tx(found[2])
+                body = dict(record_body_from_tx(tx.body, tx.kind, meta.get("op")))
+                body["keys"] = {patient: body["keys"][patient]}
+                out.append({"meta": meta, "body": body})
+        self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
+        return out
+
+    # ------------------------------------------------------------ consent
+    def _patient_identity(self, session: Session, patient: str) -> keys.Identity:
+        if session.kind != "patient" or session.actor_id != patient:
+            raise self._deny(session, "consent", patient, [],
+                             f"only patient {patient} may change their consents")
+        if session.identity is None:
+            raise Forbidden("this session holds no patient key: log in with your password, or "
+                            "sign the consent tx yourself and POST it to /ledger/tx")
+        return session.identity
+
+    async def put_consent(self, session: Session, rule: dict[str, Any]) -> dict[str, Any]:
+        patient = str(rule.get("patient", ""))
+        identity = self._patient_identity(session, patient)
+        rule = {**rule, "id": rule.get("id") or str(uuid.uuid4())}
+        await self.submit(identity, "consent.put", rule)
+        stored = st.get_json(self.store, f"consent/{patient}/{rule['id']}")
+        assert stored is not None
+        self._audit(session, "consent", patient, [f"Consent/{rule['id']}"],
+                    detail=f"{stored['decision']} {','.join(stored['categories']) or 'all data'}")
+        return stored
+
+    async def revoke_consent(self, session: Session, patient: str, cid: str) -> dict[str, Any]:
+        identity = self._patient_identity(session, patient)
+        await self.submit(identity, "consent.revoke", {"patient": patient, "id": cid})
+        self._audit(session, "consent-revoke", patient, [f"Consent/{cid}"])
+        stored = st.get_json(self.store, f"consent/{patient}/{cid}")
+        assert stored is not None
+        return stored
+
+    def consents(self, session: Session, patient: str) -> list[dict[str, Any]]:
+        if session.kind == "patient" and session.actor_id != patient:
+            raise Forbidden("patients may see only their own consents")
+        if session.kind == "practitioner":
+            self._need_scope(session, "Consent", "r")
+        return st.consents(self.store, patient)
+
+    # ------------------------------------------------------------ audit
+    def audit_log(self, session: Session, patient: str, since: str = "", count: int = 100
+                  ) -> list[tuple[dict[str, Any], int | None]]:
+        if not (session.kind == "patient" and session.actor_id == patient) and not (
+                session.kind == "org"):
+            raise self._deny(session, "audit-read", patient, [],
+                             "only the patient (or a node's organisation) may read the "
+                             "patient's access log")
+        if not 1 <= count <= 1000:
+            raise InvalidInput("_count must be between 1 and 1000")
+        rows = self.store.audit_for_patient(patient, since, count)
+        self._audit(session, "audit-read", patient, [], detail=f"{len(rows)} events")
+        return [(loads(e), h) for e, h in rows]
+
+    async def anchor_pending(self) -> int:
+        """Anchor this node's unanchored audit events on the ledger (one tx)."""
+        events = self.auditor.pending(2000)
+        if not events:
+            return 0
+        await self.submit(self.org, "audit.anchor", {"events": events})
+        return len(events)
+
+    async def anchor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.anchor_interval_s)
+            try:
+                await self.anchor_pending()
+            except MedledgerError as err:
+                log.warning("audit anchoring deferred: %s", err)
+            except Exception:
+                log.exception("audit anchoring failed")
+
+    # ------------------------------------------------------------ share links
+    async def create_share(self, session: Session, selection: dict[str, Any],
+                           exp: int | None, passcode: str | None, label: str,
+                           recipient: str = "") -> tuple[str, dict[str, Any]]:
+        patient = session.actor_id
+        identity = self._patient_identity(session, patient)
+        if exp is not None and exp <= self.now_s:
+            raise InvalidInput("the share's expiry must be in the future")
+        heads = [m for t, i in st.patient_records(self.store, patient)
+                 if (m := st.record_head(self.store, t, i)) is not None]
+        chosen = shares.select([(self.decrypt(m), m) for m in heads], selection)
+        body, link = shares.build_share(patient, chosen, self.config.base_url,
+                                        audit_mod.iso_now(self.clock), exp, passcode,
+                                        label[:80], recipient)
+        await self.submit(identity, "share.create", body)
+        self._audit(session, "share-create", patient,
+                    [f"{t}/{i}/_history/{v}" for _, (t, i, v) in chosen],
+                    detail=f"share {body['id'][:8]} exp {exp} {len(chosen)} records")
+        grant = st.share(self.store, body["id"])
+        assert grant is not None
+        return link, grant
+
+    async def revoke_share(self, session: Session, share_id: str) -> dict[str, Any]:
+        grant = st.share(self.store, share_id)
+        if grant is None:
+            raise NotFound(f"no share {share_id}")
+        identity = self._patient_identity(session, grant["patient"])
+        await self.submit(identity, "share.revoke", {"id": share_id})
+        self._audit(session, "share-revoke", grant["patient"], [], detail=share_id[:8])
+        revoked = st.share(self.store, share_id)
+        assert revoked is not None
+        return revoked
+
+    def shares(self, session: Session) -> list[dict[str, Any]]:
+        if session.kind != "patient":
+            raise Forbidden("only patients have share links")
+        ids = [k.rsplit("/", 1)[1] for k, _ in self.store.scan(f"pshare/{session.actor_id}/")]
+        return [g for i in ids if (g := st.share(self.store, i)) is not None]
+
+    async def open_share(self, share_id: str, recipient: str, passcode: str | None
+                         ) -> dict[str, Any]:
+        """SHL manifest request: check the grant, count passcode failures, audit every use."""
+        self._check_serving()
+        grant = st.share(self.store, share_id)
+        if grant is None:
+            raise NotFound("no such share link")
+        recipient = (recipient or "unnamed recipient")[:200]
+
+        def audit(outcome: str, reason: str) -> None:
+            ev = self.auditor.event("share-access", agent=recipient[:64], agent_org="external",
+                                    agent_role="share-recipient", patient=grant["patient"],
+                                    entity=[f"{t}/{i}/_history/{v}" for t, i, v in
+                                            grant["records"]],
+                                    outcome=outcome, purpose="PATRQT", reason=reason,
+                                    basis=f"share:{share_id[:8]}", detail=recipient)
+            self.auditor.record(ev)
+
+        if grant["revoked"]:
+            audit("4", "share link was revoked")
+            raise Gone("this share link was revoked by the patient")
+        if grant["exp"] is not None and grant["exp"] <= self.now_s:
+            audit("4", "share link expired")
+            raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
+        if grant["passcode"] is not None:
+            if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
+                audit("4", "share link locked after too many wrong passcodes")
+                raise Gone("this share link is locked after too many wrong passcodes")
+            doc = grant["passcode"]
+            if passcode is None or keys.passcode_hash(passcode, b64d(doc["salt"]), doc["n"]) != \
+                    b64d(doc["hash"]):
+                await self.submit(self.org, "share.attempt", {"id": share_id, "ok": False})
+                left = st.share(self.store, share_id)
+                remaining = left["attempts_left"] if left else 0
+                audit("4", "wrong passcode")
+                raise WrongPasscode(remaining)
+        found = self.store.tx(bytes.fromhex(grant["tx"]))
+        if found is None:
+            raise IntegrityError("the share's tx is missing from this node's ledger")
+        jwe = decode_tx(found[2]).body["jwe"]
+        audit("0", f"opened by {recipient}")
+        return {"files": [{"contentType": "application/fhir+json", "embedded": jwe}]}
+
+    # ------------------------------------------------------------ ledger
+    def _check_serving(self) -> None:
+        if self.integrity_failure:
+            raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+
+
+class WrongPasscode(Unauthenticated):
+    def __init__(self, remaining: int) -> None:
+        super().__init__(f"wrong passcode; {remaining} attempts left")
+        self.remaining = remaining
+
+
+def _ref(meta: dict[str, Any]) -> str:
+    return f"{meta['type']}/{meta['id']}/_history/{meta['v']}"
+
+
+def _purpose(session: Session) -> str:
+    return "PATRQT" if session.kind == "patient" else "TREAT"
+
+
+def _content(resource: dict[str, Any]) -> bytes:
+    r = {k: v for k, v in resource.items() if k != "meta"}
+    meta = {k: v for k, v in (resource.get("meta") or {}).items()
+            if k not in ("versionId", "lastUpdated", "security")}
+    if meta:
+        r["meta"] = meta
+    return canonical(r)
+
+
+def _matches(resource: dict[str, Any], params: dict[str, str]) -> bool:
+    if params.get("code"):
+        wanted = set(params["code"].split(","))
+        codes = set(classify(resource).codes)
+        bare = {c.split("|", 1)[-1] for c in codes}
+        if not any(w in codes or w in bare for w in wanted):
+            return False
+    if params.get("date"):
+        date = classify(resource).date
+        if date is None or not _date_matches(date, params["date"]):
+            return False
+    return True
+
+
+def _date_matches(value: str, expr: str) -> bool:
+    for part in expr.split(","):
+        op, operand = (part[:2], part[2:]) if part[:2] in ("eq", "ne", "gt", "lt", "ge", "le") \
+            else ("eq", part)
+        if not operand or not operand[:4].isdigit():
+            raise InvalidInput(f"bad date search value {part!r}; use e.g. ge2024-01-01")
+        v = value[:len(operand)]
+        ok = {"eq": v == operand, "ne": v != operand, "gt": v > operand, "lt": v < operand,
+              "ge": v >= operand, "le": v <= operand}[op]
+        if not ok:
+            return False
+    return True
+
+
+def iter_chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,138 @@
+"""Re-check a node's whole ledger from genesis, naming the first bad block and tx.
+
+Checks, per block: the stored header hashes to its stored hash and links to the
+previous one; every tx's bytes hash to its stored hash, decode, and carry a
+valid signature; replaying the block through the core machine reproduces the
+stored header (tx, results, writes and audit roots, app hash), the stored
+result codes and the anchored audit events. At the end the replayed state must
+equal the stored state table, key for key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medledger.core import machine
+from medledger.core.machine import BlockInput
+from medledger.core.state import MemoryState
+from medledger.core.tx import decode_tx
+from medledger.crypto.canonical import canonical, loads, sha256
+from medledger.errors import IntegrityError, MedledgerError
+from medledger.storage.sqlite import SqliteStore
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    blocks: int
+    txs: int
+    bytes: int
+    state_keys: int
+    audit_events: int
+
+
+def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None = None,
+                 from_height: int = 1) -> VerifyReport:
+    """Raise ``IntegrityError`` naming block/tx at the first problem; else a report."""
+    chain_raw, genesis_raw = store.meta("chain"), store.meta("genesis")
+    if chain_raw is None or genesis_raw is None:
+        raise IntegrityError("the store has no genesis: nothing to verify")
+    chain = chain_raw.decode()
+    replay = MemoryState()
+    writes = machine.genesis_writes(loads(genesis_raw))
+    replay.apply(writes)
+    app_hash = machine.genesis_app_hash(chain, writes)
+    if store.meta("genesis_app_hash") not in (None, app_hash):
+        raise IntegrityError("genesis app hash does not match the genesis organisations")
+    prev_hash = b"\x00" * 32
+    top = store.height
+    n_txs = n_bytes = n_audit = 0
+    expected_height = 1
+    for height, header_bytes, stored_hash in store.blocks(1):
+        if height != expected_height:
+            raise IntegrityError(f"block {expected_height} is missing (next stored is {height})")
+        expected_height += 1
+        where = f"block {height}"
+        if sha256(header_bytes) != stored_hash:
+            raise IntegrityError(f"{where}: header bytes do not match the stored block hash")
+        header = loads(header_bytes)
+        if header.get("height") != height or bytes.fromhex(header["prev"]) != prev_hash:
+            raise IntegrityError(f"{where}: header does not link to block {height - 1}")
+        txs = store.block_txs(height)
+        raws, checked = [], set()
+        for i, (idx, h, raw, _, _) in enumerate(txs):
+            if idx != i:
+                raise IntegrityError(f"{where}: tx {i} is missing or out of order")
+            if sha256(raw) != h:
+                raise IntegrityError(f"{where} tx {i} ({h.hex()[:16]}): stored bytes were "
+                                     "altered (hash mismatch)")
+            try:
+                tx = decode_tx(raw)
+            except MedledgerError as err:
+                raise IntegrityError(f"{where} tx {i}: cannot be decoded: {err}") from err
+            if txs[i][3] == 0 and not machine.verify_signature(replay, tx):
+                raise IntegrityError(f"{where} tx {i} ({h.hex()[:16]}): signature invalid")
+            checked.add(h)
+            raws.append(raw)
+            n_bytes += len(raw)
+        if len(raws) != header["n_txs"]:
+            raise IntegrityError(f"{where}: header says {header['n_txs']} txs, store has "
+                                 f"{len(raws)}")
+        applied = machine.apply_block(replay, BlockInput(
+            chain, height, header["time_ns"], tuple(raws), app_hash, prev_hash), checked)
+        if applied.header != header:
+            diff = sorted(k for k in header if applied.header.get(k) != header.get(k))
+            raise IntegrityError(f"{where}: replay does not reproduce the stored header "
+                                 f"(differs in {', '.join(diff)})")
+        for i, (r, stored) in enumerate(zip(applied.results, txs, strict=True)):
+            if (r.code, r.log) != (stored[3], stored[4]):
+                raise IntegrityError(f"{where} tx {i}: stored result code {stored[3]} but "
+                                     f"replay gives {r.code}")
+        leaves = store.audit_leaves(height)
+        if leaves != [a.event for a in applied.audit]:
+            raise IntegrityError(f"{where}: anchored audit events differ from the txs that "
+                                 "carry them")
+        replay.apply(applied.writes)
+        app_hash, prev_hash = applied.app_hash, applied.header_hash
+        n_txs += len(raws)
+        n_audit += len(leaves)
+        if progress:
+            progress(height, top)
+    if expected_height - 1 != top:
+        raise IntegrityError(f"store says height {top} but blocks end at {expected_height - 1}")
+    if top and (store.app_hash != app_hash or store.last_header_hash != prev_hash):
+        raise IntegrityError("the stored app hash / head does not match the replayed chain")
+    stored_state = dict(store.state_items())
+    if stored_state != replay.data:
+        bad = sorted(set(stored_state) ^ set(replay.data)) or sorted(
+            k for k in stored_state if stored_state[k] != replay.data.get(k))
+        raise IntegrityError(f"stored state differs from the replayed state at key {bad[0]!r}")
+    return VerifyReport(top, n_txs, n_bytes, len(stored_state), n_audit)
+
+
+def quick_check(store: SqliteStore, last: int = 200) -> None:
+    """A fast startup check: the newest ``last`` blocks' links and tx hashes, and the head."""
+    top = store.height
+    if top == 0:
+        return
+    start = max(1, top - last + 1)
+    prev = None
+    if start > 1:
+        prior = store.block(start - 1)
+        prev = sha256(canonical(prior)) if prior else None
+    for height, header_bytes, stored_hash in store.blocks(start):
+        if sha256(header_bytes) != stored_hash:
+            raise IntegrityError(f"block {height}: header bytes altered")
+        header = loads(header_bytes)
+        if prev is not None and bytes.fromhex(header["prev"]) != prev:
+            raise IntegrityError(f"block {height}: does not link to block {height - 1}")
+        from medledger.crypto import merkle
+        txs = store.block_txs(height)
+        for i, (_, h, raw, _, _) in enumerate(txs):
+            if sha256(raw) != h:
+                raise IntegrityError(f"block {height} tx {i}: stored bytes were altered")
+        if merkle.root([raw for _, _, raw, _, _ in txs]).hex() != header["tx_root"]:
+            raise IntegrityError(f"block {height}: txs do not match the header's tx root")
+        prev = stored_hash
+    if prev != store.last_header_hash:
+        raise IntegrityError("the stored chain head does not match the newest block")

@@ -1,0 +1,250 @@
+"""SQLite storage: one file per node, WAL mode, one SQLite transaction per block.
+
+Consensus data (blocks, txs, state, anchored audit events) is written only by
+``commit_block``. The node-local audit log (``audit_local``) is written before a
+read's response leaves the node and later anchored on the ledger.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from medledger.core.machine import AuditRow, BlockApplied
+from medledger.crypto.canonical import canonical, loads
+from medledger.errors import StorageError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blocks (
+    height INTEGER PRIMARY KEY, header BLOB NOT NULL, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS txs (
+    height INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL, raw BLOB NOT NULL,
+    code INTEGER NOT NULL, log TEXT NOT NULL, PRIMARY KEY (height, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS txs_hash ON txs (hash);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    event_id TEXT PRIMARY KEY, patient TEXT, recorded TEXT NOT NULL, height INTEGER NOT NULL,
+    leaf INTEGER NOT NULL, event BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient, recorded);
+CREATE INDEX IF NOT EXISTS audit_block ON audit (height, leaf);
+CREATE TABLE IF NOT EXISTS audit_local (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL, event BLOB NOT NULL,
+    anchored_height INTEGER);
+CREATE INDEX IF NOT EXISTS audit_local_pending ON audit_local (anchored_height);
+"""
+
+
+class Store(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]: ...
+    def meta(self, key: str) -> bytes | None: ...
+    def commit_block(self, applied: BlockApplied, txs: tuple[bytes, ...]) -> None: ...
+
+
+def _upper(prefix: str) -> str:
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL") -> None:
+        self.path = str(path)
+        try:
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.execute("PRAGMA cache_size=-65536")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open ledger database {self.path}: {exc}") from exc
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # ------------------------------------------------------------ state reader
+    def get(self, key: str) -> bytes | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT key, value FROM state WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, _upper(prefix))).fetchall()
+        for k, v in rows:
+            yield k, bytes(v)
+
+    def state_items(self) -> Iterator[tuple[str, bytes]]:
+        with self.lock:
+            rows = self.db.execute("SELECT key, value FROM state ORDER BY key").fetchall()
+        for k, v in rows:
+            yield k, bytes(v)
+
+    # ------------------------------------------------------------ meta
+    def meta(self, key: str) -> bytes | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_meta(self, items: dict[str, bytes]) -> None:
+        with self.lock:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", items.items())
+
+    @property
+    def height(self) -> int:
+        raw = self.meta("height")
+        return int(raw) if raw else 0
+
+    @property
+    def app_hash(self) -> bytes:
+        return self.meta("app_hash") or b""
+
+    @property
+    def last_header_hash(self) -> bytes:
+        return self.meta("header_hash") or b"\x00" * 32
+
+    # ------------------------------------------------------------ writes
+    def init_genesis(self, chain: str, app_state: dict[str, Any],
+                     writes: dict[str, bytes | None], app_hash: bytes) -> None:
+        with self.lock, self._txn():
+            self._apply_writes(writes)
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("chain", chain.encode()), ("genesis", canonical(app_state)),
+                ("height", b"0"), ("app_hash", app_hash), ("genesis_app_hash", app_hash),
+                ("header_hash", b"\x00" * 32)])
+
+    def commit_block(self, applied: BlockApplied, txs: tuple[bytes, ...]) -> None:
+        h = applied.header["height"]
+        with self.lock, self._txn():
+            self.db.execute("INSERT INTO blocks VALUES (?, ?, ?)",
+                            (h, canonical(applied.header), applied.header_hash))
+            self.db.executemany("INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?)", [
+                (h, i, applied.tx_hashes[i], raw, r.code, r.log)
+                for i, (raw, r) in enumerate(zip(txs, applied.results, strict=True))])
+            self._apply_writes(applied.writes)
+            self._index_audit(h, applied.audit)
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
+                ("height", str(h).encode()), ("app_hash", applied.app_hash),
+                ("header_hash", applied.header_hash)])
+
+    def _apply_writes(self, writes: dict[str, bytes | None]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
+                            [(k, v) for k, v in writes.items() if v is not None])
+        self.db.executemany("DELETE FROM state WHERE key = ?",
+                            [(k,) for k, v in writes.items() if v is None])
+
+    def _index_audit(self, height: int, rows: Iterable[AuditRow]) -> None:
+        rows = list(rows)
+        self.db.executemany("INSERT OR IGNORE INTO audit VALUES (?, ?, ?, ?, ?, ?)", [
+            (r.event_id, r.patient, r.recorded, height, r.leaf_index, r.event) for r in rows])
+        self.db.executemany("UPDATE audit_local SET anchored_height = ? WHERE event_id = ?",
+                            [(height, r.event_id) for r in rows])
+
+    class _Txn:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> None:
+            self.db.execute("BEGIN IMMEDIATE")
+
+        def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+            if exc_type is None:
+                self.db.execute("COMMIT")
+            else:
+                self.db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"ledger database write failed: {exc}") from exc
+
+    def _txn(self) -> SqliteStore._Txn:
+        return SqliteStore._Txn(self.db)
+
+    # ------------------------------------------------------------ blocks and txs
+    def block(self, height: int) -> dict[str, Any] | None:
+        with self.lock:
+            row = self.db.execute("SELECT header FROM blocks WHERE height = ?",
+                                  (height,)).fetchone()
+        return None if row is None else loads(row[0])  # type: ignore[no-any-return]
+
+    def blocks(self, start: int = 1) -> Iterator[tuple[int, bytes, bytes]]:
+        """(height, header bytes, stored hash) from ``start`` up, in order."""
+        cur = self.db.cursor()
+        h = start
+        while True:
+            with self.lock:
+                rows = cur.execute("SELECT height, header, hash FROM blocks WHERE height >= ? "
+                                   "ORDER BY height LIMIT 512", (h,)).fetchall()
+            if not rows:
+                return
+            for height, header, hsh in rows:
+                yield height, bytes(header), bytes(hsh)
+            h = rows[-1][0] + 1
+
+    def block_txs(self, height: int) -> list[tuple[int, bytes, bytes, int, str]]:
+        """(idx, hash, raw, code, log) of a block's txs, in stored order."""
+        with self.lock:
+            rows = self.db.execute("SELECT idx, hash, raw, code, log FROM txs WHERE height = ? "
+                                   "ORDER BY idx", (height,)).fetchall()
+        return [(i, bytes(hh), bytes(r), c, lg) for i, hh, r, c, lg in rows]
+
+    def tx(self, tx_hash: bytes) -> tuple[int, int, bytes, int, str] | None:
+        """(height, idx, raw, code, log) of the first inclusion of ``tx_hash``."""
+        with self.lock:
+            row = self.db.execute("SELECT height, idx, raw, code, log FROM txs WHERE hash = ? "
+                                  "ORDER BY height, idx LIMIT 1", (tx_hash,)).fetchone()
+        return None if row is None else (row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def count(self, table: str) -> int:
+        assert table in ("blocks", "txs", "state", "audit", "audit_local")
+        with self.lock:
+            return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    # ------------------------------------------------------------ audit
+    def append_local_audit(self, events: list[tuple[str, bytes]]) -> None:
+        """Durably record audit events before the response that caused them leaves."""
+        with self.lock, self._txn():
+            self.db.executemany("INSERT OR IGNORE INTO audit_local (event_id, event) "
+                                "VALUES (?, ?)", events)
+
+    def pending_local_audit(self, limit: int = 1000) -> list[bytes]:
+        with self.lock:
+            rows = self.db.execute("SELECT event FROM audit_local WHERE anchored_height IS NULL "
+                                   "ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def audit_for_patient(self, patient: str, since: str = "", limit: int = 100
+                          ) -> list[tuple[bytes, int | None]]:
+        """Newest first: anchored events plus this node's not-yet-anchored ones.
+
+        Returns (event bytes, anchored height or None).
+        """
+        with self.lock:
+            anchored = self.db.execute(
+                "SELECT event, height, recorded FROM audit WHERE patient = ? AND recorded >= ? "
+                "ORDER BY recorded DESC LIMIT ?", (patient, since, limit)).fetchall()
+            pending = self.db.execute(
+                "SELECT event FROM audit_local WHERE anchored_height IS NULL").fetchall()
+        out: list[tuple[bytes, int | None, str]] = [(bytes(e), h, r) for e, h, r in anchored]
+        for (e,) in pending:
+            ev = loads(e)
+            if ev.get("patient") == patient and ev["recorded"] >= since:
+                out.append((bytes(e), None, ev["recorded"]))
+        out.sort(key=lambda t: t[2], reverse=True)
+        return [(e, h) for e, h, _ in out[:limit]]
+
+    def audit_event(self, event_id: str) -> tuple[int, int, bytes] | None:
+        with self.lock:
+            row = self.db.execute("SELECT height, leaf, event FROM audit WHERE event_id = ?",
+                                  (event_id,)).fetchone()
+        return None if row is None else (row[0], row[1], bytes(row[2]))
+
+    def audit_leaves(self, height: int) -> list[bytes]:
+        with self.lock:
+            rows = self.db.execute("SELECT event FROM audit WHERE height = ? ORDER BY leaf",
+                                   (height,)).fetchall()
+        return [bytes(r[0]) for r in rows]
