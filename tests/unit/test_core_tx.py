@@ -53,8 +53,8 @@ def test_signature_covers_every_field_but_sig() -> None:
     tx = decode_tx(v["raw"].encode())
     for field, value in (("chain", "x"), ("kind", "batch"), ("signer", "org-z"),
                          ("nonce", "f" * 16), ("body", {"id": "x"})):
-        args = {"chain": tx.chain, "kind": tx.kind, "signer": tx.signer, "nonce": tx.nonce,
-                "body": tx.body, field: value}
+        args: dict[str, Any] = {"chain": tx.chain, "kind": tx.kind, "signer": tx.signer,
+                                "nonce": tx.nonce, "body": tx.body, field: value}
         assert not verify(pub, signing_bytes(**args), tx.sig), field
 
 
