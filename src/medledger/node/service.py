@@ -341,6 +341,8 @@ class Node:
             else:
                 await self.submit(self.org, "record.put", body)
         except MedledgerError as err:
+            if ops:  # the registration did not happen: drop the keystore made for it
+                self.home.user_keystore(rid).unlink(missing_ok=True)
             self._audit(session, "create" if new else "update", patient,
                         [f"{rtype}/{rid}"], outcome="4" if err.http_status < 500 else "8",
                         reason=str(err))
@@ -505,9 +507,10 @@ class Node:
                 continue
             decisions[decision.basis] = decisions.get(decision.basis, 0) + 1
             found.append(Stored(resource, meta))
-        count = int(params.get("_count") or 0)
-        if count < 0:
+        raw_count = params.get("_count") or "0"
+        if not raw_count.isdigit():
             raise InvalidInput("_count must be a positive integer")
+        count = int(raw_count)
         found.sort(key=lambda s: s.meta["time_ns"], reverse=True)
         if count:
             found = found[:count]
