@@ -701,3 +701,20 @@ def test_refused_tx_drops_its_validator_updates(monkeypatch: pytest.MonkeyPatch)
     assert applied.results[0].code == CONFLICT
     assert applied.validator_updates == ()
     assert c.get("org/org-v") is None
+
+
+def test_consents_written_by_the_machine_drive_policy(c: Chain) -> None:
+    from medledger.core import policy
+
+    phys = c.get("actor/dr-phys")
+    assert phys is not None
+    now = T0 // 10**9
+
+    def read() -> policy.Decision:
+        return policy.decide_read(c.state, phys, "pat-1", "mental-health", ["PSY"], now)
+
+    assert not read().allowed
+    assert c.run("pat-1", "consent.put", CONSENT).code == OK
+    assert read().allowed and read().basis == "care"
+    assert c.run("pat-1", "consent.revoke", {"patient": "pat-1", "id": "c1"}).code == OK
+    assert not read().allowed
