@@ -106,4 +106,15 @@ async def access_log(request: Request) -> Response:
     return _json([ev | {"anchored_height": h} for ev, h in rows])
 
 
+@router.get("/api/keystore")
+async def my_keystore(request: Request) -> Response:
+    """Download your own (password-protected) key file, to use from any node or the CLI."""
+    node, session = node_of(request), session_of(request)
+    path = node.home.user_keystore(session.actor_id)
+    if session.kind == "org" or not path.exists():
+        raise InvalidInput("no key file for this account is held at this node")
+    return Response(path.read_bytes(), media_type="application/json", headers={
+        "Content-Disposition": f'attachment; filename="{session.actor_id}.key.json"'})
+
+
 _ = (fhir_json, audit_mod)

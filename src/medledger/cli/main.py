@@ -210,9 +210,15 @@ def record_get(node: NodeOpt, key: KeyOpt, path: Annotated[str, typer.Argument(
 @handle_errors
 def record_export(node: NodeOpt, key: KeyOpt,
                   out: Annotated[Path, typer.Option(help="Bundle file to write.")]
-                  = Path("my-records.json")) -> None:
+                  = Path("my-records.json"),
+                  patient: Annotated[str | None, typer.Option(
+                      help="Patient id (must be the key's owner).")] = None) -> None:
     """Fetch and decrypt your complete record with your own key, from any node."""
     with _client(node, key) as c:
+        assert c.identity is not None
+        if patient is not None and patient != c.identity.id:
+            raise InvalidInput(f"the key belongs to {c.identity.id}, not {patient}: only a "
+                               "patient's own key decrypts their records")
         resources = c.export_records()
     bundle = {"resourceType": "Bundle", "type": "collection",
               "entry": [{"fullUrl": f"urn:medledger:{r['resourceType']}/{r['id']}",
