@@ -18,6 +18,7 @@ from rich.table import Table
 
 from medledger.client import Client
 from medledger.crypto import keys
+from medledger.crypto.canonical import loads
 from medledger.errors import InvalidInput, MedledgerError
 
 app = typer.Typer(help="medledger: a permissioned blockchain for encrypted health records.",
@@ -58,6 +59,14 @@ def handle_errors(fn: F) -> F:
             err_console.print(f"[bold red]error:[/] {err.strerror or err}: "
                               f"{getattr(err, 'filename', '') or ''}")
             raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if os.environ.get("MEDLEDGER_DEBUG"):
+                raise
+            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {err} "
+                              "(set MEDLEDGER_DEBUG=1 for the traceback)")
+            raise typer.Exit(2) from None
     return wrapper  # type: ignore[return-value]
 
 
@@ -181,7 +190,9 @@ def practitioner_add(home: HomeOpt, id: Annotated[str, typer.Option(help="Practi
 @handle_errors
 def record_put(node: NodeOpt, key: KeyOpt, file: Annotated[Path, typer.Argument()]) -> None:
     """POST a FHIR resource or transaction Bundle from a JSON file."""
-    doc = orjson.loads(file.read_bytes())
+    doc = loads(file.read_bytes())
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"{file} must hold one FHIR resource or Bundle (a JSON object)")
     with _client(node, key) as c:
         if doc.get("resourceType") == "Bundle":
             _print_json(c.post("/fhir", doc))
