@@ -55,6 +55,8 @@ def test_typed_readers() -> None:
     o.put("pat/pat-10/Observation/o9", b"1")
     st.put_json(o, "share/s1", {"id": "s1", "patient": "pat-1"})
     st.put_json(o, "share/s2", {"id": "s2", "patient": "pat-2"})
+    o.put("pshare/pat-1/s1", b"1")  # the index the machine writes with each share
+    o.put("pshare/pat-2/s2", b"1")
     assert o.get("org/org-a") == canonical({"id": "org-a", "status": "active"})
     assert st.principal(o, "org-a") == {"id": "org-a", "status": "active", "kind": "org"}
     assert st.principal(o, "pat-1") == {"id": "pat-1", "kind": "patient"}

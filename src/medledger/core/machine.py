@@ -12,7 +12,7 @@ App hash of a block::
                                   results_root, writes_root, audit_root}))
 
 where the roots are RFC 6962 Merkle roots over the block's raw txs, their
-(code, log) results, the sorted state writes, and the audit events anchored.
+(code, data) results, the sorted state writes, and the audit events anchored.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, 
                  audit_events: list[bytes]) -> dict[str, Any]:
     roots = {
         "tx_root": merkle.root(block.txs).hex(),
-        "results_root": merkle.root([canonical([r.code, r.log]) for r in results]).hex(),
+        # codes and data only: human log wording may change between versions
+        "results_root": merkle.root([canonical([r.code, r.data]) for r in results]).hex(),
         "writes_root": merkle.root([canonical([k, None if v is None else sha256(v).hex()])
                                     for k, v in sorted(writes.items())]).hex(),
         "audit_root": merkle.root(audit_events).hex(),

@@ -8,9 +8,10 @@ Keys (UTF-8 strings) and their canonical-JSON values::
     rec/{type}/{id}                 head version of a record
     ver/{type}/{id}/{version:010d}  every version (metadata + the tx that carries it)
     pat/{patient}/{type}/{id}       patient compartment index
-    care/{patient}/{org}            care relationship (org registered or wrote for patient)
+    care/{patient}/{org}            care relationship (the org registered the patient)
     consent/{patient}/{id}          consent rules
     share/{id}                      share grants (SMART Health Links)
+    pshare/{patient}/{id}           a patient's share grants (index)
 
 ``Overlay`` stacks a block's (or a batch's) pending writes on a reader, so the
 machine sees its own writes and can drop them whole when a batch fails.
@@ -152,4 +153,5 @@ def share(state: StateReader, share_id: str) -> dict[str, Any] | None:
 
 
 def shares_of(state: StateReader, patient: str) -> list[dict[str, Any]]:
-    return [s for _, v in state.scan("share/") if (s := loads(v))["patient"] == patient]
+    ids = [key.rsplit("/", 1)[1] for key, _ in state.scan(f"pshare/{patient}/")]
+    return [g for i in ids if (g := share(state, i)) is not None]

@@ -96,7 +96,10 @@ def unlock(data: bytes, password: str) -> Identity:
     try:
         kdf = doc["kdf"]
         header = {k: doc[k] for k in ("version", "id", "kind", "kdf")}
-        key = _kdf(password, b64d(kdf["salt"], field="kdf.salt"), int(kdf["n"]))
+        n = int(kdf["n"])
+        if not 2**10 <= n <= 2**20 or n & (n - 1):
+            raise InvalidInput(f"keystore scrypt n={n} is out of range (a power of two, 2^10-2^20)")
+        key = _kdf(password, b64d(kdf["salt"], field="kdf.salt"), n)
         plain = AESGCM(key).decrypt(b64d(doc["nonce"], field="nonce"),
                                     b64d(doc["ciphertext"], field="ciphertext"),
                                     canonical(header))

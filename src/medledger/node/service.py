@@ -98,7 +98,7 @@ def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "_count", "_id"}
+SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "name", "_count", "_id"}
 
 
 class Node:
@@ -481,6 +481,8 @@ class Node:
         if unknown:
             raise InvalidInput(f"unsupported search parameters: {', '.join(sorted(unknown))}; "
                                f"supported: {', '.join(sorted(SEARCH_PARAMS))}")
+        if params.get("name") and rtype != "Patient":
+            raise InvalidInput("the name search parameter applies to Patient only")
         patient = params.get("patient") or params.get("subject")
         if patient:
             patient = patient.rsplit("/", 1)[-1]
@@ -671,8 +673,7 @@ class Node:
     def shares(self, session: Session) -> list[dict[str, Any]]:
         if session.kind != "patient":
             raise Forbidden("only patients have share links")
-        ids = [k.rsplit("/", 1)[1] for k, _ in self.store.scan(f"pshare/{session.actor_id}/")]
-        return [g for i in ids if (g := st.share(self.store, i)) is not None]
+        return st.shares_of(self.store, session.actor_id)
 
     async def open_share(self, share_id: str, recipient: str, passcode: str | None
                          ) -> dict[str, Any]:
@@ -747,6 +748,8 @@ def _content(resource: dict[str, Any]) -> bytes:
 
 
 def _matches(resource: dict[str, Any], params: dict[str, str]) -> bool:
+    if params.get("name") and not _name_matches(resource, params["name"]):
+        return False
     if params.get("code"):
         wanted = set(params["code"].split(","))
         codes = set(classify(resource).codes)
@@ -758,6 +761,19 @@ def _matches(resource: dict[str, Any], params: dict[str, str]) -> bool:
         if date is None or not _date_matches(date, params["date"]):
             return False
     return True
+
+
+def _name_matches(resource: dict[str, Any], query: str) -> bool:
+    """Patient name search: every word of ``query`` is contained (case-insensitive) in a
+    family, given or text part of one of the patient's names."""
+    words = query.casefold().split()
+    for name in resource.get("name") or []:
+        parts = [str(name.get("family") or ""), str(name.get("text") or ""),
+                 *(str(g) for g in name.get("given") or [])]
+        folded = [p.casefold() for p in parts if p]
+        if all(any(w in p for p in folded) for w in words):
+            return True
+    return False
 
 
 def _date_matches(value: str, expr: str) -> bool:
