@@ -6,7 +6,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from medledger.api.common import break_glass, fhir_json, json_body, node_of, session_of
+from medledger.api.common import (
+    break_glass,
+    fhir_json,
+    json_body,
+    node_of,
+    outcome_response,
+    session_of,
+)
 from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
 from medledger.core.machine import RESOURCE_TYPE_RE
 from medledger.errors import InvalidInput, MedledgerError
@@ -220,11 +227,23 @@ async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
     return _record_response(stored, 200, _base(request))
 
 
+def _search_params(request: Request) -> dict[str, str]:
+    """Query parameters; a repeated ``date`` (``ge..&le..``, a range) must meet every bound."""
+    params: dict[str, str] = {}
+    for name in request.query_params:
+        values = request.query_params.getlist(name)
+        if len(values) > 1 and name != "date":
+            raise InvalidInput(f"search parameter {name!r} is repeated; give several values "
+                               "as one comma-separated list")
+        params[name] = ",".join(values)
+    return params
+
+
 @router.get("/{rtype}")
 async def search(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    found, withheld = node.search(session, rtype, dict(request.query_params),
+    found, withheld = node.search(session, rtype, _search_params(request),
                                   break_glass(request))
     return _searchset(request, found, withheld)
 
@@ -232,8 +251,9 @@ async def search(request: Request, rtype: str) -> Response:
 @router.delete("/{rtype}/{rid}")
 async def delete(request: Request, rtype: str, rid: str) -> Response:
     session_of(request)
-    raise MedledgerError("records are never deleted: the ledger is append-only; write a new "
-                         "version with status entered-in-error instead")
+    return outcome_response(MedledgerError(
+        "records are never deleted: the ledger is append-only; write a new version with "
+        "status entered-in-error instead"), status=405, code="not-supported")
 
 
 _ = operation_outcome
