@@ -95,8 +95,8 @@ def to_fhir(ev: dict[str, Any], anchored_height: int | None = None) -> dict[str,
     if purpose:
         resource["purposeOfEvent"] = [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": purpose}]}]
-    if ev.get("outcome") not in (None, "0"):
-        resource["outcomeDesc"] = ev.get("reason", "")
+    if ev.get("outcome") not in (None, "0") and ev.get("reason"):
+        resource["outcomeDesc"] = ev["reason"]
     if ev.get("patient"):
         resource["entity"].append({
             "what": {"reference": f"Patient/{ev['patient']}"},
@@ -107,8 +107,10 @@ def to_fhir(ev: dict[str, Any], anchored_height: int | None = None) -> dict[str,
             "what": {"reference": ref},
             "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
                      "code": "4", "display": "Domain Resource"}})
-    ext = [{"url": "http://medledger.example/fhir/StructureDefinition/access-basis",
-            "valueString": ev.get("basis", "")}]
+    ext = []
+    if ev.get("basis"):  # FHIR strings may not be empty
+        ext.append({"url": "http://medledger.example/fhir/StructureDefinition/access-basis",
+                    "valueString": ev["basis"]})
     if ev.get("break_glass"):
         ext.append({"url": "http://medledger.example/fhir/StructureDefinition/break-glass",
                     "valueBoolean": True})
@@ -123,7 +125,8 @@ def to_fhir(ev: dict[str, Any], anchored_height: int | None = None) -> dict[str,
     if anchored_height is not None:
         ext.append({"url": "http://medledger.example/fhir/StructureDefinition/anchored-height",
                     "valueInteger": anchored_height})
-    resource["extension"] = ext
+    if ext:
+        resource["extension"] = ext
     if not resource["entity"]:
         del resource["entity"]
     return resource
