@@ -17,6 +17,7 @@ from medledger.core import machine
 from medledger.core.machine import BlockInput
 from medledger.core.state import MemoryState
 from medledger.core.tx import decode_tx
+from medledger.crypto import merkle
 from medledger.crypto.canonical import canonical, loads, sha256
 from medledger.errors import IntegrityError, MedledgerError
 from medledger.storage.sqlite import SqliteStore
@@ -76,8 +77,12 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
             raws.append(raw)
             n_bytes += len(raw)
         if len(raws) != header["n_txs"]:
+            gone = (f"tx {len(raws)} is missing" if len(raws) < header["n_txs"]
+                    else f"tx {header['n_txs']} was added")
             raise IntegrityError(f"{where}: header says {header['n_txs']} txs, store has "
-                                 f"{len(raws)}")
+                                 f"{len(raws)} ({gone})")
+        if merkle.root(raws).hex() != header["tx_root"]:
+            raise IntegrityError(f"{where}: {_tx_root_problem(raws, header['tx_root'])}")
         applied = machine.apply_block(replay, BlockInput(
             chain, height, header["time_ns"], tuple(raws), app_hash, prev_hash), checked)
         if applied.header != header:
@@ -110,6 +115,19 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
     return VerifyReport(top, n_txs, n_bytes, len(stored_state), n_audit)
 
 
+def _tx_root_problem(raws: list[bytes], tx_root: str, max_search: int = 128) -> str:
+    """Name the txs of a block whose stored order no longer matches its header's tx root."""
+    if len(raws) <= max_search:
+        for i in range(len(raws)):
+            for j in range(i + 1, len(raws)):
+                swapped = list(raws)
+                swapped[i], swapped[j] = swapped[j], swapped[i]
+                if merkle.root(swapped).hex() == tx_root:
+                    return f"tx {i} and tx {j} were swapped (stored out of order)"
+    return ("tx 0.. do not hash to the header's tx root: txs were reordered or replaced "
+            "(each is individually well signed)")
+
+
 def quick_check(store: SqliteStore, last: int = 200) -> None:
     """A fast startup check: the newest ``last`` blocks' links and tx hashes, and the head."""
     top = store.height
@@ -126,7 +144,6 @@ def quick_check(store: SqliteStore, last: int = 200) -> None:
         header = loads(header_bytes)
         if prev is not None and bytes.fromhex(header["prev"]) != prev:
             raise IntegrityError(f"block {height}: does not link to block {height - 1}")
-        from medledger.crypto import merkle
         txs = store.block_txs(height)
         for i, (_, h, raw, _, _) in enumerate(txs):
             if sha256(raw) != h:
