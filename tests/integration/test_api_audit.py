@@ -11,13 +11,12 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import NodeHandle, load_patient, running_node
 
 from medledger.core.machine import header_hash
 from medledger.core.proofs import verify_proof
 from medledger.fhir.synthetic import synthetic_observation
 from medledger.fhir.validate import parse_resource
-
-from helpers import NodeHandle, load_patient, running_node
 
 pytestmark = pytest.mark.timeout(120)
 EXT = "http://medledger.example/fhir/StructureDefinition/"

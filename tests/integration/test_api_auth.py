@@ -12,11 +12,10 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from helpers import NodeHandle, assert_outcome, running_node
 
 from medledger.crypto import keys
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
-
-from helpers import NodeHandle, assert_outcome, running_node
 
 pytestmark = pytest.mark.timeout(120)
 TTL_S = 2

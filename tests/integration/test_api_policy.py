@@ -9,10 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import NodeHandle, assert_outcome, running_node
 
 from medledger.fhir.synthetic import synthetic_patient_bundle
-
-from helpers import NodeHandle, assert_outcome, running_node
 
 pytestmark = pytest.mark.timeout(120)
 SEED = 1  # depression: PHQ-9 (PSY) Observations and a PSY Condition

@@ -12,10 +12,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from helpers import NodeHandle, assert_outcome, running_node
 
 from medledger.fhir.synthetic import synthetic_observation, synthetic_patient_bundle
-
-from helpers import NodeHandle, assert_outcome, running_node
 
 pytestmark = pytest.mark.timeout(120)
 SEEDS = (0, 1)  # seed 1 has depression: PHQ-9 Observations and a PSY-labelled Condition

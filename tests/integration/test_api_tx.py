@@ -8,12 +8,11 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+from helpers import NodeHandle, assert_outcome, load_patient, running_node
 
 from medledger.core.tx import make_tx
 from medledger.crypto import keys
 from medledger.crypto.canonical import b64e, canonical
-
-from helpers import NodeHandle, assert_outcome, load_patient, running_node
 
 pytestmark = pytest.mark.timeout(120)
 
