@@ -368,39 +368,45 @@ class Node:
         new_patient_keys: dict[str, bytes] = {}
         statuses: list[tuple[str, str, str]] = []
         pending_registrations: dict[str, dict[str, Any]] = {}
-        for entry in plan:
-            if entry.resource_type == "Patient" and st.record_head(
-                    self.store, "Patient", entry.resource_id) is None:
+        try:
+            for entry in plan:
+                if entry.resource_type == "Patient" and st.record_head(
+                        self.store, "Patient", entry.resource_id) is None:
+                    try:
+                        self._duplicate_check(dict(entry.resource))
+                    except Conflict as err:
+                        raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
+                    reg_ops, identity, _ = self._patient_ops(dict(entry.resource), None)
+                    ops.extend(reg_ops)
+                    new_patient_keys[entry.resource_id] = identity.enc_public
+                    pending_registrations[entry.resource_id] = dict(entry.resource)
+            for entry in plan:
+                resource = dict(entry.resource)
+                cls = classify({**resource, "id": entry.resource_id})
+                patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
                 try:
-                    self._duplicate_check(dict(entry.resource))
-                except Conflict as err:
-                    raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
-                reg_ops, identity, _ = self._patient_ops(dict(entry.resource), None)
-                ops.extend(reg_ops)
-                new_patient_keys[entry.resource_id] = identity.enc_public
-                pending_registrations[entry.resource_id] = dict(entry.resource)
-        for entry in plan:
-            resource = dict(entry.resource)
-            cls = classify({**resource, "id": entry.resource_id})
-            patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
-            try:
-                body, head = self._prepare_put_in_bundle(session, resource, entry, patient,
-                                                         new_patient_keys)
-            except MedledgerError as err:
-                raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
-                                f"{entry.resource_id}): {err.message}") from err
-            if body is None:
-                statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
-                continue
-            ops.append({"kind": "record.put", "body": body})
-            statuses.append((entry.resource_type, entry.resource_id,
-                             "201 Created" if head is None else "200 OK"))
-        if ops:
-            try:
-                await self.submit(self.org, "batch", {"ops": ops})
-            except MedledgerError as err:
-                self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
-                raise
+                    body, head = self._prepare_put_in_bundle(session, resource, entry, patient,
+                                                             new_patient_keys)
+                except MedledgerError as err:
+                    raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
+                                    f"{entry.resource_id}): {err.message}") from err
+                if body is None:
+                    statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
+                    continue
+                ops.append({"kind": "record.put", "body": body})
+                statuses.append((entry.resource_type, entry.resource_id,
+                                 "201 Created" if head is None else "200 OK"))
+            if ops:
+                try:
+                    await self.submit(self.org, "batch", {"ops": ops})
+                except MedledgerError as err:
+                    self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
+                    raise
+        except MedledgerError:
+            # nothing was registered: drop the keystores made for this bundle's new patients
+            for pid in new_patient_keys:
+                self.home.user_keystore(pid).unlink(missing_ok=True)
+            raise
         out = []
         patients = set()
         for rtype, rid, status in statuses:
