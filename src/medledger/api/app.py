@@ -48,6 +48,9 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     app.state.node = node
     app.state.runtime = runtime
 
+    # innermost of the two limits: it raises inside the route, not in a middleware task
+    app.add_middleware(_StreamedBodyLimit, limit=lambda: node.config.max_body_bytes)
+
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]
                          ) -> Response:
@@ -106,6 +109,35 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
         from fastapi.staticfiles import StaticFiles
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+class _StreamedBodyLimit:
+    """Enforce ``max_body_bytes`` on bodies without a Content-Length (chunked uploads).
+
+    The body is counted as the route reads it; crossing the limit raises ``TooLarge``
+    inside the route, which the error handler turns into a 413 OperationOutcome.
+    """
+
+    def __init__(self, app: Any, limit: Callable[[], int]) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, seen = self.limit(), 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise TooLarge(f"request body exceeds the {limit}-byte limit")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def app_from_env() -> FastAPI:
