@@ -338,4 +338,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m medledger.cli.main` runs this file as __main__; the share, demo and net
+    # commands register on the module proper, so run that module's app.
+    from medledger.cli.main import main as _main
+    _main()
