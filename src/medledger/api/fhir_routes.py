@@ -193,7 +193,8 @@ async def update(request: Request, rtype: str, rid: str) -> Response:
     node, session = node_of(request), session_of(request)
     existed = node.store.get(f"rec/{rtype}/{rid}") is not None
     stored = await node.put_resource(session, await request.body(), rtype, rid,
-                                     _if_match(request))
+                                     _if_match(request),
+                                     password=request.headers.get("x-medledger-patient-password"))
     return _record_response(stored, 200 if existed else 201, _base(request))
 
 

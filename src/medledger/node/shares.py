@@ -38,7 +38,7 @@ def build_share(patient: str, chosen: list[tuple[dict[str, Any], tuple[str, str,
                             for r, (t, i, _) in chosen]}
     key = random(32)
     jwe = shl.encrypt_jwe(canonical(collection), key, random(12))
-    share_id = b64e(random(32))
+    share_id = random(32).hex()  # 64 chars within core.tx.ID_RE (base64url may hold "_")
     pass_doc = None
     if passcode is not None:
         salt = random(16)
