@@ -8,6 +8,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import fhir_json, json_body, node_of, session_of
+from medledger.core import policy
 from medledger.crypto.canonical import b64e
 from medledger.errors import InvalidInput
 from medledger.fhir import shl
@@ -115,6 +116,16 @@ async def my_keystore(request: Request) -> Response:
         raise InvalidInput("no key file for this account is held at this node")
     return Response(path.read_bytes(), media_type="application/json", headers={
         "Content-Disposition": f'attachment; filename="{session.actor_id}.key.json"'})
+
+
+@router.get("/api/vocabulary")
+async def vocabulary() -> Response:
+    """Policy vocabulary the portal's forms offer: categories, sensitivity labels, limits."""
+    return _json({"categories": list(policy.CATEGORIES),
+                  "labels": {k: policy.LABEL_NAMES[k] for k in ("PSY", "ETH", "HIV")},
+                  "break_glass_roles": sorted(n for n, r in policy.ROLES.items()
+                                              if r.break_glass),
+                  "break_glass_min_reason": policy.BREAK_GLASS_MIN_REASON})
 
 
 _ = (fhir_json, audit_mod)
