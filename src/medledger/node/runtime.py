@@ -84,6 +84,8 @@ class NodeRuntime:
             await self.producer.stop()
         if self.abci is not None:
             await self.abci.stop()
+        if self.comet is not None:
+            await self.comet.aclose()
         self.node.store.close()
 
 
