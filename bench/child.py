@@ -1,0 +1,58 @@
+"""Helpers run in their own processes: ``verify <db>`` and ``abci <dir> <port> <log>``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from bench.stats import peak_rss_mib
+
+
+def verify(db: str) -> None:
+    from medledger.node.verify import verify_store
+    from medledger.storage.sqlite import SqliteStore
+    store = SqliteStore(db)
+    t0 = time.perf_counter()
+    report = verify_store(store)
+    took = time.perf_counter() - t0
+    print(json.dumps({"seconds": took, "blocks": report.blocks, "txs": report.txs,
+                      "bytes": report.bytes, "state_keys": report.state_keys,
+                      "peak_rss_mib": peak_rss_mib()}))
+
+
+async def abci(home: str, port: int, log_path: str) -> None:
+    """One validator's application: LedgerApp + AbciServer; logs each commit's tx hashes."""
+    from medledger.consensus.abci import AbciServer
+    from medledger.node.ledger_app import LedgerApp
+    from medledger.storage.sqlite import SqliteStore
+    Path(home).mkdir(parents=True, exist_ok=True)
+    app = LedgerApp(SqliteStore(Path(home) / "ledger.db"))
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def on_commit(applied, txs) -> None:  # type: ignore[no-untyped-def]
+        hashes = ",".join(h.hex()[:16] for h, r in zip(applied.tx_hashes, applied.results,
+                                                        strict=True) if r.code == 0)
+        log.write(f"{time.time():.6f} {applied.header['height']} {hashes}\n")
+
+    app.on_commit.append(on_commit)
+    server = AbciServer(app, port=port)
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_stopped()
+
+
+def main() -> None:
+    cmd = sys.argv[1]
+    if cmd == "verify":
+        verify(sys.argv[2])
+    elif cmd == "abci":
+        asyncio.run(abci(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    else:
+        raise SystemExit(f"unknown child command {cmd}")
+
+
+if __name__ == "__main__":
+    main()

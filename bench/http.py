@@ -1,0 +1,143 @@
+"""Figures over HTTP against a real node process: writes (1), reads (3), bundles (6), memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.lab import PASSWORD
+from bench.stats import latency_ms, peak_rss_mib
+from medledger.client import Client
+from medledger.crypto import keys
+from medledger.fhir.synthetic import synthetic_observation, synthetic_patient_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class NodeProcess:
+    """``medledger node start`` for a home, in its own process (solo mode)."""
+
+    def __init__(self, home: Path, port: int, log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "MEDLEDGER_PASSWORD": PASSWORD}
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "medledger.cli.main", "node", "start", "--home", str(home),
+                 "--port", str(port)], env=env, stdout=out, stderr=out, cwd=REPO,
+                start_new_session=True)
+        deadline = time.time() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}; see {log}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"node did not become healthy; see {log}")
+            time.sleep(0.2)
+
+    @property
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def token(url: str, identity: keys.Identity) -> str:
+    with Client(url, identity) as c:
+        return c.token()
+
+
+Request = tuple[str, str, dict[str, str], bytes | None]
+
+
+async def _drive(url: str, requests: Sequence[Request], concurrency: int
+                 ) -> tuple[list[float], float, dict[int, int], list[httpx.Response]]:
+    lat: list[float] = []
+    statuses: dict[int, int] = {}
+    sample: list[httpx.Response] = []
+    it = iter(requests)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async def worker() -> None:
+            for method, path, headers, body in it:
+                t = time.perf_counter()
+                resp = await client.request(method, path, headers=headers, content=body)
+                lat.append(time.perf_counter() - t)
+                statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+                if resp.status_code >= 400 and len(sample) < 3:
+                    sample.append(resp)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        took = time.perf_counter() - t0
+    return lat, took, statuses, sample
+
+
+def drive(url: str, requests: Sequence[Request], concurrency: int, what: str,
+          unit: str) -> dict[str, Any]:
+    lat, took, statuses, bad = asyncio.run(_drive(url, requests, concurrency))
+    if bad:
+        raise RuntimeError(f"{what}: {statuses}; first error: {bad[0].text[:500]}")
+    return {"requests": len(requests), "concurrency": concurrency, "seconds": took,
+            f"{unit}_per_s": len(requests) / took, **latency_ms(lat), "statuses": statuses}
+
+
+def fhir_writes(url: str, tok: str, patients: list[str], n: int, concurrency: int = 32
+                ) -> dict[str, Any]:
+    hdrs = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
+    reqs: list[Request] = [
+        ("POST", "/fhir/Observation", hdrs,
+         orjson.dumps(synthetic_observation(patients[i % len(patients)], 10**6 + i)))
+        for i in range(n)]
+    return drive(url, reqs, concurrency, "POST /fhir/Observation", "writes")
+
+
+def presigned_writes(url: str, raws: list[bytes], concurrency: int = 64) -> dict[str, Any]:
+    hdrs = {"Content-Type": "application/octet-stream"}
+    reqs: list[Request] = [("POST", "/ledger/tx", hdrs, raw) for raw in raws]
+    return drive(url, reqs, concurrency, "POST /ledger/tx", "writes")
+
+
+def reads(url: str, tok: str, records: list[str], n: int, concurrency: int = 32
+          ) -> dict[str, Any]:
+    hdrs = {"Authorization": f"Bearer {tok}"}
+    rng = random.Random(5)
+    reqs: list[Request] = [("GET", f"/fhir/Observation/{rng.choice(records)}", hdrs, None)
+                           for _ in range(n)]
+    drive(url, reqs[:200], concurrency, "warm-up reads", "reads")
+    return drive(url, reqs, concurrency, "GET /fhir/Observation/{id}", "reads")
+
+
+def bundles(url: str, tok: str, n: int, concurrency: int = 4, seed0: int = 500
+            ) -> dict[str, Any]:
+    hdrs = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
+    docs = [synthetic_patient_bundle(seed0 + i, n_encounters=3) for i in range(n)]
+    resources = sum(len(d["entry"]) for d in docs)
+    reqs: list[Request] = [("POST", "/fhir", hdrs, orjson.dumps(d)) for d in docs]
+    out = drive(url, reqs, concurrency, "POST /fhir (transaction Bundle)", "bundles")
+    out["resources"] = resources
+    out["resources_per_s"] = resources / out["seconds"]
+    out["resources_per_bundle"] = resources / n
+    out["bundle_kib"] = sum(len(r[3] or b"") for r in reqs) / n / 1024
+    return out

@@ -1,0 +1,170 @@
+"""Benchmark fixtures: a fresh node home with an in-process ledger, and realistic txs.
+
+Everything a figure needs to build state fast *through the real code*: a node home
+(``node.home.init_home``), a ``LedgerApp`` over its SQLite store, blocks produced
+with ``finalize_block`` + ``commit`` (as ``SoloProducer`` does), and client-signed
+``record.put`` txs carrying synthetic FHIR Observations (1-3 KiB) sealed with
+``node.records.seal_record``. Tx generation fans out over worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medledger.consensus.app import TxResult
+from medledger.core.tx import make_tx
+from medledger.crypto import keys
+from medledger.crypto.canonical import b64e, canonical
+from medledger.fhir.labels import classify
+from medledger.fhir.synthetic import synthetic_observation
+from medledger.node.home import Home, init_home
+from medledger.node.ledger_app import LedgerApp
+from medledger.node.records import seal_record
+from medledger.storage.sqlite import SqliteStore
+
+PASSWORD = "bench-password"
+BLOCK_TXS = 2000
+SCRYPT_N = 2**12  # keystores of bench identities: cheap to unlock, never used for real data
+
+
+@dataclass(frozen=True)
+class PatientKey:
+    id: str
+    enc_public: bytes
+
+
+class Nonces:
+    """Unique lowercase-hex nonces per process (random prefix + counter)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.n = 0
+
+    def __call__(self) -> str:
+        self.n += 1
+        return f"{self.prefix}{self.n:016x}"
+
+
+def register_body(identity: keys.Identity, role: str | None = None) -> dict[str, Any]:
+    body = {"id": identity.id, "kind": identity.kind, "sign_pub": b64e(identity.sign_public),
+            "enc_pub": b64e(identity.enc_public)}
+    if role:
+        body["role"] = role
+    return body
+
+
+def record_body(chain: str, org: keys.Identity | PatientKey, patient: PatientKey,
+                rid: str, seed: int, org_enc_public: bytes) -> dict[str, Any]:
+    """A ``record.put`` body for a fresh synthetic Observation (version 1)."""
+    resource = {**synthetic_observation(patient.id, seed), "id": rid}
+    cls = classify(resource)
+    readers = {org.id: org_enc_public, patient.id: patient.enc_public}
+    return {"type": "Observation", "id": rid, "version": 1, "prev": "", "patient": patient.id,
+            "category": cls.category, "labels": sorted(cls.labels),
+            **seal_record(chain, resource, patient.id, 1, readers)}
+
+
+def _record_txs_chunk(args: tuple[str, dict[str, Any], list[PatientKey], int, int, str]
+                      ) -> list[tuple[str, bytes]]:
+    chain, org_json, patients, start, count, tag = args
+    org = keys.Identity.from_json(org_json)
+    signer, enc_pub, nonce = org.signer(), org.enc_public, Nonces()
+    out = []
+    for i in range(start, start + count):
+        rid = f"{tag}-{i}"
+        body = record_body(chain, org, patients[i % len(patients)], rid, i, enc_pub)
+        out.append((rid, make_tx(org.id, signer, chain, "record.put", body, nonce()).raw))
+    return out
+
+
+def record_txs(chain: str, org: keys.Identity, patients: list[PatientKey], n: int, tag: str,
+               workers: int | None = None) -> list[tuple[str, bytes]]:
+    """``n`` signed ``record.put`` txs ``(resource id, raw)``, built on ``workers`` processes."""
+    workers = workers or os.cpu_count() or 1
+    if n < 2000 or workers == 1:
+        return _record_txs_chunk((chain, org.to_json(), patients, 0, n, tag))
+    step = 5000
+    jobs = [(chain, org.to_json(), patients, s, min(step, n - s), tag) for s in range(0, n, step)]
+    out: list[tuple[str, bytes]] = []
+    with ProcessPoolExecutor(workers) as pool:
+        for chunk in pool.map(_record_txs_chunk, jobs):
+            out.extend(chunk)
+    return out
+
+
+class Lab:
+    """A node home for org ``org_id`` with its ledger open in-process."""
+
+    def __init__(self, root: Path, org_id: str = "org-bench", chain: str = "medledger-bench",
+                 port: int = 8700) -> None:
+        self.home: Home = init_home(root, org_id, "Bench Hospital", PASSWORD, chain=chain,
+                                    port=port, scrypt_n=SCRYPT_N)
+        self.org = self.home.unlock_org(PASSWORD)
+        self.chain = chain
+        self.nonce = Nonces()
+        self.signer = self.org.signer()
+        self.time_ns = time.time_ns()
+        self.patients: list[PatientKey] = []
+        self.records: list[str] = []
+        self.open()
+        genesis = self.home.load_genesis()
+        self.app.init_chain(chain, canonical({"orgs": genesis["orgs"]}), 0)
+
+    def open(self) -> None:
+        self.store = SqliteStore(self.home.db_path)
+        self.app = LedgerApp(self.store, self.chain)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def tx(self, kind: str, body: dict[str, Any], identity: keys.Identity | None = None) -> bytes:
+        ident = identity or self.org
+        signer = self.signer if identity is None else ident.signer()
+        return make_tx(ident.id, signer, self.chain, kind, body, self.nonce()).raw
+
+    def produce(self, txs: list[bytes]) -> list[TxResult]:
+        """One block of ``txs`` through finalize_block + commit; block time strictly increases."""
+        self.time_ns = max(time.time_ns(), self.time_ns + 1)
+        height = self.store.height + 1
+        outcome = self.app.finalize_block(height, self.time_ns, txs, b"", b"")
+        self.app.commit()
+        return list(outcome.tx_results)
+
+    def produce_all(self, txs: list[bytes], block: int = BLOCK_TXS) -> int:
+        """Produce blocks of ``block`` txs; returns how many failed (non-zero code)."""
+        bad = 0
+        for i in range(0, len(txs), block):
+            bad += sum(r.code != 0 for r in self.produce(txs[i:i + block]))
+        return bad
+
+    def register_patients(self, n: int) -> list[PatientKey]:
+        made = [keys.new_identity(f"pat-{len(self.patients) + i}", "patient") for i in range(n)]
+        bad = self.produce_all([self.tx("actor.register", register_body(p)) for p in made])
+        assert bad == 0, "patient registration failed"
+        new = [PatientKey(p.id, p.enc_public) for p in made]
+        self.patients.extend(new)
+        return new
+
+    def register_practitioner(self, pid: str, role: str = "physician") -> keys.Identity:
+        ident = keys.new_identity(pid, "practitioner", {"role": role})
+        [r] = self.produce([self.tx("actor.register", register_body(ident, role))])
+        assert r.code == 0, r.log
+        return ident
+
+    def record_txs(self, n: int, tag: str) -> list[tuple[str, bytes]]:
+        return record_txs(self.chain, self.org, self.patients, n, tag)
+
+    def load_records(self, n: int, tag: str) -> float:
+        """Build and commit ``n`` records; returns the commit rate (tx/s) of the apply phase."""
+        txs = self.record_txs(n, tag)
+        t0 = time.perf_counter()
+        bad = self.produce_all([raw for _, raw in txs])
+        took = time.perf_counter() - t0
+        assert bad == 0, f"{bad} record txs failed"
+        self.records.extend(rid for rid, _ in txs)
+        return n / took
