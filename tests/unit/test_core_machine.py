@@ -678,7 +678,7 @@ def test_block_boundaries_do_not_change_state(actions: list[tuple[int, int, int]
 
     assert results == list(whole.results)
     assert split.state.data == one.state.data
-    if len(blocks) > 1:
+    if sum(1 for b in blocks if b) > 1:  # empty blocks keep the app hash
         assert split.app_hash != one.app_hash  # hashes follow blocks, state does not
 
     again = _chain_from_base()

@@ -11,6 +11,8 @@ App hash of a block::
     app_hash = SHA-256(canonical({prev_app_hash, height, time_ns, tx_root,
                                   results_root, writes_root, audit_root}))
 
+(an empty block keeps the previous app hash: it changes no state)
+
 where the roots are RFC 6962 Merkle roots over the block's raw txs, their
 (code, data) results, the sorted state writes, and the audit events anchored.
 """
@@ -33,6 +35,7 @@ from medledger.errors import (
     BadSignature,
     Conflict,
     Forbidden,
+    Gone,
     InvalidInput,
     MedledgerError,
     NotFound,
@@ -130,8 +133,11 @@ def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, 
                                     for k, v in sorted(writes.items())]).hex(),
         "audit_root": merkle.root(audit_events).hex(),
     }
-    app_hash = sha256(canonical({"prev_app_hash": block.prev_app_hash.hex(),
-                                 "height": block.height, "time_ns": block.time_ns, **roots}))
+    # an empty block changes nothing, so it keeps the app hash (CometBFT then needs no
+    # extra "proof" block for it and an idle network stays quiet)
+    app_hash = block.prev_app_hash if not block.txs else sha256(canonical(
+        {"prev_app_hash": block.prev_app_hash.hex(), "height": block.height,
+         "time_ns": block.time_ns, **roots}))
     return {"chain": block.chain, "height": block.height, "time_ns": block.time_ns,
             "prev": block.prev_header_hash.hex(), "prev_app_hash": block.prev_app_hash.hex(),
             "n_txs": len(block.txs), "n_audit": len(audit_events), **roots,
@@ -150,6 +156,9 @@ def genesis_writes(app_state: Mapping[str, Any]) -> dict[str, bytes | None]:
     if not isinstance(orgs, list) or not orgs:
         raise InvalidInput("genesis must name at least one organisation")
     overlay = Overlay(st.MemoryState())
+    ids = [o.get("id") if isinstance(o, dict) else None for o in orgs]
+    if len(set(ids)) != len(ids):
+        raise InvalidInput("genesis names an organisation twice")
     for o in orgs:
         entry = _org_entry(o)
         entry.update(status="active", approvals=[])
@@ -158,8 +167,10 @@ def genesis_writes(app_state: Mapping[str, Any]) -> dict[str, bytes | None]:
 
 
 def genesis_app_hash(chain: str, writes: Mapping[str, bytes | None]) -> bytes:
-    block = BlockInput(chain, 0, 0, (), b"\x00" * 32, b"\x00" * 32)
-    return bytes.fromhex(block_header(block, [], writes, [])["app_hash"])
+    """The app hash of the genesis state: its writes root, bound to the chain id."""
+    writes_root = block_header(BlockInput(chain, 0, 0, (), b"", b""), [], writes,
+                               [])["writes_root"]
+    return sha256(canonical({"chain": chain, "genesis_writes_root": writes_root}))
 
 
 # ---------------------------------------------------------------- transactions
@@ -505,6 +516,8 @@ def _apply_share_attempt(s: Overlay, sid: str, signer: dict[str, Any], body: Map
     grant = st.share(s, share_id)
     if grant is None:
         raise NotFound(f"no share {share_id}")
+    if grant["revoked"]:
+        raise Gone(f"share {share_id} is revoked")
     if grant["attempts_left"] is not None:
         grant["attempts_left"] = max(0, grant["attempts_left"] - 1)
     put_json(s, f"share/{share_id}", grant)
@@ -523,6 +536,10 @@ def _apply_audit_anchor(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     for i, ev in enumerate(events):
         if not isinstance(ev, dict) or not {"id", "recorded", "action", "agent"} <= set(ev):
             raise InvalidInput(f"audit.anchor: event {i} needs id, recorded, action and agent")
+        if not all(isinstance(ev[f], str) and 0 < len(ev[f]) <= 64
+                   for f in ("id", "recorded", "action", "agent")):
+            raise InvalidInput(f"audit.anchor: event {i}: id, recorded, action and agent must "
+                               "be non-empty strings of at most 64 characters")
         extra = set(ev) - AUDIT_FIELDS
         if extra:
             raise InvalidInput(f"audit.anchor: event {i} has fields not allowed on the ledger: "

@@ -27,10 +27,10 @@ CREATE TABLE IF NOT EXISTS txs (
 CREATE INDEX IF NOT EXISTS txs_hash ON txs (hash);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
-    event_id TEXT PRIMARY KEY, patient TEXT, recorded TEXT NOT NULL, height INTEGER NOT NULL,
-    leaf INTEGER NOT NULL, event BLOB NOT NULL);
+    height INTEGER NOT NULL, leaf INTEGER NOT NULL, event_id TEXT NOT NULL, patient TEXT,
+    recorded TEXT NOT NULL, event BLOB NOT NULL, PRIMARY KEY (height, leaf));
 CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient, recorded);
-CREATE INDEX IF NOT EXISTS audit_block ON audit (height, leaf);
+CREATE INDEX IF NOT EXISTS audit_event ON audit (event_id);
 CREATE TABLE IF NOT EXISTS audit_local (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL, event BLOB NOT NULL,
     anchored_height INTEGER);
@@ -141,10 +141,11 @@ class SqliteStore:
 
     def _index_audit(self, height: int, rows: Iterable[AuditRow]) -> None:
         rows = list(rows)
-        self.db.executemany("INSERT OR IGNORE INTO audit VALUES (?, ?, ?, ?, ?, ?)", [
-            (r.event_id, r.patient, r.recorded, height, r.leaf_index, r.event) for r in rows])
-        self.db.executemany("UPDATE audit_local SET anchored_height = ? WHERE event_id = ?",
-                            [(height, r.event_id) for r in rows])
+        # keyed by position, not event id: a (byzantine) duplicate id must not drop a leaf
+        self.db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", [
+            (height, r.leaf_index, r.event_id, r.patient, r.recorded, r.event) for r in rows])
+        self.db.executemany("UPDATE audit_local SET anchored_height = ? WHERE event_id = ? "
+                            "AND event = ?", [(height, r.event_id, r.event) for r in rows])
 
     class _Txn:
         def __init__(self, db: sqlite3.Connection) -> None:
@@ -225,8 +226,9 @@ class SqliteStore:
         """
         with self.lock:
             anchored = self.db.execute(
-                "SELECT event, height, recorded FROM audit WHERE patient = ? AND recorded >= ? "
-                "ORDER BY recorded DESC LIMIT ?", (patient, since, limit)).fetchall()
+                "SELECT event, MIN(height), recorded FROM audit WHERE patient = ? AND "
+                "recorded >= ? GROUP BY event_id ORDER BY recorded DESC LIMIT ?",
+                (patient, since, limit)).fetchall()  # an event anchored twice shows once
             pending = self.db.execute(
                 "SELECT event FROM audit_local WHERE anchored_height IS NULL").fetchall()
         out: list[tuple[bytes, int | None, str]] = [(bytes(e), h, r) for e, h, r in anchored]
@@ -239,8 +241,8 @@ class SqliteStore:
 
     def audit_event(self, event_id: str) -> tuple[int, int, bytes] | None:
         with self.lock:
-            row = self.db.execute("SELECT height, leaf, event FROM audit WHERE event_id = ?",
-                                  (event_id,)).fetchone()
+            row = self.db.execute("SELECT height, leaf, event FROM audit WHERE event_id = ? "
+                                  "ORDER BY height, leaf LIMIT 1", (event_id,)).fetchone()
         return None if row is None else (row[0], row[1], bytes(row[2]))
 
     def audit_leaves(self, height: int) -> list[bytes]:
