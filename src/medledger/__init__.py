@@ -1,3 +1,4 @@
-"""medledger: a permissioned blockchain for encrypted, audited, patient-controlled health records."""
+"""medledger: a permissioned blockchain for encrypted, audited, patient-controlled health
+records."""
 
 __version__ = "0.1.0"

@@ -322,13 +322,10 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
     console.print(table)
 
 
+from medledger.cli import net as _net  # noqa: E402
 from medledger.cli import share as _share  # noqa: E402,F401  (registers share commands)
 
-try:
-    from medledger.cli import net as _net  # noqa: E402
-    app.add_typer(_net.net_app, name="net")
-except ImportError:  # network mode not installed in this build
-    pass
+app.add_typer(_net.net_app, name="net")
 
 from medledger.cli import demo as _demo  # noqa: E402,F401
 

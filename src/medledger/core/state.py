@@ -86,7 +86,7 @@ class MemoryState:
 
 def get_json(state: StateReader, key: str) -> dict[str, Any] | None:
     raw = state.get(key)
-    return None if raw is None else loads(raw)  # type: ignore[no-any-return]
+    return None if raw is None else loads(raw)
 
 
 def put_json(state: Overlay, key: str, value: dict[str, Any]) -> None:

@@ -66,7 +66,8 @@ def _path(hashes: list[bytes], m: int) -> list[bytes]:
 def verify_inclusion(
     leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], expected_root: bytes
 ) -> bool:
-    """True if ``leaf`` (raw data) sits at ``index`` in a tree of ``tree_size`` with ``expected_root``."""
+    """True if ``leaf`` (raw data) sits at ``index`` in a tree of ``tree_size``
+    whose root is ``expected_root``."""
     if not 0 <= index < tree_size:
         return False
     fn, sn = index, tree_size - 1

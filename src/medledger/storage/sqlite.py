@@ -170,7 +170,7 @@ class SqliteStore:
         with self.lock:
             row = self.db.execute("SELECT header FROM blocks WHERE height = ?",
                                   (height,)).fetchone()
-        return None if row is None else loads(row[0])  # type: ignore[no-any-return]
+        return None if row is None else loads(row[0])
 
     def blocks(self, start: int = 1) -> Iterator[tuple[int, bytes, bytes]]:
         """(height, header bytes, stored hash) from ``start`` up, in order."""
