@@ -49,7 +49,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "medledger.cli.main", *args],
+    return subprocess.run([sys.executable, "-m", "medledger", *args],
                           env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,7 +88,7 @@ class NodeHandle:
         assert self.proc is None or self.proc.poll() is not None, "node already running"
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medledger.cli.main", "node", "start", "--home",
+            [sys.executable, "-m", "medledger", "node", "start", "--home",
              str(self.home)], env=cli_env(), stdout=log, stderr=log, start_new_session=True)
         log.close()
         deadline = time.time() + timeout

@@ -15,7 +15,7 @@ import orjson
 import typer
 from rich.progress import track
 
-from medledger.cli.main import app, console, handle_errors
+from medledger.cli.common import app, console, handle_errors
 from medledger.client import Client
 from medledger.crypto import keys
 from medledger.errors import Unavailable
@@ -43,7 +43,7 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout: float 
 def start_node_process(home: Path, log_path: Path, password: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "MEDLEDGER_PASSWORD": password}
     log = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen([sys.executable, "-m", "medledger.cli.main", "node", "start",
+    return subprocess.Popen([sys.executable, "-m", "medledger", "node", "start",
                              "--home", str(home)], env=env, stdout=log, stderr=log,
                             start_new_session=True)
 

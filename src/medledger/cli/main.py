@@ -2,94 +2,35 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from medledger.cli.common import (
+    HomeOpt,
+    KeyOpt,
+    NodeOpt,
+    _client,
+    _password,
+    _print_json,
+    app,
+    audit_app,
+    consent_app,
+    console,
+    err_console,
+    handle_errors,
+    node_app,
+    prac_app,
+    record_app,
+)
 from medledger.client import Client
-from medledger.crypto import keys
 from medledger.crypto.canonical import loads
 from medledger.errors import InvalidInput, MedledgerError
-
-app = typer.Typer(help="medledger: a permissioned blockchain for encrypted health records.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-node_app = typer.Typer(help="Run a node.", no_args_is_help=True)
-prac_app = typer.Typer(help="Practitioners of this organisation.", no_args_is_help=True)
-record_app = typer.Typer(help="Records (FHIR resources).", no_args_is_help=True)
-consent_app = typer.Typer(help="A patient's consents.", no_args_is_help=True)
-share_app = typer.Typer(help="Time-limited share links (SMART Health Links).",
-                        no_args_is_help=True)
-audit_app = typer.Typer(help="The access log.", no_args_is_help=True)
-app.add_typer(node_app, name="node")
-app.add_typer(prac_app, name="practitioner")
-app.add_typer(record_app, name="record")
-app.add_typer(consent_app, name="consent")
-app.add_typer(share_app, name="share")
-app.add_typer(audit_app, name="audit")
-
-console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-HomeOpt = Annotated[Path, typer.Option("--home", help="Node home directory.")]
-NodeOpt = Annotated[str, typer.Option("--node", envvar="MEDLEDGER_NODE",
-                                      help="Node URL, e.g. http://127.0.0.1:8700")]
-KeyOpt = Annotated[Path, typer.Option("--key", help="Your keystore file.")]
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except MedledgerError as err:
-            err_console.print(f"[bold red]error:[/] {err}")
-            raise typer.Exit(1) from None
-        except OSError as err:
-            err_console.print(f"[bold red]error:[/] {err.strerror or err}: "
-                              f"{getattr(err, 'filename', '') or ''}")
-            raise typer.Exit(1) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except Exception as err:
-            if os.environ.get("MEDLEDGER_DEBUG"):
-                raise
-            err_console.print(f"[bold red]internal error:[/] {type(err).__name__}: {err} "
-                              "(set MEDLEDGER_DEBUG=1 for the traceback)")
-            raise typer.Exit(2) from None
-    return wrapper  # type: ignore[return-value]
-
-
-def _password(env: str, prompt: str) -> str:
-    value = os.environ.get(env)
-    if value:
-        return value
-    if not sys.stdin.isatty():
-        raise InvalidInput(f"set {env} (no terminal to prompt for the {prompt})")
-    return str(typer.prompt(prompt, hide_input=True))
-
-
-def _identity(path: Path) -> keys.Identity:
-    return keys.load_keystore(path, _password("MEDLEDGER_KEY_PASSWORD", "keystore password"))
-
-
-def _client(node: str, key: Path | None) -> Client:
-    return Client(node, _identity(key) if key else None)
-
-
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
-
 
 # ---------------------------------------------------------------- init / node
 
@@ -322,12 +263,11 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
     console.print(table)
 
 
+from medledger.cli import demo as _demo  # noqa: E402,F401  (registers `demo`)
 from medledger.cli import net as _net  # noqa: E402
-from medledger.cli import share as _share  # noqa: E402,F401  (registers share commands)
+from medledger.cli import share as _share  # noqa: E402,F401  (registers `share ...`)
 
 app.add_typer(_net.net_app, name="net")
-
-from medledger.cli import demo as _demo  # noqa: E402,F401
 
 
 def main() -> None:
@@ -335,7 +275,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # `python -m medledger.cli.main` runs this file as __main__; the share, demo and net
-    # commands register on the module proper, so run that module's app.
-    from medledger.cli.main import main as _main
-    _main()
+    main()

@@ -16,11 +16,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medledger.cli.main import console, err_console, handle_errors
+from medledger.cli.common import console, err_console, handle_errors
 from medledger.errors import Unavailable
 from medledger.node import network
 
-net_app: typer.Typer = typer.Typer(help="A local multi-node network on CometBFT.", no_args_is_help=True)
+net_app: typer.Typer = typer.Typer(help="A local multi-node network on CometBFT.",
+                                   no_args_is_help=True)
 
 DEFAULT_PASSWORD = "network-password"
 DirOpt = Annotated[Path, typer.Option("--dir", help="Network directory.")]

@@ -12,7 +12,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from medledger.cli.main import (
+from medledger.cli.common import (
     KeyOpt,
     NodeOpt,
     _client,

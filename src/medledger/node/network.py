@@ -496,7 +496,7 @@ def start_members(net: Network, which: Sequence[int | str], password: str, *,
     env = {**os.environ, "MEDLEDGER_PASSWORD": password}
     for m in members:
         if not pid_alive(m.node_pid):
-            proc = _spawn([sys.executable, "-m", "medledger.cli.main", "node", "start",
+            proc = _spawn([sys.executable, "-m", "medledger", "node", "start",
                            "--home", m.home], m.node_log, env, die_with_parent)
             m.node_pid, node_procs[m.index] = proc.pid, proc
             started.append(proc)
