@@ -247,7 +247,8 @@ def test_everything_returns_everything_permitted(node: NodeHandle,
     psy_pid = node.patients[1]
     all_ids = {r["id"] for r in _resources(bundles[1])}
     psy_ids = {r["id"] for r in _resources(bundles[1])
-               if "44261-6" in json.dumps(r.get("code")) or "35489007" in json.dumps(r.get("code"))}
+               if "44261-6" in json.dumps(r.get("code")) or "35489007" in json.dumps(r.get("code"))
+               or "sertraline" in json.dumps(r.get("medicationCodeableConcept"))}
     assert psy_ids
     with node.client("dr-freud") as c:
         everything = c.get(f"/fhir/Patient/{psy_pid}/$everything")

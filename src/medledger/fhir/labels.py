@@ -234,11 +234,44 @@ def classify(resource: Mapping[str, Any]) -> Classification:
     )
 
 
+# Medicines whose mere prescription discloses the condition (matched on the drug
+# name in coding.display / text: RxNorm clinical-drug codes are too many to list).
+_PSY_DRUGS = ("sertraline", "fluoxetine", "citalopram", "escitalopram", "paroxetine",
+              "venlafaxine", "duloxetine", "bupropion", "mirtazapine", "trazodone",
+              "amitriptyline", "nortriptyline", "lithium", "quetiapine", "olanzapine",
+              "risperidone", "aripiprazole", "haloperidol", "clozapine", "ziprasidone",
+              "lurasidone", "paliperidone", "chlorpromazine", "methylphenidate")
+_ETH_DRUGS = ("buprenorphine", "methadone", "naltrexone", "disulfiram", "acamprosate")
+_HIV_DRUGS = ("tenofovir", "emtricitabine", "efavirenz", "dolutegravir", "bictegravir",
+              "raltegravir", "darunavir", "atazanavir", "lopinavir", "abacavir",
+              "zidovudine", "lamivudine", "rilpivirine", "nevirapine")
+
+
+def _medication_text(resource: Mapping[str, Any]) -> str:
+    parts: list[str] = []
+    for cc in _as_list(resource.get("medicationCodeableConcept")):
+        if isinstance(cc, Mapping):
+            parts.append(str(cc.get("text", "")))
+            parts.extend(str(c.get("display", "")) for c in _as_list(cc.get("coding"))
+                         if isinstance(c, Mapping))
+    return " ".join(parts).lower()
+
+
+def _medication_labels(resource: Mapping[str, Any]) -> Iterable[str]:
+    text = _medication_text(resource)
+    if not text.strip():
+        return
+    for label, names in (("PSY", _PSY_DRUGS), ("ETH", _ETH_DRUGS), ("HIV", _HIV_DRUGS)):
+        if any(name in text for name in names):
+            yield label
+
+
 def sensitivity_labels(resource: Mapping[str, Any]) -> frozenset[str]:
     """HL7 v3 ActCode sensitivity labels of a resource: derived from codes ∪ meta.security."""
     labels: set[str] = set()
     for system, code in _label_codings(resource):
         labels.update(_labels_of_coding(system, code))
+    labels.update(_medication_labels(resource))
     meta = resource.get("meta")
     if isinstance(meta, Mapping):
         for coding in _as_list(meta.get("security")):
