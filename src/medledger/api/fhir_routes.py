@@ -229,14 +229,15 @@ async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
 
 
 def _search_params(request: Request) -> dict[str, str]:
-    """Query parameters; a repeated ``date`` (``ge..&le..``, a range) must meet every bound."""
+    """Query parameters. FHIR: a repeated ``date`` is AND (``ge..&le..``, a range), commas
+    within one value are OR; repeats are joined with ``&`` for the node."""
     params: dict[str, str] = {}
     for name in request.query_params:
         values = request.query_params.getlist(name)
         if len(values) > 1 and name != "date":
             raise InvalidInput(f"search parameter {name!r} is repeated; give several values "
                                "as one comma-separated list")
-        params[name] = ",".join(values)
+        params[name] = "&".join(values)
     return params
 
 

@@ -783,17 +783,19 @@ def _name_matches(resource: dict[str, Any], query: str) -> bool:
 
 
 def _date_matches(value: str, expr: str) -> bool:
-    for part in expr.split(","):
-        op, operand = (part[:2], part[2:]) if part[:2] in ("eq", "ne", "gt", "lt", "ge", "le") \
-            else ("eq", part)
-        if not operand or not operand[:4].isdigit():
-            raise InvalidInput(f"bad date search value {part!r}; use e.g. ge2024-01-01")
-        v = value[:len(operand)]
-        ok = {"eq": v == operand, "ne": v != operand, "gt": v > operand, "lt": v < operand,
-              "ge": v >= operand, "le": v <= operand}[op]
-        if not ok:
-            return False
-    return True
+    """``expr``: ``&``-joined repeats (all must hold), each a comma list (any may hold)."""
+    return all(any(_date_test(value, alt) for alt in part.split(","))
+               for part in expr.split("&"))
+
+
+def _date_test(value: str, part: str) -> bool:
+    op, operand = (part[:2], part[2:]) if part[:2] in ("eq", "ne", "gt", "lt", "ge", "le") \
+        else ("eq", part)
+    if not operand or not operand[:4].isdigit():
+        raise InvalidInput(f"bad date search value {part!r}; use e.g. ge2024-01-01")
+    v = value[:len(operand)]
+    return {"eq": v == operand, "ne": v != operand, "gt": v > operand, "lt": v < operand,
+            "ge": v >= operand, "le": v <= operand}[op]
 
 
 def iter_chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
