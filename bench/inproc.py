@@ -168,7 +168,8 @@ def audit_query(root: Path, n_events: int, queries: int = 2000) -> dict[str, Any
             rows.append((str(uuid.UUID(int=rng.getrandbits(128), version=4)), patient, recorded,
                          height, i % per_block, _event(rng, patient, recorded, "org-bench")))
         store.db.execute("BEGIN IMMEDIATE")
-        store.db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?)", rows)
+        store.db.executemany("INSERT INTO audit (event_id, patient, recorded, height, leaf, "
+                             "event) VALUES (?, ?, ?, ?, ?, ?)", rows)
         store.db.execute("COMMIT")
     load_s = time.perf_counter() - t0
     store.close()
