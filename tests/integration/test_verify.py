@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,29 +30,33 @@ def stopped_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             c.get(f"/fhir/Observation?patient={pid}")
             obs = synthetic_observation(pid, 5)
             c.request("PUT", f"/fhir/Observation/{obs['id']}", obs)  # a single record.put
-        _concurrent_consents(node, pid, 24)  # a block with several txs
         node.stop()  # graceful: remaining audit events are anchored
         assert node.proc is not None and node.proc.returncode in (0, -15), node.log()
+        _block_of_consents(node, pid, 24)  # a block with several txs
         yield node.home
 
 
-def _concurrent_consents(node: NodeHandle, pid: str, n: int) -> None:
+def _block_of_consents(node: NodeHandle, pid: str, n: int) -> None:
+    """Append one block of ``n`` patient-signed consents to the stopped node's ledger,
+    through the same application code the node runs (deterministic, unlike racing
+    concurrent HTTP submissions into one block)."""
+    from medledger.consensus.solo import SoloProducer
+    from medledger.node.ledger_app import LedgerApp
+    from medledger.storage.sqlite import SqliteStore
+
     patient = node.user_identity(pid)
-    chain = httpx.get(node.url + "/ledger/status").json()["chain"]
-    raws = [make_tx(pid, patient.signer(), chain, "consent.put",
-                    {"id": f"c{i}", "patient": pid, "decision": "permit", "orgs": ["org-x"]},
-                    os.urandom(16).hex()).raw for i in range(n)]
-    barrier = threading.Barrier(n)
-
-    def post(raw: bytes) -> None:
-        barrier.wait()
-        assert httpx.post(node.url + "/ledger/tx", content=raw, timeout=30).status_code == 200
-
-    threads = [threading.Thread(target=post, args=(r,)) for r in raws]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    store = SqliteStore(node.home / "ledger.db")
+    try:
+        app = LedgerApp(store)
+        raws = [make_tx(pid, patient.signer(), app.chain, "consent.put",
+                        {"id": f"c{i}", "patient": pid, "decision": "permit",
+                         "orgs": ["org-x"]}, os.urandom(16).hex()).raw for i in range(n)]
+        producer = SoloProducer(app)
+        producer.last_time_ns = app.last_time_ns
+        _, results = producer.produce(raws)
+        assert all(r.code == 0 for r in results), [r.log for r in results if r.code]
+    finally:
+        store.close()
 
 
 @pytest.fixture()
