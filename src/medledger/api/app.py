@@ -8,7 +8,7 @@ exceptions become a 500 OperationOutcome without a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -48,18 +48,11 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     app.state.node = node
     app.state.runtime = runtime
 
-    # innermost of the two limits: it raises inside the route, not in a middleware task
+    node.auditor.deferred = True
+    app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
+    # pure ASGI (no BaseHTTPMiddleware task per request): Content-Length checked up front,
+    # chunked bodies counted as they arrive
     app.add_middleware(_StreamedBodyLimit, limit=lambda: node.config.max_body_bytes)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                         ) -> Response:
-        length = request.headers.get("content-length")
-        limit = node.config.max_body_bytes
-        if length and length.isdigit() and int(length) > limit:
-            return outcome_response(TooLarge(
-                f"request body of {length} bytes exceeds the {limit}-byte limit"))
-        return await call_next(request)
 
     @app.exception_handler(WrongPasscode)
     async def wrong_passcode(request: Request, exc: WrongPasscode) -> Response:
@@ -127,6 +120,12 @@ class _StreamedBodyLimit:
             await self.app(scope, receive, send)
             return
         limit, seen = self.limit(), 0
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                response = outcome_response(TooLarge(
+                    f"request body of {int(value)} bytes exceeds the {limit}-byte limit"))
+                await response(scope, receive, send)
+                return
 
         async def counted() -> Any:
             nonlocal seen
@@ -138,6 +137,44 @@ class _StreamedBodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class _AuditDurableBeforeResponse:
+    """Commit buffered audit events before the first byte of any response leaves.
+
+    Outermost middleware: whatever the route (or an error handler) answers, its
+    audit events are durable first; if they cannot be made durable the client
+    gets a 503 instead of the answer.
+    """
+
+    def __init__(self, app: Any, auditor: Any) -> None:
+        self.app = app
+        self.auditor = auditor
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        failed = False
+
+        async def send_after_audit(message: Any) -> None:
+            nonlocal failed
+            if failed:
+                return
+            if message["type"] == "http.response.start":
+                try:
+                    await self.auditor.flush()
+                except Exception as exc:
+                    failed = True
+                    log.error("audit events could not be made durable: %s", exc)
+                    response = outcome_response(MedledgerError(
+                        "the access could not be audited durably; refusing to answer"),
+                        status=503, code="transient")
+                    await response(scope, receive, send)
+                    return
+            await send(message)
+
+        await self.app(scope, receive, send_after_audit)
 
 
 def app_from_env() -> FastAPI:

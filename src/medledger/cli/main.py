@@ -78,7 +78,7 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
     console.print(f"medledger node [bold]{node.org.id}[/] at {node.config.base_url} "
                   f"(mode {node.config.mode}, height {node.store.height})")
     uvicorn.run(create_app(node), host=node.config.host, port=node.config.port,
-                log_level="warning")
+                log_level="warning", loop="uvloop", http="httptools")
 
 
 @app.command()

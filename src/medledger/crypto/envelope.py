@@ -12,6 +12,7 @@ production callers use the default ``os.urandom``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -52,9 +53,15 @@ def wrap_key(data_key: bytes, reader_public: bytes) -> bytes:
     return SealedBox(PublicKey(reader_public)).encrypt(data_key)
 
 
+@functools.lru_cache(maxsize=64)
+def _opener(reader_private: bytes) -> SealedBox[PrivateKey]:
+    """A reader's sealed-box opener, kept: building one derives the public key (slow)."""
+    return SealedBox(PrivateKey(reader_private))
+
+
 def unwrap_key(wrapped: bytes, reader_private: bytes) -> bytes:
     try:
-        return SealedBox(PrivateKey(reader_private)).decrypt(wrapped)
+        return _opener(reader_private).decrypt(wrapped)
     except CryptoError as exc:
         raise Forbidden("this key cannot unwrap the record's data key") from exc
 

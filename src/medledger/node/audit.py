@@ -9,6 +9,7 @@ which puts them in every node's copy with a Merkle root per block.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -37,6 +38,9 @@ class Auditor:
         self.store = store
         self.node_org = node_org
         self.clock = clock
+        self.deferred = False
+        self._buffer: list[tuple[str, bytes]] = []
+        self._flushing: asyncio.Future[None] | None = None
 
     def event(self, subtype: str, *, agent: str, agent_org: str, agent_role: str | None,
               patient: str | None, entity: list[str], outcome: str = "0",
@@ -52,8 +56,38 @@ class Auditor:
         return ev
 
     def record(self, *events: dict[str, Any]) -> None:
-        """Durable before return: the caller answers only after this."""
-        self.store.append_local_audit([(e["id"], canonical(e)) for e in events])
+        """Make events durable before the caller answers.
+
+        Immediate by default (one SQLite commit here). Under the HTTP API the node
+        runs *deferred*: events are buffered and ``flush`` commits every buffered
+        event in one transaction just before a response starts (group commit), so
+        the guarantee holds while concurrent requests share one commit.
+        """
+        rows = [(e["id"], canonical(e)) for e in events]
+        if self.deferred:
+            self._buffer.extend(rows)
+        else:
+            self.store.append_local_audit(rows)
+
+    async def flush(self) -> None:
+        """Commit everything buffered (shared by all requests of this loop iteration)."""
+        if not self._buffer and self._flushing is None:
+            return
+        if self._flushing is None:
+            loop = asyncio.get_running_loop()
+            self._flushing = loop.create_future()
+            loop.call_soon(self._commit_buffer, self._flushing)
+        await asyncio.shield(self._flushing)
+
+    def _commit_buffer(self, fut: asyncio.Future[None]) -> None:
+        rows, self._buffer, self._flushing = self._buffer, [], None
+        try:
+            if rows:
+                self.store.append_local_audit(rows)
+        except Exception as exc:  # nobody gets an answer whose audit is not durable
+            fut.set_exception(exc)
+        else:
+            fut.set_result(None)
 
     def pending(self, limit: int = 1000) -> list[dict[str, Any]]:
         return [loads(e) for e in self.store.pending_local_audit(limit)]

@@ -40,8 +40,9 @@ def open_record(chain: str, body: Mapping[str, Any], reader_id: str,
                 reader_private: bytes) -> dict[str, Any]:
     """Decrypt a ``record.put`` body as ``reader_id`` and check its commitment."""
     aad = record_aad(chain, body["patient"], body["type"], body["id"], body["version"])
+    mine = body["keys"].get(reader_id)
     sealed = envelope.Sealed(b64d(body["ct"], field="ct"), b64d(body["iv"], field="iv"),
-                             {k: b64d(v, field="wrapped key") for k, v in body["keys"].items()})
+                             {} if mine is None else {reader_id: b64d(mine, field="wrapped key")})
     doc = loads(envelope.open_for(sealed, aad, reader_id, reader_private))
     resource = doc["resource"]
     if sha256(b64d(doc["salt"]) + canonical(resource)) != b64d(body["commitment"]):

@@ -14,10 +14,11 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from medledger.core import policy
 from medledger.core import state as st
@@ -87,6 +88,14 @@ class Stored:
         return iso(self.meta["time_ns"])
 
 
+class Prepared(NamedTuple):
+    """A prepared write: the ``record.put`` body (None if unchanged), the head, the resource."""
+
+    body: dict[str, Any] | None
+    head: dict[str, Any] | None
+    resource: dict[str, Any]
+
+
 @dataclass(frozen=True)
 class Withheld:
     ref: str
@@ -117,6 +126,7 @@ class Node:
         self.auditor = Auditor(store, org.id, clock)
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
+        self._batch_docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.integrity_failure: str | None = None
 
     # ------------------------------------------------------------ plumbing
@@ -179,12 +189,29 @@ class Node:
             readers[patient] = b64d(pat["enc_pub"])
         return readers
 
-    def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
-        found = self.store.tx(bytes.fromhex(meta["tx"]))
+    def _record_tx(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The parsed tx carrying a record version. Batch txs (a whole Bundle, up to MBs)
+        are kept parsed in a small LRU: ciphertext only, so nothing readable is cached."""
+        h = meta["tx"]
+        doc = self._batch_docs.get(h)
+        if doc is not None:
+            self._batch_docs.move_to_end(h)
+            return doc
+        found = self.store.tx(bytes.fromhex(h))
         if found is None:
             raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: its tx is missing")
-        tx = decode_tx(found[2])
-        body = record_body_from_tx(tx.body, tx.kind, meta.get("op"))
+        # committed bytes were checked (canonical form, signature) when their block was
+        # applied; AES-GCM and the commitment below catch any later alteration
+        doc = loads(found[2])
+        if doc.get("kind") == "batch":
+            self._batch_docs[h] = doc
+            if len(self._batch_docs) > 32:
+                self._batch_docs.popitem(last=False)
+        return doc  # type: ignore[no-any-return]
+
+    def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
+        doc = self._record_tx(meta)
+        body = record_body_from_tx(doc["body"], doc["kind"], meta.get("op"))
         if body.get("version") != meta["v"] or body.get("id") != meta["id"]:
             raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: tx body does not "
                                  "match the ledger state")
@@ -268,9 +295,8 @@ class Node:
     # ------------------------------------------------------------ writes
     def _prepare_put(self, session: Session, resource: dict[str, Any], rid: str,
                      if_match: int | None, patient_override: str | None = None,
-                     new_patient_key: bytes | None = None) -> tuple[dict[str, Any] | None,
-                                                                   dict[str, Any] | None]:
-        """Build a ``record.put`` body, or None when the content is identical to the head."""
+                     new_patient_key: bytes | None = None) -> Prepared:
+        """Build a ``record.put`` body (None when the content is identical to the head)."""
         rtype = resource["resourceType"]
         resource = {**resource, "id": rid}
         cls = classify(resource)
@@ -285,7 +311,7 @@ class Node:
         if head is not None:
             current = self.decrypt(head)
             if _content(current) == _content(resource):
-                return None, head
+                return Prepared(None, head, current)
         version = 1 if head is None else head["v"] + 1
         labels = sorted(cls.labels)
         meta = dict(resource.get("meta") or {})
@@ -305,7 +331,7 @@ class Node:
                 "category": cls.category, "labels": labels,
                 "author": session.actor_id if session.kind == "practitioner" else self.org.id,
                 **seal_record(self.chain, resource, patient, version, readers)}
-        return body, head
+        return Prepared(body, head, resource)
 
     async def put_resource(self, session: Session, data: Any, rtype: str, rid: str | None,
                            if_match: int | None = None, password: str | None = None) -> Stored:
@@ -326,13 +352,13 @@ class Node:
             warning, detail = self._duplicate_check(resource)
             ops, identity, secret = self._patient_ops(resource, password)
             patient_key = identity.enc_public
-        body, head = self._prepare_put(session, resource, rid, if_match,
-                                       rid if rtype == "Patient" else None, patient_key)
+        body, head, sealed = self._prepare_put(session, resource, rid, if_match,
+                                               rid if rtype == "Patient" else None, patient_key)
         if body is None:
             assert head is not None
             self._audit(session, "update", head["patient"], [_ref(head)],
                         detail="identical content: no new version")
-            return Stored(self.decrypt(head), head, created=False)
+            return Stored(sealed, head, created=False)
         patient = body["patient"]
         try:
             if ops:
@@ -351,7 +377,7 @@ class Node:
         assert meta is not None
         self._audit(session, "register" if ops else ("create" if new else "update"), patient,
                     [_ref(meta)], detail=detail)
-        stored = Stored(self.decrypt(meta), meta)
+        stored = Stored(sealed, meta)  # what we sealed is what the ledger now holds
         if secret is not None:
             stored.meta["enrollment_secret"] = secret if password is None else ""
         if warning:
@@ -385,8 +411,8 @@ class Node:
                 cls = classify({**resource, "id": entry.resource_id})
                 patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
                 try:
-                    body, head = self._prepare_put_in_bundle(session, resource, entry, patient,
-                                                             new_patient_keys)
+                    body, head, _ = self._prepare_put_in_bundle(session, resource, entry,
+                                                                patient, new_patient_keys)
                 except MedledgerError as err:
                     raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
                                     f"{entry.resource_id}): {err.message}") from err
@@ -420,8 +446,7 @@ class Node:
 
     def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
                                entry: fbundle.PlannedEntry, patient: str | None,
-                               new_patient_keys: dict[str, bytes]
-                               ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+                               new_patient_keys: dict[str, bytes]) -> Prepared:
         if patient in new_patient_keys:
             # the patient is registered by this same batch: wrap to their new key
             return self._prepare_put(session, resource, entry.resource_id, entry.if_match,
