@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 
+from bench import loadgen
 from bench.lab import PASSWORD
 from bench.stats import latency_ms, peak_rss_mib
 from medledger.client import Client
@@ -33,7 +34,7 @@ class NodeProcess:
         env = {**os.environ, "MEDLEDGER_PASSWORD": PASSWORD}
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "medledger.cli.main", "node", "start", "--home", str(home),
+                [sys.executable, "-m", "medledger", "node", "start", "--home", str(home),
                  "--port", str(port)], env=env, stdout=out, stderr=out, cwd=REPO,
                 start_new_session=True)
         deadline = time.time() + 60
@@ -69,38 +70,18 @@ def token(url: str, identity: keys.Identity) -> str:
         return c.token()
 
 
-Request = tuple[str, str, dict[str, str], bytes | None]
-
-
-async def _drive(url: str, requests: Sequence[Request], concurrency: int
-                 ) -> tuple[list[float], float, dict[int, int], list[httpx.Response]]:
-    lat: list[float] = []
-    statuses: dict[int, int] = {}
-    sample: list[httpx.Response] = []
-    it = iter(requests)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        async def worker() -> None:
-            for method, path, headers, body in it:
-                t = time.perf_counter()
-                resp = await client.request(method, path, headers=headers, content=body)
-                lat.append(time.perf_counter() - t)
-                statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
-                if resp.status_code >= 400 and len(sample) < 3:
-                    sample.append(resp)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        took = time.perf_counter() - t0
-    return lat, took, statuses, sample
+Request = loadgen.Request
 
 
 def drive(url: str, requests: Sequence[Request], concurrency: int, what: str,
           unit: str) -> dict[str, Any]:
-    lat, took, statuses, bad = asyncio.run(_drive(url, requests, concurrency))
-    if bad:
-        raise RuntimeError(f"{what}: {statuses}; first error: {bad[0].text[:500]}")
-    return {"requests": len(requests), "concurrency": concurrency, "seconds": took,
-            f"{unit}_per_s": len(requests) / took, **latency_ms(lat), "statuses": statuses}
+    """Send ``requests`` over ``concurrency`` keep-alive connections (bench.loadgen)."""
+    out = asyncio.run(loadgen.run(url, requests, concurrency))
+    if out.errors:
+        raise RuntimeError(f"{what}: {out.statuses}; first error: {out.errors[0][:500]!r}")
+    return {"requests": len(requests), "concurrency": concurrency, "seconds": out.seconds,
+            f"{unit}_per_s": len(requests) / out.seconds, **latency_ms(out.latencies),
+            "statuses": out.statuses, "client": "bench.loadgen (raw HTTP/1.1 keep-alive)"}
 
 
 def fhir_writes(url: str, tok: str, patients: list[str], n: int, concurrency: int = 32

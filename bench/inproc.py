@@ -20,7 +20,6 @@ from medledger.crypto.canonical import canonical
 from medledger.node.service import Node
 from medledger.storage.sqlite import SqliteStore
 
-
 # ------------------------------------------------------------------ figure 1 (in-process)
 
 def write_pipeline(lab: Lab, txs: list[bytes], block: int = 2000) -> dict[str, Any]:

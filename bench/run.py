@@ -136,9 +136,9 @@ def verify_fig(work: Path, res: dict[str, Any], n: int, full: bool) -> None:
         tok = http.token(node.url, lab.org)
         # org credentials are denied clinical reads; a denial is audited and answered 403,
         # which still loads the record's metadata path. Use a practitioner instead:
-        from medledger.crypto import keys
         from bench.lab import register_body
         from medledger.client import Client
+        from medledger.crypto import keys
         prac = keys.new_identity("dr-mem", "practitioner", {"role": "physician"})
         with Client(node.url, lab.org) as cl:
             cl.submit_tx("actor.register", register_body(prac, "physician"))
@@ -167,7 +167,7 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         p, s = w["in_process_pipeline"], w["in_process_solo"]
         row("1", "in-process writes (check_tx+finalize+commit)", p["tx_per_s"], "tx/s",
             ">= 3,000/s", p["tx_per_s"] >= 3000, wc, "verify+AES-GCM+SQLite row")
-        row("1", f"  commit latency p50 / p99", p["p50_ms"], "ms", f"p99 {p['p99_ms']:.0f} ms",
+        row("1", "  commit latency p50 / p99", p["p50_ms"], "ms", f"p99 {p['p99_ms']:.0f} ms",
             None)
         row("1", "in-process writes via SoloProducer", s["tx_per_s"], "tx/s", ">= 3,000/s",
             s["tx_per_s"] >= 3000, wc, "verify+AES-GCM+SQLite row")
