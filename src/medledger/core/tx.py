@@ -12,6 +12,7 @@ chain; the per-signer nonce stops it from being replayed on this one.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class Tx:
     raw: bytes
     hash: bytes
 
-    @property
+    @functools.cached_property
     def signing_bytes(self) -> bytes:
         return signing_bytes(self.chain, self.kind, self.signer, self.nonce, self.body)
 

@@ -11,14 +11,18 @@ equal the stored state table, key for key.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from medledger.core import machine
+from medledger.core import state as st
 from medledger.core.machine import BlockInput
 from medledger.core.state import MemoryState
 from medledger.core.tx import decode_tx
 from medledger.crypto import merkle
-from medledger.crypto.canonical import canonical, loads, sha256
+from medledger.crypto.canonical import b64d, canonical, loads, sha256
+from medledger.crypto.signing import verify
 from medledger.errors import IntegrityError, MedledgerError
 from medledger.storage.sqlite import SqliteStore
 
@@ -47,6 +51,21 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
         raise IntegrityError("genesis app hash does not match the genesis organisations")
     prev_hash = b"\x00" * 32
     top = store.height
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        n_txs, n_bytes, n_audit, expected_height, app_hash, prev_hash = _replay_blocks(
+            store, replay, chain, pool, progress, app_hash, prev_hash, top)
+    if expected_height - 1 != top:
+        raise IntegrityError(f"store says height {top} but blocks end at {expected_height - 1}")
+    if top and (store.app_hash != app_hash or store.last_header_hash != prev_hash):
+        raise IntegrityError("the stored app hash / head does not match the replayed chain")
+    n_keys = _compare_state(store, replay)
+    return VerifyReport(top, n_txs, n_bytes, n_keys, n_audit)
+
+
+def _replay_blocks(store: SqliteStore, replay: MemoryState, chain: str,
+                   pool: ThreadPoolExecutor, progress: Callable[[int, int], None] | None,
+                   app_hash: bytes, prev_hash: bytes, top: int
+                   ) -> tuple[int, int, int, int, bytes, bytes]:
     n_txs = n_bytes = n_audit = 0
     expected_height = 1
     for height, header_bytes, stored_hash in store.blocks(1):
@@ -60,8 +79,8 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
         if header.get("height") != height or bytes.fromhex(header["prev"]) != prev_hash:
             raise IntegrityError(f"{where}: header does not link to block {height - 1}")
         txs = store.block_txs(height)
-        raws, checked = [], set()
-        for i, (idx, h, raw, _, _) in enumerate(txs):
+        raws, checked, pending = [], set(), []
+        for i, (idx, h, raw, code, _) in enumerate(txs):
             if idx != i:
                 raise IntegrityError(f"{where}: tx {i} is missing or out of order")
             if sha256(raw) != h:
@@ -71,17 +90,23 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
                 tx = decode_tx(raw)
             except MedledgerError as err:
                 raise IntegrityError(f"{where} tx {i}: cannot be decoded: {err}") from err
-            if txs[i][3] == 0 and not machine.verify_signature(replay, tx):
-                raise IntegrityError(f"{where} tx {i} ({h.hex()[:16]}): signature invalid")
-            checked.add(h)
+            if code == 0:  # accepted txs must be well signed; refused ones are re-judged
+                signer = st.principal(replay, tx.signer)
+                pending.append((i, h, tx, None if signer is None else
+                                b64d(signer["sign_pub"], field="sign_pub")))
+                checked.add(h)
             raws.append(raw)
             n_bytes += len(raw)
+        # signatures are checked on a worker thread (libsodium releases the GIL) while
+        # this thread replays the block; a bad one is reported before the block counts
+        sig_check = pool.submit(_bad_signatures, pending)
         if len(raws) != header["n_txs"]:
             gone = (f"tx {len(raws)} is missing" if len(raws) < header["n_txs"]
                     else f"tx {header['n_txs']} was added")
             raise IntegrityError(f"{where}: header says {header['n_txs']} txs, store has "
                                  f"{len(raws)} ({gone})")
         if merkle.root(raws).hex() != header["tx_root"]:
+            _raise_bad_signature(where, sig_check.result())  # the sharper diagnosis first
             raise IntegrityError(f"{where}: {_tx_root_problem(raws, header['tx_root'])}")
         applied = machine.apply_block(replay, BlockInput(
             chain, height, header["time_ns"], tuple(raws), app_hash, prev_hash), checked)
@@ -97,22 +122,57 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
         if leaves != [a.event for a in applied.audit]:
             raise IntegrityError(f"{where}: anchored audit events differ from the txs that "
                                  "carry them")
+        bad = sig_check.result()
+        late = [(i, h, tx) for i, h, tx, pub in pending if pub is None]
+        for i, h, tx in late:  # signer registered in this very block
+            if not machine.verify_signature(replay_with(replay, applied.writes), tx):
+                bad.append((i, h))
+        _raise_bad_signature(where, bad)
         replay.apply(applied.writes)
         app_hash, prev_hash = applied.app_hash, applied.header_hash
         n_txs += len(raws)
         n_audit += len(leaves)
         if progress:
             progress(height, top)
-    if expected_height - 1 != top:
-        raise IntegrityError(f"store says height {top} but blocks end at {expected_height - 1}")
-    if top and (store.app_hash != app_hash or store.last_header_hash != prev_hash):
-        raise IntegrityError("the stored app hash / head does not match the replayed chain")
-    stored_state = dict(store.state_items())
-    if stored_state != replay.data:
-        bad = sorted(set(stored_state) ^ set(replay.data)) or sorted(
-            k for k in stored_state if stored_state[k] != replay.data.get(k))
-        raise IntegrityError(f"stored state differs from the replayed state at key {bad[0]!r}")
-    return VerifyReport(top, n_txs, n_bytes, len(stored_state), n_audit)
+    return n_txs, n_bytes, n_audit, expected_height, app_hash, prev_hash
+
+
+def _raise_bad_signature(where: str, bad: list[tuple[int, bytes]]) -> None:
+    if bad:
+        i, h = min(bad)
+        raise IntegrityError(f"{where} tx {i} ({h.hex()[:16]}): signature invalid")
+
+
+def _bad_signatures(pending: list[tuple[int, bytes, Any, bytes | None]]
+                    ) -> list[tuple[int, bytes]]:
+    return [(i, h) for i, h, tx, pub in pending
+            if pub is not None and not verify(pub, tx.signing_bytes, tx.sig)]
+
+
+def replay_with(base: MemoryState, writes: dict[str, bytes | None]) -> st.Overlay:
+    overlay = st.Overlay(base)
+    overlay.writes.update(writes)
+    return overlay
+
+
+def _compare_state(store: SqliteStore, replay: MemoryState) -> int:
+    """Walk the stored state and the replayed state in key order, in step."""
+    replayed = iter(sorted(replay.data.items()))
+    n = 0
+    for key, value in store.state_items():
+        expected = next(replayed, None)
+        if expected is None or expected[0] != key:
+            first = key if expected is None else min(key, expected[0])
+            raise IntegrityError(f"stored state differs from the replayed state at key "
+                                 f"{first!r}")
+        if expected[1] != value:
+            raise IntegrityError(f"stored state differs from the replayed state at key {key!r}")
+        n += 1
+    leftover = next(replayed, None)
+    if leftover is not None:
+        raise IntegrityError(f"stored state differs from the replayed state at key "
+                             f"{leftover[0]!r}")
+    return n
 
 
 def _tx_root_problem(raws: list[bytes], tx_root: str, max_search: int = 128) -> str:

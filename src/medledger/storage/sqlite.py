@@ -81,10 +81,17 @@ class SqliteStore:
             yield k, bytes(v)
 
     def state_items(self) -> Iterator[tuple[str, bytes]]:
-        with self.lock:
-            rows = self.db.execute("SELECT key, value FROM state ORDER BY key").fetchall()
-        for k, v in rows:
-            yield k, bytes(v)
+        """Every state entry in key order, fetched in pages (bounded memory)."""
+        last = ""
+        while True:
+            with self.lock:
+                rows = self.db.execute("SELECT key, value FROM state WHERE key > ? ORDER BY key "
+                                       "LIMIT 4096", (last,)).fetchall()
+            if not rows:
+                return
+            for k, v in rows:
+                yield k, bytes(v)
+            last = rows[-1][0]
 
     # ------------------------------------------------------------ meta
     def meta(self, key: str) -> bytes | None:
