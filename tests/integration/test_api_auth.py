@@ -76,6 +76,16 @@ def test_replayed_jti(node: NodeHandle) -> None:
     assert_outcome(_exchange(node, assertion), 401, "jti", "replay")
 
 
+def test_replayed_jti_after_restart(node: NodeHandle) -> None:
+    """Used assertion ids are kept durably: a restart does not reopen the replay window."""
+    nurse = node.staff["nurse-joy"]
+    assertion = make_assertion(nurse, node.url + "/auth/token")
+    assert _exchange(node, assertion).status_code == 200
+    node.stop()
+    node.start()
+    assert_outcome(_exchange(node, assertion), 401, "jti", "replay")
+
+
 def test_unknown_signer(node: NodeHandle) -> None:
     ghost = keys.new_identity("ghost-practitioner", "practitioner")
     assert_outcome(_exchange(node, make_assertion(ghost, node.url + "/auth/token")), 401,

@@ -99,13 +99,16 @@ def scope_allows(scopes: frozenset[str], rtype: str, interaction: str) -> bool:
 
 class Authenticator:
     def __init__(self, state: st.StateReader, token_url: str, ttl_s: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 used_assertions: Callable[[str, float, float], bool] | None = None) -> None:
+        """``used_assertions(jti, exp, now)`` records a jti and says if it was new; by
+        default an in-memory set (the node passes its durable store's)."""
         self.state = state
         self.token_url = token_url
         self.ttl_s = ttl_s
         self.clock = clock
         self.sessions: dict[str, Session] = {}
-        self.seen_jti: dict[str, float] = {}
+        self.used_assertions = used_assertions or _MemoryJti()
 
     def exchange(self, assertion: str, scope: str | None) -> tuple[str, Session]:
         now = self.clock()
@@ -134,11 +137,8 @@ class Authenticator:
             raise Unauthenticated(f"client_assertion rejected: {exc}") from exc
         if claims["exp"] - now > MAX_ASSERTION_LIFETIME_S + 5:
             raise Unauthenticated("client_assertion exp is more than five minutes ahead")
-        jti = str(claims["jti"])
-        self._forget_old_jti(now)
-        if jti in self.seen_jti:
+        if not self.used_assertions(str(claims["jti"]), float(claims["exp"]), now):
             raise Unauthenticated("client_assertion jti was already used (replay)")
-        self.seen_jti[jti] = claims["exp"]
         return self._open_session(principal, parse_scopes(scope, _kind(principal)), None)
 
     def login(self, identity: Identity, scope: str | None = None) -> tuple[str, Session]:
@@ -173,9 +173,21 @@ class Authenticator:
     def logout(self, token: str) -> None:
         self.sessions.pop(token, None)
 
-    def _forget_old_jti(self, now: float) -> None:
-        if len(self.seen_jti) > 10_000:
-            self.seen_jti = {j: e for j, e in self.seen_jti.items() if e > now}
+
+
+class _MemoryJti:
+    """In-memory jti register (tests, in-process use); the node uses its store's."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    def __call__(self, jti: str, exp: float, now: float) -> bool:
+        if len(self.seen) > 10_000:
+            self.seen = {j: e for j, e in self.seen.items() if e > now}
+        if jti in self.seen:
+            return False
+        self.seen[jti] = exp
+        return True
 
 
 def _kind(principal: dict[str, object]) -> str:

@@ -122,7 +122,7 @@ class Node:
         self.clock = clock
         self.submitter: Submitter | None = None
         self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
-                                  clock)
+                                  clock, store.use_assertion)
         self.auditor = Auditor(store, org.id, clock)
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS audit_local (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL, event BLOB NOT NULL,
     anchored_height INTEGER);
 CREATE INDEX IF NOT EXISTS audit_local_pending ON audit_local (anchored_height);
+CREATE TABLE IF NOT EXISTS used_assertions (jti TEXT PRIMARY KEY, exp REAL NOT NULL);
 """
 
 
@@ -211,6 +212,17 @@ class SqliteStore:
         assert table in ("blocks", "txs", "state", "audit", "audit_local")
         with self.lock:
             return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+    # ------------------------------------------------------------ auth
+    def use_assertion(self, jti: str, exp: float, now: float) -> bool:
+        """Record a client assertion's jti; False if it was used before (a replay).
+
+        Node-local and durable, so a restart does not reopen the replay window."""
+        with self.lock, self._txn():
+            self.db.execute("DELETE FROM used_assertions WHERE exp < ?", (now - 60,))
+            cur = self.db.execute("INSERT OR IGNORE INTO used_assertions VALUES (?, ?)",
+                                  (jti, exp))
+            return cur.rowcount == 1
 
     # ------------------------------------------------------------ audit
     def append_local_audit(self, events: list[tuple[str, bytes]]) -> None:
