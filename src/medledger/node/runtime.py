@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Any
 
 from medledger.consensus.solo import SoloProducer
@@ -49,6 +51,7 @@ class NodeRuntime:
         self.producer: SoloProducer | None = None
         self.abci: Any = None
         self.comet: Any = None
+        self.pool: ProcessPoolExecutor | None = None
 
     async def start(self) -> None:
         node = self.node
@@ -66,6 +69,12 @@ class NodeRuntime:
             self.abci, self.comet = await start_network_mode(node)
         else:
             raise InvalidInput(f"unknown consensus mode {node.config.mode!r}")
+        workers = int(node.config.extra.get("validation_workers", 1))
+        if workers > 0:
+            from medledger.fhir.validate import preload_models
+            self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                            initializer=preload_models)
+            node.validator_pool = self.pool
         self.tasks.append(asyncio.get_running_loop().create_task(node.anchor_loop()))
 
     async def stop(self) -> None:
@@ -82,6 +91,9 @@ class NodeRuntime:
                 pass
         if self.producer:
             await self.producer.stop()
+        if self.pool is not None:
+            self.node.validator_pool = None
+            self.pool.shutdown(wait=False, cancel_futures=True)
         if self.abci is not None:
             await self.abci.stop()
         if self.comet is not None:
