@@ -100,6 +100,11 @@ def demo(home: Annotated[Path, typer.Option(help="Demo node home.")] = Path(".de
         console.print(f"[green]created[/] node home {home}")
     log_path = home / "node.log"
     proc = start_node_process(home, log_path, DEMO_PASSWORD)
+
+    def stop_on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # run the cleanup below: never leave the node orphaned
+
+    signal.signal(signal.SIGTERM, stop_on_term)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, proc)
@@ -113,7 +118,8 @@ def demo(home: Annotated[Path, typer.Option(help="Demo node home.")] = Path(".de
         console.print(f"Patient login: {first} ({names[first]}) — password "
                       f"[bold]{DEMO_PASSWORD}[/]; {len(names)} patients in all")
         console.print(f"Key files:     {home}/demo-keys/ (staff), {home}/keystores/users/")
-        console.print(f"Verify chain:  medledger verify --home {home}")
+        console.print(f"Verify chain:  {Path(sys.executable).parent / 'medledger'} verify "
+                      f"--home {home}")
         console.print(f"Node log:      {log_path}")
         if exit_after_seed:
             return
