@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import fhir_json, json_body, node_of, session_of
 from medledger.core import proofs
-from medledger.crypto.canonical import b64e
+from medledger.crypto.canonical import b64e, loads
 from medledger.errors import InvalidInput, NotFound
 from medledger.node.auth import ASSERTION_TYPE
 
@@ -98,6 +98,13 @@ async def status(request: Request) -> Response:
                       "header_hash": node.store.last_header_hash.hex(),
                       "serving": node.integrity_failure is None,
                       "problem": node.integrity_failure or ""})
+
+
+@router.get("/ledger/orgs")
+async def orgs(request: Request) -> Response:
+    """Member organisations (public keys, status, approvals): public ledger state."""
+    node = node_of(request)
+    return fhir_json([loads(v) for _, v in node.store.scan("org/")])
 
 
 @router.get("/ledger/blocks/{height}")
