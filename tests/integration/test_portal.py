@@ -11,10 +11,7 @@ access log. Screenshots go to test-artifacts/screenshots/.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +33,13 @@ try:
 except ImportError as exc:  # pragma: no cover - dev extra missing
     pytest.skip(f"playwright is not installed in this venv: {exc}", allow_module_level=True)
 
-from medledger.cli.demo import DEMO_PASSWORD, seed, start_node_process, wait_healthy  # noqa: E402
+from medledger.cli.demo import (  # noqa: E402
+    DEMO_PASSWORD,
+    seed,
+    start_node_process,
+    stop_node_process,
+    wait_healthy,
+)
 from medledger.fhir import shl  # noqa: E402
 from medledger.fhir.synthetic import synthetic_patient_bundle  # noqa: E402
 from medledger.node.home import init_home  # noqa: E402
@@ -80,13 +83,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoNode]:
         psy = _patient(1)
         yield DemoNode(url, _patient(0)["id"], psy["id"], psy["name"][0]["family"])
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_node_process(proc)
 
 
 @pytest.fixture(scope="module")

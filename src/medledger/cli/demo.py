@@ -48,6 +48,18 @@ def start_node_process(home: Path, log_path: Path, password: str) -> subprocess.
                             start_new_session=True)
 
 
+def stop_node_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the node's process group (it anchors what is left), SIGKILL after 10 s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
 def seed(base_url: str, home: Path, n_patients: int) -> dict[str, str]:
     """Register staff and load synthetic patients; returns patient id -> name."""
     from medledger.node.home import Home
@@ -128,9 +140,4 @@ def demo(home: Annotated[Path, typer.Option(help="Demo node home.")] = Path(".de
     except KeyboardInterrupt:
         pass
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_node_process(proc)
