@@ -39,7 +39,7 @@ class Auditor:
         self.node_org = node_org
         self.clock = clock
         self.deferred = False
-        self._buffer: list[tuple[str, bytes]] = []
+        self._buffer: list[tuple[str, str | None, bytes]] = []
         self._flushing: asyncio.Future[None] | None = None
 
     def event(self, subtype: str, *, agent: str, agent_org: str, agent_role: str | None,
@@ -63,7 +63,7 @@ class Auditor:
         event in one transaction just before a response starts (group commit), so
         the guarantee holds while concurrent requests share one commit.
         """
-        rows = [(e["id"], canonical(e)) for e in events]
+        rows = [(e["id"], e.get("patient"), canonical(e)) for e in events]
         if self.deferred:
             self._buffer.extend(rows)
         else:

@@ -33,8 +33,8 @@ CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient, recorded);
 CREATE INDEX IF NOT EXISTS audit_event ON audit (event_id);
 CREATE TABLE IF NOT EXISTS audit_local (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL, event BLOB NOT NULL,
-    anchored_height INTEGER);
-CREATE INDEX IF NOT EXISTS audit_local_pending ON audit_local (anchored_height);
+    anchored_height INTEGER, patient TEXT);
+CREATE INDEX IF NOT EXISTS audit_local_pending ON audit_local (anchored_height, patient);
 CREATE TABLE IF NOT EXISTS used_assertions (jti TEXT PRIMARY KEY, exp REAL NOT NULL);
 """
 
@@ -225,11 +225,11 @@ class SqliteStore:
             return cur.rowcount == 1
 
     # ------------------------------------------------------------ audit
-    def append_local_audit(self, events: list[tuple[str, bytes]]) -> None:
-        """Durably record audit events before the response that caused them leaves."""
+    def append_local_audit(self, events: list[tuple[str, str | None, bytes]]) -> None:
+        """Durably record (event id, patient, event) before the response that caused them."""
         with self.lock, self._txn():
-            self.db.executemany("INSERT OR IGNORE INTO audit_local (event_id, event) "
-                                "VALUES (?, ?)", events)
+            self.db.executemany("INSERT OR IGNORE INTO audit_local (event_id, patient, event) "
+                                "VALUES (?, ?, ?)", events)
 
     def pending_local_audit(self, limit: int = 1000) -> list[bytes]:
         with self.lock:
@@ -245,15 +245,21 @@ class SqliteStore:
         """
         with self.lock:
             anchored = self.db.execute(
-                "SELECT event, MIN(height), recorded FROM audit WHERE patient = ? AND "
-                "recorded >= ? GROUP BY event_id ORDER BY recorded DESC LIMIT ?",
-                (patient, since, limit)).fetchall()  # an event anchored twice shows once
+                "SELECT event, height, recorded, event_id FROM audit WHERE patient = ? AND "
+                "recorded >= ? ORDER BY recorded DESC LIMIT ?",
+                (patient, since, limit)).fetchall()  # walks the (patient, recorded) index
             pending = self.db.execute(
-                "SELECT event FROM audit_local WHERE anchored_height IS NULL").fetchall()
-        out: list[tuple[bytes, int | None, str]] = [(bytes(e), h, r) for e, h, r in anchored]
+                "SELECT event FROM audit_local WHERE anchored_height IS NULL AND patient = ?",
+                (patient,)).fetchall()
+        seen: set[str] = set()  # an event anchored twice (a retried anchor) shows once
+        out: list[tuple[bytes, int | None, str]] = []
+        for e, h, r, eid in reversed(anchored):  # oldest first: keep the first anchoring
+            if eid not in seen:
+                seen.add(eid)
+                out.append((bytes(e), h, r))
         for (e,) in pending:
             ev = loads(e)
-            if ev.get("patient") == patient and ev["recorded"] >= since:
+            if ev["recorded"] >= since:
                 out.append((bytes(e), None, ev["recorded"]))
         out.sort(key=lambda t: t[2], reverse=True)
         return [(e, h) for e, h, _ in out[:limit]]
