@@ -229,6 +229,8 @@ def test_search_by_patient_category_code_date(node: NodeHandle,
         assert only_ge == {o["id"] for o in observations if _effective(o)[:10] >= hi}
         counted = c.get(f"/fhir/Observation?patient={pid}&_count=3")
         assert len(_ids(counted)) == 3
+        everything = c.get(f"/fhir/Observation?patient={pid}")
+        assert counted["total"] == everything["total"] == len(_ids(everything)) > 3
 
 
 def test_search_bad_parameters(node: NodeHandle) -> None:

@@ -21,7 +21,7 @@ from medledger.fhir import match
 from medledger.fhir.outcome import etag, history_bundle, operation_outcome, searchset_bundle
 from medledger.fhir.validate import resource_model
 from medledger.node import audit as audit_mod
-from medledger.node.service import Stored, Withheld, iso
+from medledger.node.service import SearchResult, Stored, iso
 
 router = APIRouter()
 
@@ -57,8 +57,9 @@ def _record_response(stored: Stored, status: int, base: str) -> Response:
     return fhir_json(stored.resource, status, headers)
 
 
-def _searchset(request: Request, found: list[Stored], withheld: list[Withheld]) -> Response:
-    bundle = searchset_bundle([s.resource for s in found], _base(request), len(found),
+def _searchset(request: Request, result: SearchResult) -> Response:
+    found, withheld = result.found, result.withheld
+    bundle = searchset_bundle([s.resource for s in found], _base(request), result.total,
                               str(request.url))
     if withheld:
         issues = [{"severity": "information", "code": "suppressed",
@@ -129,8 +130,7 @@ async def patient_match(request: Request) -> Response:
 @router.get("/Patient/{pid}/$everything")
 async def everything(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    found, withheld = node.everything(session, pid, break_glass(request))
-    return _searchset(request, found, withheld)
+    return _searchset(request, node.everything(session, pid, break_glass(request)))
 
 
 @router.get("/Patient/{pid}/$summary")
@@ -245,9 +245,8 @@ def _search_params(request: Request) -> dict[str, str]:
 async def search(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    found, withheld = node.search(session, rtype, _search_params(request),
-                                  break_glass(request))
-    return _searchset(request, found, withheld)
+    return _searchset(request, node.search(session, rtype, _search_params(request),
+                                           break_glass(request)))
 
 
 @router.delete("/{rtype}/{rid}")

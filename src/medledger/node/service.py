@@ -104,6 +104,12 @@ class Withheld:
     reason: str
 
 
+class SearchResult(NamedTuple):
+    found: list[Stored]  # the page (``_count``), newest first
+    withheld: list[Withheld]
+    total: int  # every match the caller may see, before paging
+
+
 def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -515,8 +521,7 @@ class Node:
         return out
 
     def search(self, session: Session, rtype: str, params: dict[str, str],
-               break_glass: str | None = None, subtype: str = "search"
-               ) -> tuple[list[Stored], list[Withheld]]:
+               break_glass: str | None = None, subtype: str = "search") -> SearchResult:
         """FHIR search over the records the caller may see; denied ones are reported withheld."""
         if rtype != "*":
             self._need_scope(session, rtype, "s")
@@ -558,6 +563,7 @@ class Node:
             raise InvalidInput("_count must be a positive integer")
         count = int(raw_count)
         found.sort(key=lambda s: s.meta["time_ns"], reverse=True)
+        total = len(found)
         if count:
             found = found[:count]
         self._audit(session, subtype, patient, [_ref(s.meta) for s in found][:50],
@@ -565,7 +571,7 @@ class Node:
                     purpose="ETREAT" if bg else _purpose(session), reason=break_glass or "",
                     detail=(f"{rtype} search ({', '.join(sorted(params))}): {len(found)} "
                             f"returned, {len(withheld)} withheld"))
-        return found, withheld
+        return SearchResult(found, withheld, total)
 
     def _candidates(self, rtype: str, patient: str | None, rid: str | None
                     ) -> list[dict[str, Any]]:
@@ -580,13 +586,13 @@ class Node:
         return [loads(v) for _, v in self.store.scan(f"rec/{rtype}/")]
 
     def everything(self, session: Session, patient: str, break_glass: str | None = None
-                   ) -> tuple[list[Stored], list[Withheld]]:
+                   ) -> SearchResult:
         if st.actor(self.store, patient) is None:
             raise NotFound(f"Patient/{patient} does not exist")
         return self.search(session, "*", {"patient": patient}, break_glass, "everything")
 
     def summary(self, session: Session, patient: str) -> dict[str, Any]:
-        found, _ = self.everything(session, patient)
+        found = self.everything(session, patient).found
         pat = [s.resource for s in found if s.meta["type"] == "Patient"]
         if not pat:
             raise Forbidden("the patient summary needs access to the Patient resource")
