@@ -7,6 +7,7 @@ approval, a proposal signed by a non-member) are clear errors.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,3 +72,50 @@ def test_non_member_cannot_propose(node: NodeHandle, tmp_path: Path) -> None:
                   str(tmp_path / "org-outsider.json"))
     assert res.returncode == 1 and "unknown signer" in res.stderr
     assert "org-outsider" not in _orgs(node)
+
+
+def _ledger_copy(node: NodeHandle, into: Path) -> None:
+    """A consistent copy of the running node's ledger (SQLite online backup)."""
+    import sqlite3
+    target = into / "ledger.db"
+    target.unlink(missing_ok=True)
+    src, dst = sqlite3.connect(node.home / "ledger.db"), sqlite3.connect(target)
+    with dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+
+
+def test_late_member_gets_keys_by_rewrap(tmp_path: Path) -> None:
+    """Records sealed before an organisation joined open for it once a member re-wraps."""
+    from helpers import PASSWORD
+
+    from medledger.core import state as st
+    from medledger.errors import Forbidden
+    from medledger.node.runtime import open_node
+
+    with running_node(tmp_path / "stmary", patients=1, n_encounters=1) as node:
+        clinic = _joiner(node, tmp_path, "org-clinic", "City Clinic")
+        _ok("org", "propose", "--home", str(node.home), str(tmp_path / "org-clinic.json"))
+
+        _ledger_copy(node, clinic)
+        late = open_node(str(clinic), PASSWORD)
+        metas = [orjson.loads(v) for _, v in late.store.scan("rec/Observation/")]
+        assert metas
+        with pytest.raises(Forbidden, match="re-wrapped"):
+            late.decrypt(metas[0])
+        late.store.close()
+
+        out = _ok("org", "rewrap", "--home", str(node.home), "org-clinic")
+        assert re.search(r"re-wrapped (\d+) record versions", out)
+        again = _ok("org", "rewrap", "--home", str(node.home), "org-clinic")
+        assert "re-wrapped 0 record versions" in again  # nothing left to do
+
+        _ledger_copy(node, clinic)
+        late = open_node(str(clinic), PASSWORD)
+        with node.client("dr-house") as c:
+            for meta in metas:
+                served = c.get(f"/fhir/Observation/{meta['id']}")
+                assert late.decrypt(st.record_head(late.store, "Observation", meta["id"])
+                                    or {}) == served
+        late.store.close()

@@ -500,6 +500,24 @@ def test_share_lifecycle(c: Chain) -> None:
     assert grant is not None and grant["revoked"] and grant["revoked_ns"] == T0
 
 
+def test_rewrap_for_a_later_member(c: Chain) -> None:
+    assert c.run("org-a", "record.put", record_body("o1", 1, "")).code == OK
+    key = "A" * 107  # the machine stores wrapped keys; only readers can tell a bad one
+    item = {"type": "Observation", "id": "o1", "version": 1, "reader": "org-b", "key": key}
+    assert c.run("org-a", "record.rewrap", {"items": [item]}).code == OK
+    assert c.run("org-b", "record.rewrap", {"items": [{**item, "reader": "org-a"}]}).code == OK
+    assert st.rewrapped_keys(c.state, "Observation", "o1", 1, "org-b") == [key]
+    # refusals: not an org, unknown version, reader not a member, bad shapes
+    assert c.run("dr-phys", "record.rewrap", {"items": [item]}).code == FORBIDDEN
+    assert c.run("org-a", "record.rewrap", {"items": [{**item, "version": 2}]}).code == NOTFOUND
+    assert c.run("org-a", "record.rewrap",
+                 {"items": [{**item, "reader": "pat-1"}]}).code == FORBIDDEN
+    assert c.run("org-a", "record.rewrap", {"items": []}).code == INVALID
+    assert c.run("org-a", "record.rewrap", {"items": [{**item, "key": "!"}]}).code == INVALID
+    assert c.run("org-a", "record.rewrap",
+                 {"items": [{**item, "key": "A" * 201}]}).code == INVALID
+
+
 def test_share_without_passcode_counts_nothing(c: Chain) -> None:
     assert c.run("pat-1", "share.create", {**SHARE, "passcode": None}).code == OK
     assert c.run("org-a", "share.attempt", {"id": SHARE_ID}).data == "None"

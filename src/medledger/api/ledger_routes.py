@@ -90,6 +90,17 @@ async def add_practitioner(request: Request) -> Response:
                       "keystore": orjson.loads(keystore)}, 201)
 
 
+@router.post("/admin/rewrap")
+async def rewrap(request: Request) -> Response:
+    """Re-wrap this node's record keys to an organisation that joined later."""
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("org"), str):
+        raise InvalidInput("expected {\"org\": \"<organisation id>\"}")
+    return fhir_json({"org": body["org"], "rewrapped": await node.rewrap_for(session,
+                                                                             body["org"])})
+
+
 @router.get("/ledger/status")
 async def status(request: Request) -> Response:
     node = node_of(request)

@@ -97,6 +97,17 @@ def approve(home: HomeOpt, org_id: Annotated[str, typer.Argument()],
     console.print(f"[green]{me} approved {org_id}[/]: now {res['data']} (height {res['height']})")
 
 
+@org_app.command("rewrap")
+@handle_errors
+def rewrap(home: HomeOpt, org_id: Annotated[str, typer.Argument(
+        help="The organisation that joined after records were sealed.")]) -> None:
+    """Give a newly joined member the keys of records sealed before it joined."""
+    client, me = _org_client(home, None)
+    with client:
+        res = client.post("/admin/rewrap", {"org": org_id})
+    console.print(f"[green]{me} re-wrapped {res['rewrapped']} record versions[/] to {org_id}")
+
+
 @org_app.command("list")
 @handle_errors
 def list_orgs(node: NodeOpt, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:

@@ -554,6 +554,41 @@ def _apply_audit_anchor(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     return str(len(rows))
 
 
+# --- key re-wrapping for organisations that joined later
+
+MAX_REWRAP_ITEMS = 2000
+
+
+def _apply_record_rewrap(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                         tx: Tx, ctx: _Ctx) -> str | None:
+    """An organisation that can open record versions wraps their data keys to a member
+    that joined after they were sealed. Stored per (version, reader, wrapper), so a
+    bad wrap by one member cannot block a good one by another."""
+    what = "record.rewrap"
+    _need_org(sid, signer, what)
+    items = _need(body, "items", list, what)
+    if not 1 <= len(items) <= MAX_REWRAP_ITEMS:
+        raise InvalidInput(f"{what}: 1-{MAX_REWRAP_ITEMS} items per tx")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"{what}: item {i} must be an object")
+        rtype = _need(item, "type", str, f"{what} item {i}")
+        rid = _need_id(item, "id", f"{what} item {i}")
+        version = _need(item, "version", int, f"{what} item {i}")
+        reader = _need_id(item, "reader", f"{what} item {i}")
+        key = _need(item, "key", str, f"{what} item {i}")
+        if len(key) > 200:
+            raise InvalidInput(f"{what}: item {i}: wrapped key too long")
+        b64d(key, field=f"{what} item {i} key")
+        if st.record_version(s, rtype, rid, version) is None:
+            raise NotFound(f"{what}: item {i}: {rtype}/{rid} has no version {version}")
+        target = st.org(s, reader)
+        if target is None or target["status"] != "active":
+            raise Forbidden(f"{what}: item {i}: {reader} is not an active member organisation")
+        put_json(s, f"wrap/{rtype}/{rid}/{version:010d}/{reader}/{sid}", {"key": key})
+    return str(len(items))
+
+
 # --- batches
 
 _BATCHABLE = frozenset({"actor.register", "record.put"})
@@ -594,5 +629,6 @@ _HANDLERS: dict[str, Handler] = {
     "share.revoke": _apply_share_revoke,
     "share.attempt": _apply_share_attempt,
     "audit.anchor": _apply_audit_anchor,
+    "record.rewrap": _apply_record_rewrap,
     "batch": _apply_batch,
 }

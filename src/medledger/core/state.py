@@ -12,6 +12,7 @@ Keys (UTF-8 strings) and their canonical-JSON values::
     consent/{patient}/{id}          consent rules
     share/{id}                      share grants (SMART Health Links)
     pshare/{patient}/{id}           a patient's share grants (index)
+    wrap/{type}/{id}/{v:010d}/{reader}/{by}  a data key re-wrapped to a later member
 
 ``Overlay`` stacks a block's (or a batch's) pending writes on a reader, so the
 machine sees its own writes and can drop them whole when a batch fails.
@@ -138,6 +139,13 @@ def patient_records(state: StateReader, patient: str, rtype: str | None = None
         _, _, t, i = key.split("/", 3)
         out.append((t, i))
     return out
+
+
+def rewrapped_keys(state: StateReader, rtype: str, rid: str, version: int, reader: str
+                   ) -> list[str]:
+    """Data keys of a version wrapped to ``reader`` after sealing (one per wrapping org)."""
+    prefix = f"wrap/{rtype}/{rid}/{version:010d}/{reader}/"
+    return [loads(v)["key"] for _, v in state.scan(prefix)]
 
 
 def consents(state: StateReader, patient: str) -> list[dict[str, Any]]:

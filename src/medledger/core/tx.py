@@ -35,6 +35,7 @@ KINDS = frozenset({
     "consent.put", "consent.revoke",
     "share.create", "share.revoke", "share.attempt",
     "audit.anchor",
+    "record.rewrap",
     "batch",
 })
 _FIELDS = frozenset({"body", "chain", "kind", "nonce", "sig", "signer", "v"})

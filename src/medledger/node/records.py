@@ -51,6 +51,14 @@ def open_record(chain: str, body: Mapping[str, Any], reader_id: str,
     return resource  # type: ignore[no-any-return]
 
 
+def rewrap_key(body: Mapping[str, Any], reader_id: str, reader_private: bytes,
+               new_reader_public: bytes) -> str:
+    """The version's data key, unwrapped as ``reader_id`` and wrapped to a new reader."""
+    data_key = envelope.unwrap_key(b64d(body["keys"][reader_id], field="wrapped key"),
+                                   reader_private)
+    return b64e(envelope.wrap_key(data_key, new_reader_public))
+
+
 def record_body_from_tx(tx_body: Mapping[str, Any], kind: str, op: int | None) -> Mapping[str, Any]:
     """The ``record.put`` body inside a plain or batch tx."""
     if kind == "batch":

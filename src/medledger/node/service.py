@@ -53,7 +53,7 @@ from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session, scope_allows
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
-from medledger.node.records import open_record, record_body_from_tx, seal_record
+from medledger.node.records import open_record, record_body_from_tx, rewrap_key, seal_record
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -217,13 +217,53 @@ class Node:
                 self._batch_docs.popitem(last=False)
         return doc  # type: ignore[no-any-return]
 
-    def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
+    def _record_body(self, meta: dict[str, Any]) -> dict[str, Any]:
         doc = self._record_tx(meta)
         body = record_body_from_tx(doc["body"], doc["kind"], meta.get("op"))
         if body.get("version") != meta["v"] or body.get("id") != meta["id"]:
             raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: tx body does not "
                                  "match the ledger state")
-        return open_record(self.chain, body, self.org.id, self.org.enc_private)
+        return dict(body)
+
+    def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
+        body = self._record_body(meta)
+        if self.org.id in body["keys"]:
+            return open_record(self.chain, body, self.org.id, self.org.enc_private)
+        # sealed before this organisation joined: a member may have re-wrapped the key
+        failure: MedledgerError = Forbidden(
+            f"{meta['type']}/{meta['id']} v{meta['v']} was sealed before {self.org.id} joined "
+            "and no member has re-wrapped its key yet (`medledger org rewrap`)")
+        for key in st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"],
+                                     self.org.id):
+            try:
+                return open_record(self.chain, {**body, "keys": {self.org.id: key}},
+                                   self.org.id, self.org.enc_private)
+            except MedledgerError as err:  # a bad wrap by one member: try the next
+                failure = err
+        raise failure
+
+    async def rewrap_for(self, session: Session, target: str, chunk: int = 1000) -> int:
+        """Wrap the data key of every record version this node can open to ``target``, an
+        organisation that joined after they were sealed. Returns how many were wrapped."""
+        if session.kind != "org" or session.actor_id != self.org.id:
+            raise Forbidden("only this node's organisation may re-wrap its keys")
+        org = st.org(self.store, target)
+        if org is None or org["status"] != "active":
+            raise InvalidInput(f"{target} is not an active member organisation")
+        target_pub = b64d(org["enc_pub"])
+        items: list[dict[str, Any]] = []
+        for _, raw in self.store.scan("ver/"):
+            meta = loads(raw)
+            body = self._record_body(meta)
+            if target in body["keys"] or self.org.id not in body["keys"] or \
+                    st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"], target):
+                continue
+            items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
+                          "reader": target, "key": rewrap_key(body, self.org.id,
+                                                              self.org.enc_private, target_pub)})
+        for part in iter_chunks(items, chunk):
+            await self.submit(self.org, "record.rewrap", {"items": part})
+        return len(items)
 
     async def validate(self, data: Any, rtype: str) -> dict[str, Any]:
         """FHIR validation (the costliest step of a write: ~0.6 ms) on the worker pool."""
