@@ -184,6 +184,3 @@ def app_from_env() -> FastAPI:
     from medledger.node.runtime import open_node, password_from_env
     return create_app(open_node(os.environ["MEDLEDGER_HOME"], password_from_env()))
 
-
-def _unused(_: Any) -> None:  # keep linters quiet about re-exports
-    pass

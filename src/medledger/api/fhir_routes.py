@@ -18,7 +18,7 @@ from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
 from medledger.core.machine import RESOURCE_TYPE_RE
 from medledger.errors import InvalidInput, MedledgerError
 from medledger.fhir import match
-from medledger.fhir.outcome import etag, history_bundle, operation_outcome, searchset_bundle
+from medledger.fhir.outcome import etag, history_bundle, searchset_bundle
 from medledger.fhir.validate import resource_model
 from medledger.node import audit as audit_mod
 from medledger.node.service import SearchResult, Stored, iso
@@ -256,5 +256,3 @@ async def delete(request: Request, rtype: str, rid: str) -> Response:
         "records are never deleted: the ledger is append-only; write a new version with "
         "status entered-in-error instead"), status=405, code="not-supported")
 
-
-_ = operation_outcome

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import fhir_json, json_body, node_of, session_of
 from medledger.core import proofs
-from medledger.crypto.canonical import b64e, loads
+from medledger.crypto.canonical import loads
 from medledger.errors import InvalidInput, NotFound
 from medledger.node.auth import ASSERTION_TYPE
 
@@ -173,5 +173,3 @@ async def sealed(request: Request, pid: str) -> Response:
     return fhir_json({"patient": pid, "chain": node.chain,
                       "records": node.export_sealed(session, pid)})
 
-
-_ = b64e

@@ -7,12 +7,11 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from medledger.api.common import fhir_json, json_body, node_of, session_of
+from medledger.api.common import json_body, node_of, session_of
 from medledger.core import policy
 from medledger.crypto.canonical import b64e
 from medledger.errors import InvalidInput
 from medledger.fhir import shl
-from medledger.node import audit as audit_mod
 
 router = APIRouter()
 
@@ -127,5 +126,3 @@ async def vocabulary() -> Response:
                                               if r.break_glass),
                   "break_glass_min_reason": policy.BREAK_GLASS_MIN_REASON})
 
-
-_ = (fhir_json, audit_mod)

@@ -45,10 +45,6 @@ class Session:
     expires_s: float
     identity: Identity | None = field(default=None, repr=False)
 
-    @property
-    def actor_entry(self) -> dict[str, object]:
-        return {"id": self.actor_id, "kind": self.kind, "role": self.role, "org": self.org}
-
 
 def make_assertion(identity: Identity, token_url: str, now: float | None = None) -> str:
     """The signed JWT a client sends to ``/auth/token`` (used by the CLI and tests)."""

@@ -11,14 +11,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
 
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
 from medledger.core import machine
 from medledger.core.machine import BlockApplied, BlockInput
-from medledger.core.tx import decode_tx
 from medledger.crypto.canonical import canonical, loads, sha256
-from medledger.errors import InvalidInput, MedledgerError, StorageError
+from medledger.errors import InvalidInput, StorageError
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -112,9 +110,3 @@ class LedgerApp:
                                              "chain": self.chain}), "", h)
         return QueryResult(2, b"", f"unknown query path {path}", h)
 
-
-def decode_or_none(raw: bytes) -> Any:
-    try:
-        return decode_tx(raw)
-    except MedledgerError:
-        return None
