@@ -75,6 +75,7 @@ class NodeRuntime:
             self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                             initializer=preload_models)
             node.validator_pool = self.pool
+            self.pool.submit(preload_models)  # start the worker now, not on the first write
         self.tasks.append(asyncio.get_running_loop().create_task(node.anchor_loop()))
 
     async def stop(self) -> None:

@@ -341,13 +341,14 @@ class Node:
                 warning = str(existing["id"])
         return warning, "" if warning is None else f"probable duplicate of Patient/{warning}"
 
-    def _patient_ops(self, resource: dict[str, Any], password: str | None
-                     ) -> tuple[list[dict[str, Any]], keys.Identity, str]:
-        """actor.register op for a new patient; saves their keystore at this node."""
+    async def _patient_ops(self, resource: dict[str, Any], password: str | None
+                           ) -> tuple[list[dict[str, Any]], keys.Identity, str]:
+        """actor.register op for a new patient; saves their keystore at this node (scrypt,
+        ~0.1 s of CPU: on the worker pool, so bulk imports do not stall the node)."""
         pid = resource["id"]
         identity = keys.new_identity(pid, "patient")
         secret = password or b64e(os.urandom(12))
-        keys.save_keystore(self.home.user_keystore(pid), identity, secret)
+        await self._off_loop(keys.save_keystore, self.home.user_keystore(pid), identity, secret)
         return ([{"kind": "actor.register", "body": self._register_body(identity, None)}],
                 identity, secret)
 
@@ -409,7 +410,7 @@ class Node:
         if rtype == "Patient" and new:
             resource["id"] = rid
             warning, detail = self._duplicate_check(resource)
-            ops, identity, secret = self._patient_ops(resource, password)
+            ops, identity, secret = await self._patient_ops(resource, password)
             patient_key = identity.enc_public
         body, head, sealed = self._prepare_put(session, resource, rid, if_match,
                                                rid if rtype == "Patient" else None, patient_key)
@@ -461,7 +462,8 @@ class Node:
                         self._duplicate_check(dict(entry.resource))
                     except Conflict as err:
                         raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
-                    reg_ops, identity, _ = self._patient_ops(dict(entry.resource), None)
+                    reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
+                                                                   None)
                     ops.extend(reg_ops)
                     new_patient_keys[entry.resource_id] = identity.enc_public
                     pending_registrations[entry.resource_id] = dict(entry.resource)
