@@ -105,6 +105,12 @@ def test_assertion_signed_by_another_key(node: NodeHandle) -> None:
                    "signature")
 
 
+@pytest.mark.parametrize("who", ["../../config", "../keystores/org", "a/b"])
+def test_login_ids_never_name_paths(node: NodeHandle, who: str) -> None:
+    resp = httpx.post(node.url + "/auth/login", json={"id": who, "password": "x" * 12})
+    assert_outcome(resp, 400, "id is 1-64 characters")
+
+
 def test_missing_token(node: NodeHandle) -> None:
     resp = httpx.get(node.url + "/fhir/Observation?patient=nobody")
     assert_outcome(resp, 401, "missing bearer token")

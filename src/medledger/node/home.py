@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from medledger.core.tx import ID_RE
 from medledger.crypto import keys
 from medledger.crypto.canonical import b64e, loads
 from medledger.errors import Conflict, InvalidInput, NotFound
@@ -61,6 +62,8 @@ class Home:
         return self.path / "ledger.db"
 
     def user_keystore(self, actor_id: str) -> Path:
+        if not ID_RE.match(actor_id):  # ids name files here: never a path
+            raise InvalidInput("an id is 1-64 characters of [A-Za-z0-9-.]")
         return self.path / "keystores" / "users" / f"{actor_id}.json"
 
     def exists(self) -> bool:
