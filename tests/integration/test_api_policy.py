@@ -225,3 +225,51 @@ def test_break_glass(node: NodeHandle, records: dict[str, Any]) -> None:
     nurse_try = [e for e in events if e["agent"] == "nurse-joy" and e["reason"].startswith(
         "role nurse may not break the glass")]
     assert nurse_try and nurse_try[0]["outcome"] != "0"
+
+
+# ---------------------------------------------------------------- review findings
+
+def test_nurse_cannot_overwrite_psy_record_to_reach_its_history(
+        node: NodeHandle, records: dict[str, Any]) -> None:
+    phq9, vital = records["phq9"], records["vital"]
+    disguised = {**vital, "id": phq9["id"]}
+    with node.client("nurse-joy") as c:
+        resp = c.http.put(_path(phq9), content=httpx.Request("PUT", "/", json=disguised).content,
+                          headers={"Authorization": f"Bearer {c.token()}",
+                                   "Content-Type": "application/fhir+json"})
+    assert_outcome(resp, 403, "overwrite", "mental-health")
+    assert_outcome(_get(node, "nurse-joy", _path(phq9) + "/_history"), 403)
+
+
+def test_patient_registration_cannot_take_over_an_id(node: NodeHandle,
+                                                    records: dict[str, Any]) -> None:
+    keystore = node.home / "keystores" / "users" / "nurse-joy.json"
+    before = keystore.read_bytes()
+    stranger = synthetic_patient_bundle(7)["entry"][0]["resource"]  # not a duplicate
+    body = {**stranger, "id": "nurse-joy"}
+    with node.client("clerk-bob") as c:
+        resp = c.http.put("/fhir/Patient/nurse-joy", json=body,
+                          headers={"Authorization": f"Bearer {c.token()}"})
+    assert_outcome(resp, 409, "nurse-joy")
+    assert keystore.read_bytes() == before  # the practitioner's key is untouched
+    with node.login("nurse-joy") as h:
+        assert h.get("/auth/me").status_code == 200
+
+
+def test_match_needs_a_practitioner_who_may_see_the_patient(
+        node: NodeHandle, records: dict[str, Any]) -> None:
+    params = {"resourceType": "Parameters",
+              "parameter": [{"name": "resource", "resource": records["patient"]}]}
+    with node.client(node.org) as c:
+        resp = c.http.post("/fhir/Patient/$match", json=params,
+                           headers={"Authorization": f"Bearer {c.token()}"})
+    assert_outcome(resp, 403, "practitioners")
+    with node.client("clerk-bob") as c:
+        found = c.post("/fhir/Patient/$match", params)
+    assert [e["resource"]["id"] for e in found["entry"]] == [records["patient"]["id"]]
+
+
+def test_break_glass_needs_one_patient(node: NodeHandle) -> None:
+    resp = _get(node, "dr-house", "/fhir/Observation",
+                **{"X-Break-Glass-Reason": "mass emergency lookup of everyone"})
+    assert_outcome(resp, 400, "one patient")

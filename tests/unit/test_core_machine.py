@@ -477,7 +477,7 @@ def test_governance_refusals(c: Chain, signer: str, kind: str, body: dict[str, A
 
 SHARE_ID = "s" * 20
 SHARE = {"patient": "pat-1", "id": SHARE_ID, "jwe": "e.y.j", "records": ["Observation/o1"],
-         "exp": T0 // 10**9 + 3600, "passcode": {"salt": "s", "hash": "h", "n": 1024},
+         "exp": T0 // 10**9 + 3600, "passcode": {"salt": "s", "hash": "h", "n": 2**14},
          "max_attempts": 2, "label": "for my dentist"}
 
 
@@ -498,6 +498,18 @@ def test_share_lifecycle(c: Chain) -> None:
     assert c.run("pat-1", "share.revoke", {"id": SHARE_ID}).code == OK
     grant = st.share(c.state, SHARE_ID)
     assert grant is not None and grant["revoked"] and grant["revoked_ns"] == T0
+
+
+def test_overwriting_is_judged_on_what_is_overwritten(c: Chain) -> None:
+    """A nurse may not replace a mental-health record with vital signs (its history
+    would then expose the older version)."""
+    psy = {**record_body("o9", 1, ""), "category": "mental-health", "labels": ["PSY"]}
+    assert c.run("dr-phys", "record.put", psy).code == OK
+    vitals = {**record_body("o9", 2, body_hash(psy), author="nurse-n"),
+              "category": "vital-signs"}
+    r = c.run("org-a", "record.put", vitals)
+    assert r.code == FORBIDDEN and "overwrite" in r.log
+    assert c.run("dr-phys", "record.put", {**vitals, "author": "dr-phys"}).code == OK
 
 
 def test_rewrap_for_a_later_member(c: Chain) -> None:
@@ -527,6 +539,7 @@ def test_share_without_passcode_counts_nothing(c: Chain) -> None:
     "change",
     [{"id": "short"}, {"id": "s" * 65}, {"id": "s" * 19 + "/"}, {"exp": T0 // 10**9},
      {"exp": "tomorrow"}, {"jwe": None}, {"records": "all"}, {"passcode": {"salt": "s"}},
+     {"passcode": {"salt": "s", "hash": "h", "n": 2**30}},
      {"max_attempts": 0}, {"max_attempts": 101}, {"label": "x" * 81}],
 )
 def test_share_shape_errors(c: Chain, change: dict[str, Any]) -> None:

@@ -85,12 +85,25 @@ def fhir_to_rule(data: Any) -> dict[str, Any]:
         else:
             raise InvalidInput(f"Consent.provision.actor reference {ref!r} must be "
                                "Practitioner/<id> or Organization/<id>")
-    cats = [c["code"] for concept in provision.get("code", [])
-            for c in concept.get("coding", []) if c.get("system") == CATEGORY_SYSTEM]
+    if provision.get("provision"):
+        raise InvalidInput("nested Consent.provision.provision is not supported; post one "
+                           "Consent per rule")
+    cats = []
+    for concept in provision.get("code", []):
+        for c in concept.get("coding", []):
+            if c.get("system") != CATEGORY_SYSTEM or not c.get("code"):
+                raise InvalidInput("Consent.provision.code codings must use system "
+                                   f"{CATEGORY_SYSTEM} with a code (one of the data "
+                                   "categories); anything else would silently widen the rule")
+            cats.append(c["code"])
     bad = set(cats) - set(CATEGORIES)
     if bad:
         raise InvalidInput(f"unknown data categories {sorted(bad)}; known: {', '.join(CATEGORIES)}")
-    labels = [c["code"] for c in provision.get("securityLabel", []) if c.get("code")]
+    labels = []
+    for c in provision.get("securityLabel", []):
+        if not c.get("code"):
+            raise InvalidInput("Consent.provision.securityLabel entries need a code (e.g. PSY)")
+        labels.append(c["code"])
     period = provision.get("period") or {}
     return {"id": consent.get("id"), "patient": patient.removeprefix("Patient/"),
             "decision": decision, "actors": actors, "orgs": orgs, "categories": cats,

@@ -44,6 +44,7 @@ from medledger.errors import (
 )
 
 MAX_BATCH_OPS = 5000
+PASSCODE_SCRYPT_N = 2**14
 MAX_AUDIT_EVENTS = 5000
 VALIDATOR_POWER = 10
 RESOURCE_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}\Z")
@@ -378,6 +379,13 @@ def _apply_record_put(s: Overlay, sid: str, signer: dict[str, Any], body: Mappin
         raise InvalidInput(f"{what}: a Patient record's id must be the patient id")
 
     head = st.record_head(s, rtype, rid)
+    if head is not None:  # overwriting is writing over what is there: judge that too
+        hidden = set(head["labels"]) & policy.SENSITIVE_LABELS - role.labels
+        if not policy.may_write(role, head["category"]) or (hidden and not role.break_glass
+                                                            and role is not policy.SYSTEM):
+            raise Forbidden(f"{author['id'] if author else sid} ({role.name}) may not "
+                            f"overwrite {rtype}/{rid}, a {head['category']} record"
+                            + (f" labelled {','.join(sorted(hidden))}" if hidden else ""))
     if head is None:
         if version != 1 or prev != "":
             raise Conflict(f"{rtype}/{rid} does not exist; the first version must be 1 with no "
@@ -480,8 +488,8 @@ def _apply_share_create(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     records = _need(body, "records", list, what)
     passcode = body.get("passcode")
     if passcode is not None and not (isinstance(passcode, dict) and {"salt", "hash", "n"}
-                                     <= set(passcode)):
-        raise InvalidInput(f"{what}: passcode must carry salt, hash and n")
+                                     <= set(passcode) and passcode["n"] == PASSCODE_SCRYPT_N):
+        raise InvalidInput(f"{what}: passcode must carry salt, hash and n = {PASSCODE_SCRYPT_N}")
     attempts = body.get("max_attempts", 10)
     if not isinstance(attempts, int) or not 1 <= attempts <= 100:
         raise InvalidInput(f"{what}: max_attempts must be 1-100")

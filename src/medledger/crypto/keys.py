@@ -20,7 +20,7 @@ from nacl.public import PrivateKey
 
 from medledger.crypto.canonical import b64d, b64e, canonical, loads
 from medledger.crypto.signing import Signer
-from medledger.errors import InvalidInput, Unauthenticated
+from medledger.errors import Conflict, InvalidInput, Unauthenticated
 
 KEYSTORE_VERSION = 1
 DEFAULT_SCRYPT_N = 2**15
@@ -112,12 +112,22 @@ def unlock(data: bytes, password: str) -> Identity:
     return Identity.from_json(loads(plain))
 
 
-def save_keystore(path: Path, identity: Identity, password: str, n: int = DEFAULT_SCRYPT_N) -> None:
+def save_keystore(path: Path, identity: Identity, password: str, n: int = DEFAULT_SCRYPT_N,
+                  exclusive: bool = False) -> None:
+    """Write a keystore atomically; ``exclusive`` refuses to replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     tmp.write_bytes(lock(identity, password, n))
     os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    if not exclusive:
+        tmp.replace(path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the path exists: no check-then-write race
+    except FileExistsError as exc:
+        raise Conflict(f"a keystore for {identity.id} already exists") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_keystore(path: Path, password: str) -> Identity:

@@ -22,7 +22,8 @@ from medledger.storage.sqlite import SqliteStore
 ACTIONS = {"create": "C", "update": "U", "read": "R", "vread": "R", "history": "R",
            "search": "E", "everything": "E", "consent": "C", "consent-revoke": "U",
            "share-create": "C", "share-revoke": "U", "share-access": "R", "export": "R",
-           "audit-read": "R", "match": "E", "summary": "R", "register": "C", "transaction": "C"}
+           "audit-read": "R", "consent-read": "R", "match": "E", "summary": "R",
+           "register": "C", "transaction": "C"}
 SUBTYPES = {"create": "create", "update": "update", "read": "read", "vread": "vread",
             "history": "history-instance", "search": "search-type", "everything": "operation",
             "transaction": "transaction"}

@@ -121,6 +121,8 @@ class Authenticator:
         principal = st.principal(self.state, actor_id)
         if principal is None:
             raise Unauthenticated(f"unknown client {actor_id!r}: not registered on the ledger")
+        if principal.get("kind") == "org" and principal.get("status") != "active":
+            raise Unauthenticated(f"organisation {actor_id} is not an active member yet")
         pub = Ed25519PublicKey.from_public_bytes(b64d(principal["sign_pub"]))
         try:
             claims = jwt.decode(assertion, pub, algorithms=["EdDSA"], audience=self.token_url,

@@ -114,6 +114,7 @@ def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+ANCHOR_MAX_BYTES = 512 * 1024
 SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "name", "_count", "_id"}
 
 
@@ -136,6 +137,7 @@ class Node:
         self._batch_docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.integrity_failure: str | None = None
         self.validator_pool: Executor | None = None
+        self._share_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -317,13 +319,19 @@ class Node:
 
     def match_patients(self, session: Session, resource: dict[str, Any], only_certain: bool,
                        count: int | None) -> list[tuple[dict[str, Any], match.MatchResult]]:
-        if session.kind == "patient":
-            raise Forbidden("patients may not search the patient index")
+        if session.kind != "practitioner":
+            raise Forbidden("only practitioners may search the patient index")
+        self._need_scope(session, "Patient", "s")
         candidate = parse_resource(resource, "Patient")
         found = match.find_matches(candidate, self.known_patients(), only_certain, count)
-        self._audit(session, "match", None, [f"Patient/{p['id']}" for p, _ in found],
-                    detail=f"{len(found)} candidates")
-        return [(dict(p), r) for p, r in found]
+        visible = []
+        for p, r in found:  # only patients whose demographics this practitioner may read
+            meta = st.record_head(self.store, "Patient", str(p["id"]))
+            if meta is not None and self._decide(session, meta, None).allowed:
+                visible.append((dict(p), r))
+                self._audit(session, "match", str(p["id"]), [_ref(meta)],
+                            detail=f"$match candidate ({r.grade})")
+        return visible
 
     def _duplicate_check(self, resource: dict[str, Any]) -> tuple[str | None, str]:
         """Raise ``Conflict`` on a certain match not linked by the client; flag probables."""
@@ -346,9 +354,13 @@ class Node:
         """actor.register op for a new patient; saves their keystore at this node (scrypt,
         ~0.1 s of CPU: on the worker pool, so bulk imports do not stall the node)."""
         pid = resource["id"]
+        if st.principal(self.store, pid) is not None:
+            raise Conflict(f"id {pid} is already registered (not as this patient)")
         identity = keys.new_identity(pid, "patient")
         secret = password or b64e(os.urandom(12))
-        await self._off_loop(keys.save_keystore, self.home.user_keystore(pid), identity, secret)
+        # exclusive: never replace someone's keystore (a concurrent or hostile create)
+        await self._off_loop(keys.save_keystore, self.home.user_keystore(pid), identity, secret,
+                             keys.DEFAULT_SCRYPT_N, True)
         return ([{"kind": "actor.register", "body": self._register_body(identity, None)}],
                 identity, secret)
 
@@ -555,11 +567,19 @@ class Node:
         if not decision.allowed:
             raise self._deny(session, "history", head["patient"], [f"{rtype}/{rid}"],
                              decision.reason)
-        out = [Stored(self.decrypt(m), m) for m in reversed(versions)]
+        # each version is judged on its own: a record whose category or labels changed
+        # must not reveal an older, more sensitive version through its history
+        out, hidden = [], 0
+        for m in reversed(versions):
+            if m is head or self._decide(session, m, break_glass).allowed:
+                out.append(Stored(self.decrypt(m), m))
+            else:
+                hidden += 1
         self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
                     basis=decision.basis, break_glass=decision.break_glass,
                     reason=break_glass or "", purpose="ETREAT" if decision.break_glass
-                    else _purpose(session))
+                    else _purpose(session),
+                    detail=f"{hidden} older versions withheld" if hidden else "")
         return out
 
     def search(self, session: Session, rtype: str, params: dict[str, str],
@@ -582,6 +602,8 @@ class Node:
                 raise self._deny(session, subtype, patient, [],
                                  "patients may search only their own records")
             patient = session.actor_id
+        if break_glass is not None and not patient:
+            raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
         metas = self._candidates(rtype, patient, params.get("_id"))
         categories = set(params["category"].split(",")) if params.get("category") else None
         found, withheld = [], []
@@ -608,11 +630,22 @@ class Node:
         total = len(found)
         if count:
             found = found[:count]
-        self._audit(session, subtype, patient, [_ref(s.meta) for s in found][:50],
-                    basis=",".join(sorted(decisions)), break_glass=bg,
-                    purpose="ETREAT" if bg else _purpose(session), reason=break_glass or "",
-                    detail=(f"{rtype} search ({', '.join(sorted(params))}): {len(found)} "
-                            f"returned, {len(withheld)} withheld"))
+        detail = (f"{rtype} search ({', '.join(sorted(params))}): {len(found)} returned, "
+                  f"{len(withheld)} withheld")
+        if patient:
+            self._audit(session, subtype, patient, [_ref(s.meta) for s in found][:50],
+                        basis=",".join(sorted(decisions)), break_glass=bg,
+                        purpose="ETREAT" if bg else _purpose(session),
+                        reason=break_glass or "", detail=detail)
+        else:  # a type-wide search: every patient whose records it returned sees it
+            by_patient: dict[str, list[str]] = {}
+            for stored in found:
+                by_patient.setdefault(stored.meta["patient"], []).append(_ref(stored.meta))
+            for pid, refs in sorted(by_patient.items()):
+                self._audit(session, subtype, pid, refs[:50], basis=",".join(sorted(decisions)),
+                            purpose=_purpose(session), detail=detail)
+            if not by_patient:
+                self._audit(session, subtype, None, [], detail=detail)
         return SearchResult(found, withheld, total)
 
     def _candidates(self, rtype: str, patient: str | None, rid: str | None
@@ -691,17 +724,28 @@ class Node:
         return stored
 
     def consents(self, session: Session, patient: str) -> list[dict[str, Any]]:
+        """A patient's consent rules: for the patient, and for practitioners of an
+        organisation caring for them (the rules themselves can reveal sensitive facts)."""
         if session.kind == "patient" and session.actor_id != patient:
-            raise Forbidden("patients may see only their own consents")
+            raise self._deny(session, "consent-read", patient, [],
+                             "patients may see only their own consents")
         if session.kind == "practitioner":
             self._need_scope(session, "Consent", "r")
-        return st.consents(self.store, patient)
+            if not st.has_care(self.store, patient, session.org):
+                raise self._deny(session, "consent-read", patient, [],
+                                 f"organisation {session.org} has no care relationship with "
+                                 "this patient")
+        if session.kind == "org" and session.actor_id != self.org.id:
+            raise Forbidden("only this node's organisation may read consents here")
+        rules = st.consents(self.store, patient)
+        self._audit(session, "consent-read", patient, [f"Consent/{r['id']}" for r in rules])
+        return rules
 
     # ------------------------------------------------------------ audit
     def audit_log(self, session: Session, patient: str, since: str = "", count: int = 100
                   ) -> list[tuple[dict[str, Any], int | None]]:
         if not (session.kind == "patient" and session.actor_id == patient) and not (
-                session.kind == "org"):
+                session.kind == "org" and session.actor_id == self.org.id):
             raise self._deny(session, "audit-read", patient, [],
                              "only the patient (or a node's organisation) may read the "
                              "patient's access log")
@@ -713,7 +757,13 @@ class Node:
 
     async def anchor_pending(self) -> int:
         """Anchor this node's unanchored audit events on the ledger (one tx)."""
-        events = self.auditor.pending(2000)
+        events: list[dict[str, Any]] = []
+        size = 0
+        for ev in self.auditor.pending(2000):  # stay well inside CometBFT's 1 MB tx limit
+            size += len(canonical(ev))
+            if events and size > ANCHOR_MAX_BYTES:
+                break
+            events.append(ev)
         if not events:
             return 0
         await self.submit(self.org, "audit.anchor", {"events": events})
@@ -792,23 +842,32 @@ class Node:
             audit("4", "share link expired")
             raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
         if grant["passcode"] is not None:
-            if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
-                audit("4", "share link locked after too many wrong passcodes")
-                raise Gone("this share link is locked after too many wrong passcodes")
-            doc = grant["passcode"]
-            if passcode is None or keys.passcode_hash(passcode, b64d(doc["salt"]), doc["n"]) != \
-                    b64d(doc["hash"]):
-                await self.submit(self.org, "share.attempt", {"id": share_id, "ok": False})
-                left = st.share(self.store, share_id)
-                remaining = left["attempts_left"] if left else 0
-                audit("4", "wrong passcode")
-                raise WrongPasscode(remaining)
+            # one attempt at a time per link on this node, so concurrent guesses cannot all
+            # pass the budget check before any failure is counted
+            async with self._share_locks.setdefault(share_id, asyncio.Lock()):
+                await self._check_passcode(share_id, passcode, audit)
         found = self.store.tx(bytes.fromhex(grant["tx"]))
         if found is None:
             raise IntegrityError("the share's tx is missing from this node's ledger")
         jwe = decode_tx(found[2]).body["jwe"]
         audit("0", f"opened by {recipient}")
         return {"files": [{"contentType": "application/fhir+json", "embedded": jwe}]}
+
+    async def _check_passcode(self, share_id: str, passcode: str | None,
+                              audit: Callable[[str, str], None]) -> None:
+        grant = st.share(self.store, share_id)  # re-read under the lock: counts committed
+        assert grant is not None
+        if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
+            audit("4", "share link locked after too many wrong passcodes")
+            raise Gone("this share link is locked after too many wrong passcodes")
+        doc = grant["passcode"]
+        if passcode is None or keys.passcode_hash(passcode, b64d(doc["salt"]), doc["n"]) != \
+                b64d(doc["hash"]):
+            await self.submit(self.org, "share.attempt", {"id": share_id, "ok": False})
+            left = st.share(self.store, share_id)
+            remaining = left["attempts_left"] if left else 0
+            audit("4", "wrong passcode")
+            raise WrongPasscode(remaining)
 
     # ------------------------------------------------------------ ledger
     def _check_serving(self) -> None:
