@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 
 from bench import loadgen
 from bench.lab import PASSWORD
 from bench.stats import latency_ms, peak_rss_mib
+from medledger.cli.demo import start_node_process, stop_node_process, wait_healthy
 from medledger.client import Client
 from medledger.crypto import keys
 from medledger.fhir.synthetic import synthetic_observation, synthetic_patient_bundle
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class NodeProcess:
@@ -31,38 +24,19 @@ class NodeProcess:
 
     def __init__(self, home: Path, port: int, log: Path) -> None:
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "MEDLEDGER_PASSWORD": PASSWORD}
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "medledger", "node", "start", "--home", str(home),
-                 "--port", str(port)], env=env, stdout=out, stderr=out, cwd=REPO,
-                start_new_session=True)
-        deadline = time.time() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node exited with {self.proc.returncode}; see {log}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"node did not become healthy; see {log}")
-            time.sleep(0.2)
+        self.proc = start_node_process(home, log, PASSWORD, port)
+        try:
+            wait_healthy(self.url, self.proc, timeout=60)
+        except Exception:
+            self.stop()
+            raise
 
     @property
     def peak_rss_mib(self) -> float:
         return peak_rss_mib(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_node_process(self.proc)
 
 
 def token(url: str, identity: keys.Identity) -> str:

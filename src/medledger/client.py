@@ -121,15 +121,21 @@ class Client:
         return self.request("POST", "/ledger/tx", tx.raw, auth=False,
                             headers={"Content-Type": "application/octet-stream"}).json()
 
-    def export_records(self) -> list[dict[str, Any]]:
-        """Fetch our sealed records and decrypt them with our own key (head versions)."""
+    def export_heads(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Fetch our sealed records; decrypt each record's newest version with our own key.
+
+        Returns (resource, ledger metadata) pairs."""
         assert self.identity is not None
         doc = self.get(f"/ledger/patients/{self.identity.id}/sealed")
-        heads: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        heads: dict[tuple[str, str], dict[str, Any]] = {}
         for item in doc["records"]:
-            resource = open_record(doc["chain"], item["body"], self.identity.id,
-                                   self.identity.enc_private)
             key = (item["meta"]["type"], item["meta"]["id"])
-            if key not in heads or heads[key][0] < item["meta"]["v"]:
-                heads[key] = (item["meta"]["v"], resource)
-        return [r for _, r in heads.values()]
+            if key not in heads or heads[key]["meta"]["v"] < item["meta"]["v"]:
+                heads[key] = item
+        return [(open_record(doc["chain"], item["body"], self.identity.id,
+                             self.identity.enc_private), item["meta"])
+                for item in heads.values()]
+
+    def export_records(self) -> list[dict[str, Any]]:
+        """Our complete record (newest versions), decrypted client-side."""
+        return [resource for resource, _ in self.export_heads()]

@@ -40,12 +40,15 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes] | None, timeout: float 
     raise Unavailable(f"node at {url} did not become healthy in {timeout:.0f}s")
 
 
-def start_node_process(home: Path, log_path: Path, password: str) -> subprocess.Popen[bytes]:
+def start_node_process(home: Path, log_path: Path, password: str,
+                       port: int | None = None) -> subprocess.Popen[bytes]:
+    """``medledger node start`` in its own process group, logging to ``log_path``."""
     env = {**os.environ, "MEDLEDGER_PASSWORD": password}
-    log = open(log_path, "ab")  # noqa: SIM115 (the child owns it)
-    return subprocess.Popen([sys.executable, "-m", "medledger", "node", "start",
-                             "--home", str(home)], env=env, stdout=log, stderr=log,
-                            start_new_session=True)
+    args = [sys.executable, "-m", "medledger", "node", "start", "--home", str(home)]
+    if port is not None:
+        args += ["--port", str(port)]
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
 
 
 def stop_node_process(proc: subprocess.Popen[bytes]) -> None:

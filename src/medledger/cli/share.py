@@ -49,16 +49,7 @@ def share_create(node: NodeOpt, key: KeyOpt,
     """Share chosen records for a limited time; everything else stays private."""
     with _client(node, key) as c:
         assert c.identity is not None
-        doc = c.get(f"/ledger/patients/{c.identity.id}/sealed")
-        from medledger.node.records import open_record
-        heads: dict[tuple[str, str], tuple[dict, dict]] = {}  # type: ignore[type-arg]
-        for item in doc["records"]:
-            meta = item["meta"]
-            k = (meta["type"], meta["id"])
-            if k not in heads or heads[k][1]["v"] < meta["v"]:
-                heads[k] = (open_record(doc["chain"], item["body"], c.identity.id,
-                                        c.identity.enc_private), meta)
-        chosen = shares.select(list(heads.values()),
+        chosen = shares.select(c.export_heads(),
                                {"categories": category, "types": type, "ids": id})
         exp = int(time.time()) + parse_duration(expires)
         body, link = shares.build_share(c.identity.id, chosen, node.rstrip("/"), iso_now(),

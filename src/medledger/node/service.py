@@ -465,7 +465,6 @@ class Node:
         ops: list[dict[str, Any]] = []
         new_patient_keys: dict[str, bytes] = {}
         statuses: list[tuple[str, str, str]] = []
-        pending_registrations: dict[str, dict[str, Any]] = {}
         try:
             for entry in plan:
                 if entry.resource_type == "Patient" and st.record_head(
@@ -478,7 +477,6 @@ class Node:
                                                                    None)
                     ops.extend(reg_ops)
                     new_patient_keys[entry.resource_id] = identity.enc_public
-                    pending_registrations[entry.resource_id] = dict(entry.resource)
             for entry in plan:
                 resource = dict(entry.resource)
                 cls = classify({**resource, "id": entry.resource_id})
@@ -684,11 +682,7 @@ class Node:
         out = []
         for t, i in st.patient_records(self.store, patient):
             for meta in st.record_versions(self.store, t, i):
-                found = self.store.tx(bytes.fromhex(meta["tx"]))
-                if found is None:
-                    raise IntegrityError(f"{t}/{i}: tx missing")
-                tx = decode_tx(found[2])
-                body = dict(record_body_from_tx(tx.body, tx.kind, meta.get("op")))
+                body = self._record_body(meta)
                 body["keys"] = {patient: body["keys"][patient]}
                 out.append({"meta": meta, "body": body})
         self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
