@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import orjson
 
-from medledger.core.tx import make_tx
+from medledger.core.tx import Tx, make_tx
+from medledger.crypto.canonical import b64d
 from medledger.crypto.keys import Identity
 from medledger.errors import MedledgerError, Unavailable
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
-from medledger.node.records import open_record
+from medledger.node.records import open_as
 
 
 class NodeError(MedledgerError):
@@ -113,11 +114,15 @@ class Client:
             self._chain = self.get("/ledger/status", auth=False)["chain"]
         return self._chain
 
+    def sign_tx(self, kind: str, body: dict[str, Any]) -> Tx:
+        """A tx signed with our own key (not submitted)."""
+        assert self.identity is not None
+        return make_tx(self.identity.id, self.identity.signer(), self.chain, kind, body,
+                       os.urandom(16).hex())
+
     def submit_tx(self, kind: str, body: dict[str, Any]) -> Any:
         """Sign ``body`` with our own key and submit it."""
-        assert self.identity is not None
-        tx = make_tx(self.identity.id, self.identity.signer(), self.chain, kind, body,
-                     os.urandom(16).hex())
+        tx = self.sign_tx(kind, body)
         return self.request("POST", "/ledger/tx", tx.raw, auth=False,
                             headers={"Content-Type": "application/octet-stream"}).json()
 
@@ -132,8 +137,8 @@ class Client:
             key = (item["meta"]["type"], item["meta"]["id"])
             if key not in heads or heads[key]["meta"]["v"] < item["meta"]["v"]:
                 heads[key] = item
-        return [(open_record(doc["chain"], item["body"], self.identity.id,
-                             self.identity.enc_private), item["meta"])
+        return [(open_as(doc["chain"], item["meta"], b64d(item["blob"], field="blob"),
+                         self.identity.id, self.identity.enc_private), item["meta"])
                 for item in heads.values()]
 
     def export_records(self) -> list[dict[str, Any]]:

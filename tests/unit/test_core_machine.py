@@ -2,8 +2,10 @@
 
 A small world: two genesis organisations (org-a, org-b); org-a registers a
 physician, nurse, psychiatrist, admin clerk and patient pat-1; org-b registers a
-physician and patient pat-2. Record bodies carry dummy ciphertext: the machine
-never decrypts.
+physician and patient pat-2. Record bodies carry a dummy blob hash and commitment:
+content lives off-chain (ADR 4) and the machine never sees it. After every block the
+test driver checks that the incremental state digest equals the digest recomputed
+from the whole state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from medledger.core import machine
 from medledger.core import state as st
 from medledger.core.machine import BlockApplied, BlockInput, apply_block
 from medledger.core.tx import make_tx
-from medledger.crypto import merkle
+from medledger.crypto import merkle, multiset
 from medledger.crypto.canonical import b64e, canonical, loads, sha256
 from medledger.crypto.signing import Signer
 from medledger.errors import InvalidInput
@@ -55,10 +57,11 @@ def record_body(rid: str, version: int, prev: str, *, patient: str = "pat-1",
                 category: str = "vital-signs", labels: list[Any] | None = None,
                 rtype: str = "Observation", **extra: Any) -> dict[str, Any]:
     """A record.put body; ``labels`` is passed through unchecked (tests feed bad ones)."""
+    blob = sha256(f"blob:{rid}:{version}".encode()).hex()
+    readers = sorted({"org-a", "org-b"} | ({patient} if patient else set()))
     return {"type": rtype, "id": rid, "version": version, "prev": prev, "patient": patient,
-            "category": category, "labels": labels or [], "ct": b64e(b"ct:" + rid.encode()),
-            "iv": b64e(b"\x00" * 12), "keys": {patient: b64e(b"wrapped")},
-            "commitment": b64e(sha256(rid.encode())), **extra}
+            "category": category, "labels": labels or [], "blob": blob, "size": 100,
+            "readers": readers, "commitment": b64e(sha256(rid.encode())), **extra}
 
 
 def body_hash(body: dict[str, Any]) -> str:
@@ -85,11 +88,17 @@ class Chain:
     header_hash: bytes = b"\x00" * 32
     nonces: dict[str, int] = field(default_factory=dict)
     blocks: list[BlockApplied] = field(default_factory=list)
+    acc: bytes = b""
+    retention: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
-        writes = machine.genesis_writes({"orgs": [org_doc(o) for o in self.orgs]})
+        app_state: dict[str, Any] = {"orgs": [org_doc(o) for o in self.orgs]}
+        if self.retention is not None:
+            app_state["retention"] = self.retention
+        writes = machine.genesis_writes(app_state)
         self.state.apply(writes)
         self.app_hash = machine.genesis_app_hash(self.chain, writes)
+        self.acc = machine.genesis_state_acc(writes)
 
     def tx(self, signer: str, kind: str, body: dict[str, Any], *, key_of: str | None = None,
            chain: str | None = None) -> bytes:
@@ -100,9 +109,13 @@ class Chain:
     def block(self, *txs: bytes, time_ns: int = T0) -> BlockApplied:
         self.height += 1
         applied = apply_block(self.state, BlockInput(self.chain, self.height, time_ns, txs,
-                                                     self.app_hash, self.header_hash))
+                                                     self.app_hash, self.header_hash, self.acc))
         self.state.apply(applied.writes)
         self.app_hash, self.header_hash = applied.app_hash, applied.header_hash
+        self.acc = applied.state_acc
+        # the incremental digest is the digest of the whole state, always
+        assert applied.state_acc == multiset.of_items(self.state.data.items())
+        assert applied.header["state_digest"] == multiset.digest(applied.state_acc)
         self.blocks.append(applied)
         return applied
 
@@ -170,7 +183,7 @@ def test_registration_state(c: Chain) -> None:
     assert (nurse["kind"], nurse["org"], nurse["role"]) == ("practitioner", "org-a", "nurse")
     assert c.get("actor/pat-1") == {"id": "pat-1", "kind": "patient", "org": "org-a",
                                    "sign_pub": sign_pub("pat-1"), "enc_pub": enc_pub("pat-1"),
-                                   "registered_at": T0 // 10**9}
+                                   "registered_at": T0 // 10**9, "status": "active"}
     assert st.has_care(c.state, "pat-1", "org-a") and not st.has_care(c.state, "pat-1", "org-b")
     assert st.has_care(c.state, "pat-2", "org-b")
 
@@ -260,7 +273,17 @@ def test_version_conflicts(c: Chain) -> None:
         ("org-a", record_body("m1", 1, "", rtype="observation"), INVALID),
         ("org-a", record_body("m1", 1, "", rtype="Observation\n"), INVALID),
         ("org-a", record_body("m1", 1, "", rtype="Patient"), INVALID),  # id != patient
-        ("org-a", {**record_body("m1", 1, ""), "keys": {"someone": "x"}}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "readers": ["org-a", "org-b"]}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "readers": ["org-a", "org-b", "pat-1",
+                                                           "pat-2"]}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "readers": ["org-b", "pat-1"]}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "readers": ["pat-1", "org-a"]}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "blob": "AB" * 32}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "size": 0}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "break_glass": "yes"}, INVALID),
+        ("org-a", {**record_body("m1", 1, ""), "commitment": "short"}, INVALID),
+        ("org-a", record_body("m1", 1, "", category="directory"), INVALID),
+        ("org-a", record_body("m1", 1, "", patient=None), INVALID),  # vital-signs, no patient
         ("org-a", {**record_body("m1", 1, ""), "version": True}, INVALID),
         ("org-a", {**record_body("m1", 1, ""), "version": "1"}, INVALID),
         ("org-a", {k: v for k, v in record_body("m1", 1, "").items() if k != "commitment"},
@@ -338,7 +361,7 @@ def test_refused_tx_still_burns_its_nonce(c: Chain) -> None:
     raw = c.tx("nurse-n", "record.put", record_body("m1", 1, "", category="mental-health"))
     applied = c.block(raw)
     assert applied.results[0].code == FORBIDDEN
-    assert applied.writes == {"n/nurse-n/0000000000000001": b"1"}
+    assert applied.writes == {"n/nurse-n/0000000000000001": sha256(raw).hex().encode()}
     assert c.block(raw).results[0].code == REPLAY
 
 
@@ -411,10 +434,12 @@ def test_batch_is_all_or_nothing(c: Chain, bad_op: Any, code: int) -> None:
     ops = [{"kind": "actor.register", "body": register("pat-9", "patient")},
            {"kind": "record.put", "body": record_body("b1", 1, "", patient="pat-9")},
            bad_op]
-    applied = c.block(c.tx("org-a", "batch", {"ops": ops}))
+    raw = c.tx("org-a", "batch", {"ops": ops})
+    applied = c.block(raw)
     r = applied.results[0]
     assert r.code == code and r.log.startswith("batch op 2"), r.log
-    assert applied.writes == {f"n/org-a/{c.nonces['org-a']:016x}": b"1"}  # only the nonce
+    assert applied.writes == {f"n/org-a/{c.nonces['org-a']:016x}":
+                              sha256(raw).hex().encode()}  # only the nonce
     assert c.get("actor/pat-9") is None
 
 
@@ -476,18 +501,29 @@ def test_governance_refusals(c: Chain, signer: str, kind: str, body: dict[str, A
 # ---------------------------------------------------------------- share links
 
 SHARE_ID = "s" * 20
-SHARE = {"patient": "pat-1", "id": SHARE_ID, "jwe": "e.y.j", "records": ["Observation/o1"],
-         "exp": T0 // 10**9 + 3600, "passcode": {"salt": "s", "hash": "h", "n": 2**14},
-         "max_attempts": 2, "label": "for my dentist"}
+SHARE = {"patient": "pat-1", "id": SHARE_ID, "records": [["Observation", "o1", 1]],
+         "exp": T0 // 10**9 + 3600, "passcode": True, "max_attempts": 2, "node": "org-b",
+         "payload": sha256(b"jwe").hex()}
 
 
-def test_share_lifecycle(c: Chain) -> None:
+def shared_world() -> Chain:
+    c = world()
+    assert c.run("org-a", "record.put", record_body("o1", 1, "")).code == OK
+    return c
+
+
+def test_share_lifecycle() -> None:
+    c = shared_world()
     assert c.run("org-a", "share.create", SHARE).code == FORBIDDEN
     assert c.run("pat-2", "share.create", SHARE).code == FORBIDDEN
     r = c.run("pat-1", "share.create", SHARE)
     assert (r.code, r.data) == (OK, SHARE_ID)
+    grant = st.share(c.state, SHARE_ID)
+    assert grant is not None and grant["payload"] == SHARE["payload"] and grant["node"] == "org-b"
+    assert not {"jwe", "label", "recipient"} & set(grant)  # nothing readable on the ledger
     assert [s["id"] for s in st.shares_of(c.state, "pat-1")] == [SHARE_ID]
     assert c.run("pat-1", "share.create", SHARE).code == CONFLICT
+    assert c.run("org-a", "share.attempt", {"id": SHARE_ID}).code == FORBIDDEN  # not the issuer
     assert c.run("org-b", "share.attempt", {"id": SHARE_ID}).data == "1"
     assert c.run("org-b", "share.attempt", {"id": SHARE_ID}).data == "0"
     assert c.run("org-b", "share.attempt", {"id": SHARE_ID}).data == "0"
@@ -498,52 +534,98 @@ def test_share_lifecycle(c: Chain) -> None:
     assert c.run("pat-1", "share.revoke", {"id": SHARE_ID}).code == OK
     grant = st.share(c.state, SHARE_ID)
     assert grant is not None and grant["revoked"] and grant["revoked_ns"] == T0
+    assert c.run("pat-1", "share.revoke", {"id": SHARE_ID}).code == CONFLICT
+    assert c.run("org-b", "share.attempt", {"id": SHARE_ID}).code == 11  # gone
 
 
 def test_overwriting_is_judged_on_what_is_overwritten(c: Chain) -> None:
     """A nurse may not replace a mental-health record with vital signs (its history
-    would then expose the older version)."""
+    would then expose the older version); a physician who may not read a PSY record
+    may overwrite it only by breaking the glass, which is flagged."""
     psy = {**record_body("o9", 1, ""), "category": "mental-health", "labels": ["PSY"]}
-    assert c.run("dr-phys", "record.put", psy).code == OK
+    assert c.run("dr-psy", "record.put", psy).code == OK
     vitals = {**record_body("o9", 2, body_hash(psy), author="nurse-n"),
               "category": "vital-signs"}
     r = c.run("org-a", "record.put", vitals)
     assert r.code == FORBIDDEN and "overwrite" in r.log
-    assert c.run("dr-phys", "record.put", {**vitals, "author": "dr-phys"}).code == OK
+    r = c.run("dr-phys", "record.put", {**vitals, "author": "dr-phys"})
+    assert r.code == FORBIDDEN and "may not read the version it replaces" in r.log
+    r = c.run("nurse-n", "record.put", {**vitals, "author": "nurse-n", "break_glass": True})
+    assert r.code == FORBIDDEN  # a nurse may not break the glass
+    assert c.run("dr-phys", "record.put", {**vitals, "author": "dr-phys",
+                                           "break_glass": True}).code == OK
+    head = st.record_head(c.state, "Observation", "o9")
+    assert head is not None and head["break_glass"] is True and head["author"] == "dr-phys"
+    # the organisation itself (bulk import) overwrites what it has a care relationship for
+    v3 = record_body("o9", 3, head["hash"], category="mental-health", labels=["PSY"])
+    assert c.run("org-a", "record.put", v3).code == OK
+
+
+def test_deny_consent_refuses_writes_by_the_denied(c: Chain) -> None:
+    deny_org = {"patient": "pat-1", "id": "d1", "decision": "deny", "orgs": ["org-a"],
+                "categories": ["laboratory"]}
+    deny_nurse = {"patient": "pat-1", "id": "d2", "decision": "deny", "actors": ["nurse-n"]}
+    assert c.run("pat-1", "consent.put", deny_org).code == OK
+    assert c.run("pat-1", "consent.put", deny_nurse).code == OK
+    lab = record_body("l1", 1, "", category="laboratory")
+    r = c.run("org-a", "record.put", lab)
+    assert r.code == FORBIDDEN and "consent d1" in r.log
+    assert c.run("dr-phys", "record.put", lab).code == FORBIDDEN  # org-a's staff too
+    vitals = record_body("v1", 1, "")
+    r = c.run("nurse-n", "record.put", vitals)
+    assert r.code == FORBIDDEN and "consent d2" in r.log
+    assert c.run("dr-phys", "record.put", vitals).code == OK
+    # an overwrite by the denied is refused too, whatever the new category
+    r = c.run("nurse-n", "record.put", record_body("v1", 2, body_hash(vitals)))
+    assert r.code == FORBIDDEN
 
 
 def test_rewrap_for_a_later_member(c: Chain) -> None:
     assert c.run("org-a", "record.put", record_body("o1", 1, "")).code == OK
-    key = "A" * 107  # the machine stores wrapped keys; only readers can tell a bad one
+    key = sha256(b"wrapped key").hex()  # the hash of the wrapped key blob (off-chain)
     item = {"type": "Observation", "id": "o1", "version": 1, "reader": "org-b", "key": key}
     assert c.run("org-a", "record.rewrap", {"items": [item]}).code == OK
     assert c.run("org-b", "record.rewrap", {"items": [{**item, "reader": "org-a"}]}).code == OK
     assert st.rewrapped_keys(c.state, "Observation", "o1", 1, "org-b") == [key]
-    # refusals: not an org, unknown version, reader not a member, bad shapes
+    # the record's patient may get a re-wrapped key too (a rotated patient key)
+    assert c.run("org-a", "record.rewrap",
+                 {"items": [{**item, "reader": "pat-1"}]}).code == OK
+    # refusals: not an org, unknown version, reader not a member nor the patient, shapes
     assert c.run("dr-phys", "record.rewrap", {"items": [item]}).code == FORBIDDEN
     assert c.run("org-a", "record.rewrap", {"items": [{**item, "version": 2}]}).code == NOTFOUND
     assert c.run("org-a", "record.rewrap",
-                 {"items": [{**item, "reader": "pat-1"}]}).code == FORBIDDEN
+                 {"items": [{**item, "reader": "pat-2"}]}).code == FORBIDDEN
     assert c.run("org-a", "record.rewrap", {"items": []}).code == INVALID
     assert c.run("org-a", "record.rewrap", {"items": [{**item, "key": "!"}]}).code == INVALID
     assert c.run("org-a", "record.rewrap",
-                 {"items": [{**item, "key": "A" * 201}]}).code == INVALID
+                 {"items": [{**item, "key": "A" * 64}]}).code == INVALID
 
 
-def test_share_without_passcode_counts_nothing(c: Chain) -> None:
-    assert c.run("pat-1", "share.create", {**SHARE, "passcode": None}).code == OK
-    assert c.run("org-a", "share.attempt", {"id": SHARE_ID}).data == "None"
+def test_share_without_passcode_counts_nothing() -> None:
+    c = shared_world()
+    assert c.run("pat-1", "share.create", {**SHARE, "passcode": False}).code == OK
+    assert c.run("org-b", "share.attempt", {"id": SHARE_ID}).data == "None"
 
 
 @pytest.mark.parametrize(
     "change",
     [{"id": "short"}, {"id": "s" * 65}, {"id": "s" * 19 + "/"}, {"exp": T0 // 10**9},
-     {"exp": "tomorrow"}, {"jwe": None}, {"records": "all"}, {"passcode": {"salt": "s"}},
-     {"passcode": {"salt": "s", "hash": "h", "n": 2**30}},
-     {"max_attempts": 0}, {"max_attempts": 101}, {"label": "x" * 81}],
+     {"exp": "tomorrow"}, {"exp": True}, {"payload": None}, {"payload": "e.y.j"},
+     {"records": "all"}, {"records": []}, {"records": [["Observation", "o1", 2]]},
+     {"records": [["Observation", "o1"]]}, {"passcode": {"salt": "s", "hash": "h"}},
+     {"passcode": None}, {"node": "org-zz"}, {"node": "pat-1"},
+     {"max_attempts": 0}, {"max_attempts": 101}, {"max_attempts": True}],
 )
-def test_share_shape_errors(c: Chain, change: dict[str, Any]) -> None:
+def test_share_shape_errors(change: dict[str, Any]) -> None:
+    c = shared_world()
     assert c.run("pat-1", "share.create", {**SHARE, **change}).code == INVALID
+
+
+def test_share_refuses_records_of_another_patient() -> None:
+    c = shared_world()
+    assert c.run("org-b", "record.put", record_body("o2", 1, "", patient="pat-2")).code == OK
+    r = c.run("pat-1", "share.create", {**SHARE, "records": [["Observation", "o2", 1]]})
+    assert r.code == INVALID and "not a record version of patient pat-1" in r.log
 
 
 # ---------------------------------------------------------------- audit
@@ -632,14 +714,14 @@ def test_app_hash_commits_to_previous_app_hash() -> None:
 
 _BASE = world()
 _BASE_DATA = dict(_BASE.state.data)
-_BASE_HEAD = (_BASE.height, _BASE.app_hash, _BASE.header_hash, dict(_BASE.nonces))
+_BASE_HEAD = (_BASE.height, _BASE.app_hash, _BASE.header_hash, dict(_BASE.nonces), _BASE.acc)
 _BODY_CACHE: dict[tuple[str, int], dict[str, Any]] = {}
 
 
 def _chain_from_base() -> Chain:
     c = Chain()
     c.state = st.MemoryState(_BASE_DATA)
-    c.height, c.app_hash, c.header_hash, nonces = _BASE_HEAD
+    c.height, c.app_hash, c.header_hash, nonces, c.acc = _BASE_HEAD
     c.nonces = dict(nonces)
     return c
 
@@ -685,7 +767,8 @@ def _build(c: Chain, actions: list[tuple[int, int, int]]) -> list[bytes]:
         elif kind == 8:
             txs.append(c.tx("org-a", "audit.anchor", {"events": [event(a * 10 + b)]}))
         else:
-            txs.append(c.tx("pat-1", "share.create", {**SHARE, "id": f"share-{a:011d}"}))
+            txs.append(c.tx("pat-1", "share.create", {**SHARE, "id": f"share-{a:011d}",
+                                                      "records": [["Observation", "r0", 1]]}))
     return txs
 
 

@@ -130,13 +130,13 @@ async def patient_match(request: Request) -> Response:
 @router.get("/Patient/{pid}/$everything")
 async def everything(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return _searchset(request, node.everything(session, pid, break_glass(request)))
+    return _searchset(request, await node.everything(session, pid, break_glass(request)))
 
 
 @router.get("/Patient/{pid}/$summary")
 async def summary(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return fhir_json(node.summary(session, pid))
+    return fhir_json(await node.summary(session, pid))
 
 
 @router.get("/AuditEvent")
@@ -183,7 +183,8 @@ async def create(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
     stored = await node.put_resource(session, await request.body(), rtype, None,
-                                     password=request.headers.get("x-medledger-patient-password"))
+                                     password=request.headers.get("x-medledger-patient-password"),
+                                     break_glass=break_glass(request))
     return _record_response(stored, 201 if stored.created else 200, _base(request))
 
 
@@ -194,7 +195,8 @@ async def update(request: Request, rtype: str, rid: str) -> Response:
     existed = node.store.get(f"rec/{rtype}/{rid}") is not None
     stored = await node.put_resource(session, await request.body(), rtype, rid,
                                      _if_match(request),
-                                     password=request.headers.get("x-medledger-patient-password"))
+                                     password=request.headers.get("x-medledger-patient-password"),
+                                     break_glass=break_glass(request))
     return _record_response(stored, 200 if existed else 201, _base(request))
 
 
@@ -202,7 +204,7 @@ async def update(request: Request, rtype: str, rid: str) -> Response:
 async def read(request: Request, rtype: str, rid: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    stored = node.read(session, rtype, rid, None, break_glass(request))
+    stored = await node.read(session, rtype, rid, None, break_glass(request))
     return _record_response(stored, 200, _base(request))
 
 
@@ -210,7 +212,7 @@ async def read(request: Request, rtype: str, rid: str) -> Response:
 async def history(request: Request, rtype: str, rid: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    versions = node.history(session, rtype, rid, break_glass(request))
+    versions = await node.history(session, rtype, rid, break_glass(request))
     entries: list[tuple[dict[str, Any], str, str, str]] = [
         (s.resource, str(s.version), s.last_updated, "POST" if s.version == 1 else "PUT")
         for s in versions]
@@ -224,7 +226,7 @@ async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
     if not vid.isdigit():
         raise InvalidInput(f"version id must be a number, got {vid!r}")
     node, session = node_of(request), session_of(request)
-    stored = node.read(session, rtype, rid, int(vid), break_glass(request))
+    stored = await node.read(session, rtype, rid, int(vid), break_glass(request))
     return _record_response(stored, 200, _base(request))
 
 
@@ -245,8 +247,8 @@ def _search_params(request: Request) -> dict[str, str]:
 async def search(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    return _searchset(request, node.search(session, rtype, _search_params(request),
-                                           break_glass(request)))
+    return _searchset(request, await node.search(session, rtype, _search_params(request),
+                                                 break_glass(request)))
 
 
 @router.delete("/{rtype}/{rid}")

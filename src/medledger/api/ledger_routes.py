@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import fhir_json, json_body, node_of, session_of
 from medledger.core import proofs
-from medledger.crypto.canonical import loads
+from medledger.core.machine import HASH_RE
+from medledger.crypto.canonical import b64e, loads
 from medledger.errors import InvalidInput, NotFound
 from medledger.node.auth import ASSERTION_TYPE
 
@@ -171,5 +172,19 @@ async def submit_tx(request: Request) -> Response:
 async def sealed(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
     return fhir_json({"patient": pid, "chain": node.chain,
-                      "records": node.export_sealed(session, pid)})
+                      "records": await node.export_sealed(session, pid)})
+
+
+@router.post("/replica/blobs")
+async def replica_blobs(request: Request) -> Response:
+    """Sealed blobs for another member node's replication fetcher (ADR 4): member
+    organisations only; what is erased is gone."""
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    hashes = body.get("hashes") if isinstance(body, dict) else None
+    if not isinstance(hashes, list) or not all(
+            isinstance(h, str) and HASH_RE.match(h) for h in hashes):
+        raise InvalidInput("expected {\"hashes\": [<sha-256 hex>, ...]}")
+    blobs = node.serve_blobs(session, hashes)
+    return fhir_json({"blobs": {h: b64e(d) for h, d in blobs.items()}})
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import json_body, node_of, session_of
 from medledger.core import policy
-from medledger.crypto.canonical import b64e
+from medledger.crypto.canonical import b64d, b64e
 from medledger.errors import InvalidInput
 from medledger.fhir import shl
 
@@ -50,7 +50,28 @@ async def revoke_consent(request: Request, cid: str) -> Response:
 async def shares(request: Request) -> Response:
     node, session = node_of(request), session_of(request)
     return _json([{k: v for k, v in g.items() if k != "passcode"} | {
-        "has_passcode": g["passcode"] is not None} for g in node.shares(session)])
+        "has_passcode": bool(g["passcode"])} for g in node.shares(session)])
+
+
+@router.post("/api/shares/publish")
+async def publish_share(request: Request) -> Response:
+    """A share link made client-side (the CLI, with the patient's own key): the signed
+    ``share.create`` tx plus the payload this node keeps and serves (ADR 4)."""
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("tx"), str) or not isinstance(
+            body.get("jwe"), str):
+        raise InvalidInput("expected {tx: <base64url signed share.create>, jwe, passcode?, "
+                           "label?, recipient?}")
+    passcode = body.get("passcode")
+    label, recipient = body.get("label", ""), body.get("recipient", "")
+    if passcode is not None and not isinstance(passcode, str) or not isinstance(
+            label, str) or not isinstance(recipient, str):
+        raise InvalidInput("passcode, label and recipient must be strings")
+    grant = await node.publish_share(session, b64d(body["tx"], field="tx"), body["jwe"],
+                                     passcode, label, recipient)
+    return _json({k: v for k, v in grant.items() if k != "passcode"}
+                 | {"has_passcode": bool(grant["passcode"])}, 201)
 
 
 @router.post("/api/shares")

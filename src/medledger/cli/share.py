@@ -20,6 +20,7 @@ from medledger.cli.common import (
     handle_errors,
     share_app,
 )
+from medledger.crypto.canonical import b64e
 from medledger.errors import Gone, InvalidInput, NotFound, Unauthenticated, Unavailable
 from medledger.fhir import shl
 from medledger.node import shares
@@ -52,10 +53,13 @@ def share_create(node: NodeOpt, key: KeyOpt,
         chosen = shares.select(c.export_heads(),
                                {"categories": category, "types": type, "ids": id})
         exp = int(time.time()) + parse_duration(expires)
-        body, link = shares.build_share(c.identity.id, chosen, node.rstrip("/"), iso_now(),
-                                        exp, passcode, label)
-        res = c.submit_tx("share.create", body)
-    console.print(f"[green]share created[/] (height {res['height']}), {len(chosen)} records, "
+        body, jwe, link = shares.build_share(c.identity.id, chosen, node.rstrip("/"),
+                                             iso_now(), exp, passcode, label,
+                                             c.get("/ledger/status", auth=False)["org"])
+        tx = c.sign_tx("share.create", body)
+        c.post("/api/shares/publish", {"tx": b64e(tx.raw), "jwe": jwe, "passcode": passcode,
+                                       "label": label, "recipient": ""})
+    console.print(f"[green]share created[/], {len(chosen)} records, "
                   f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(exp))}")
     if qr:
         if qr.suffix == ".svg":

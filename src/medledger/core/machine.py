@@ -9,12 +9,18 @@ the ``StateReader`` it is given; block time arrives in ``BlockInput``.
 App hash of a block::
 
     app_hash = SHA-256(canonical({prev_app_hash, height, time_ns, tx_root,
-                                  results_root, writes_root, audit_root}))
+                                  results_root, writes_root, audit_root, state_digest}))
 
 (an empty block keeps the previous app hash: it changes no state)
 
 where the roots are RFC 6962 Merkle roots over the block's raw txs, their
-(code, data) results, the sorted state writes, and the audit events anchored.
+(code, data) results, the sorted state writes, and the audit events anchored, and
+``state_digest`` commits to the whole state after the block (``crypto.multiset``:
+updated from the block's writes, recomputable from a scan of the state), so a node
+can check at start-up that the state it serves is the state it committed.
+
+Record content never passes through here: a ``record.put`` carries metadata, the
+salted commitment and the hash of the sealed blob that nodes keep off-chain (ADR 4).
 """
 
 from __future__ import annotations
@@ -22,14 +28,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from medledger.core import policy
 from medledger.core import state as st
 from medledger.core.state import Overlay, get_json, put_json
 from medledger.core.tx import ID_RE, Tx, decode_tx
-from medledger.crypto import merkle
-from medledger.crypto.canonical import b64d, canonical, sha256
+from medledger.crypto import merkle, multiset
+from medledger.crypto.canonical import b64d, canonical, loads, sha256
 from medledger.crypto.signing import verify
 from medledger.errors import (
     BadSignature,
@@ -44,13 +51,22 @@ from medledger.errors import (
 )
 
 MAX_BATCH_OPS = 5000
-PASSCODE_SCRYPT_N = 2**14
 MAX_AUDIT_EVENTS = 5000
+MAX_IMPORT_PARTS = 10_000
+MAX_IMPORT_OPS = 200_000
+MAX_BLOB_BYTES = 64 * 1024 * 1024
+MAX_ERASE_RECORDS = 10_000
 VALIDATOR_POWER = 10
 RESOURCE_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}\Z")
+HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
+# Ledger audit events carry no free text: reasons and details travel sealed in ``x``
+# (AES-GCM under the node's audit key of epoch ``k``, ADR 4 section 6).
 AUDIT_FIELDS = {"id", "recorded", "action", "subtype", "outcome", "agent", "agent_org",
-                "agent_role", "patient", "entity", "purpose", "reason", "node", "basis",
-                "break_glass", "detail"}
+                "agent_role", "patient", "entity", "purpose", "node", "basis",
+                "break_glass", "x", "k"}
+ERASURE_BASES = frozenset({"consent-withdrawn", "no-longer-necessary", "objection",
+                           "unlawful-processing", "legal-obligation", "retention-expired"})
+DEACTIVATION_REASONS = frozenset({"left", "key-compromised", "deceased", "duplicate", "other"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class BlockInput:
     txs: tuple[bytes, ...]
     prev_app_hash: bytes
     prev_header_hash: bytes
+    prev_state_acc: bytes = multiset.EMPTY  # the state digest accumulator before the block
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,7 @@ class BlockApplied:
     writes: dict[str, bytes | None]
     audit: tuple[AuditRow, ...]
     validator_updates: tuple[tuple[bytes, int], ...]
+    state_acc: bytes = multiset.EMPTY
 
 
 # ---------------------------------------------------------------- blocks
@@ -118,14 +136,24 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
         results.append(apply_tx(overlay, raw, ctx, verified))
     audit = tuple(AuditRow(eid, patient, recorded, i, ev)
                   for i, (eid, patient, recorded, ev) in enumerate(ctx.audit))
-    header = block_header(block, results, overlay.writes, [a.event for a in audit])
+    acc = state_acc_after(state, overlay.writes, block.prev_state_acc)
+    header = block_header(block, results, overlay.writes, [a.event for a in audit], acc)
     app_hash = bytes.fromhex(header["app_hash"])
     return BlockApplied(header, header_hash(header), app_hash, tuple(results), tuple(hashes),
-                        overlay.writes, audit, tuple(ctx.validator_updates))
+                        overlay.writes, audit, tuple(ctx.validator_updates), acc)
+
+
+def state_acc_after(base: st.StateReader, writes: Mapping[str, bytes | None],
+                    acc: bytes) -> bytes:
+    """The state digest accumulator once ``writes`` replace what ``base`` holds."""
+    removed = [(k, old) for k in writes if (old := base.get(k)) is not None]
+    added = [(k, v) for k, v in writes.items() if v is not None]
+    return multiset.update(acc, removed, added)
 
 
 def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, bytes | None],
-                 audit_events: list[bytes]) -> dict[str, Any]:
+                 audit_events: list[bytes], state_acc: bytes | None = None
+                 ) -> dict[str, Any]:
     roots = {
         "tx_root": merkle.root(block.txs).hex(),
         # codes and data only: human log wording may change between versions
@@ -133,6 +161,8 @@ def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, 
         "writes_root": merkle.root([canonical([k, None if v is None else sha256(v).hex()])
                                     for k, v in sorted(writes.items())]).hex(),
         "audit_root": merkle.root(audit_events).hex(),
+        "state_digest": multiset.digest(block.prev_state_acc if state_acc is None
+                                        else state_acc),
     }
     # an empty block changes nothing, so it keeps the app hash (CometBFT then needs no
     # extra "proof" block for it and an idle network stays quiet)
@@ -152,7 +182,7 @@ def header_hash(header: Mapping[str, Any]) -> bytes:
 # ---------------------------------------------------------------- genesis
 
 def genesis_writes(app_state: Mapping[str, Any]) -> dict[str, bytes | None]:
-    """State writes for the genesis organisations (``app_state = {"orgs": [...]}``)."""
+    """State writes for genesis: ``app_state = {"orgs": [...], "retention"?: {...}}``."""
     orgs = app_state.get("orgs")
     if not isinstance(orgs, list) or not orgs:
         raise InvalidInput("genesis must name at least one organisation")
@@ -164,14 +194,34 @@ def genesis_writes(app_state: Mapping[str, Any]) -> dict[str, bytes | None]:
         entry = _org_entry(o)
         entry.update(status="active", approvals=[])
         put_json(overlay, f"org/{entry['id']}", entry)
+    retention = app_state.get("retention")
+    if retention is not None:
+        put_json(overlay, "policy/retention", _retention_rules(retention))
     return overlay.writes
 
 
+def _retention_rules(rules: Any) -> dict[str, int]:
+    if not isinstance(rules, dict):
+        raise InvalidInput("genesis retention must map categories to seconds")
+    for cat, secs in rules.items():
+        if cat not in policy.CATEGORIES:
+            raise InvalidInput(f"genesis retention: unknown category {cat!r}")
+        if not isinstance(secs, int) or isinstance(secs, bool) or secs < 0:
+            raise InvalidInput(f"genesis retention for {cat}: seconds must be an integer >= 0")
+    return dict(rules)
+
+
+def genesis_state_acc(writes: Mapping[str, bytes | None]) -> bytes:
+    return multiset.of_items((k, v) for k, v in writes.items() if v is not None)
+
+
 def genesis_app_hash(chain: str, writes: Mapping[str, bytes | None]) -> bytes:
-    """The app hash of the genesis state: its writes root, bound to the chain id."""
-    writes_root = block_header(BlockInput(chain, 0, 0, (), b"", b""), [], writes,
-                               [])["writes_root"]
-    return sha256(canonical({"chain": chain, "genesis_writes_root": writes_root}))
+    """The app hash of the genesis state: its writes root and state digest, bound to the
+    chain id."""
+    header = block_header(BlockInput(chain, 0, 0, (), b"", b""), [], writes, [],
+                          genesis_state_acc(writes))
+    return sha256(canonical({"chain": chain, "genesis_writes_root": header["writes_root"],
+                             "state_digest": header["state_digest"]}))
 
 
 # ---------------------------------------------------------------- transactions
@@ -189,7 +239,7 @@ def apply_tx(overlay: Overlay, raw: bytes, ctx: _Ctx, verified: Container[bytes]
     try:
         tx = decode_tx(raw)
         signer = authenticate(scratch, tx, ctx.chain, verified)
-        scratch.put(f"n/{tx.signer}/{tx.nonce}", b"1")
+        scratch.put(f"n/{tx.signer}/{tx.nonce}", tx.hash_hex.encode())
         nonce_write = dict(scratch.writes)
         try:
             data = _HANDLERS[tx.kind](scratch, tx.signer, signer, tx.body, tx, ctx)
@@ -214,6 +264,8 @@ def authenticate(state: st.StateReader, tx: Tx, chain: str, verified: Container[
         raise UnknownSigner(f"unknown signer {tx.signer!r}")
     if signer["kind"] == "org" and signer["status"] != "active":
         raise UnknownSigner(f"organisation {tx.signer!r} is not an active member")
+    if not st.is_active(signer):
+        raise UnknownSigner(f"{tx.signer} was deactivated; its key signs nothing any more")
     if tx.hash not in verified and not verify(
             b64d(signer["sign_pub"], field="sign_pub"), tx.signing_bytes, tx.sig):
         raise BadSignature(f"bad signature on tx {tx.hash_hex[:16]} by {tx.signer}")
@@ -257,6 +309,21 @@ def _need_patient_self(signer_id: str, signer: Mapping[str, Any], patient: str,
                         f"not by {signer_id} ({signer.get('role') or signer['kind']})")
 
 
+def _need_hash(body: Mapping[str, Any], key: str, what: str) -> str:
+    value = _need(body, key, str, what)
+    if not HASH_RE.match(value):
+        raise InvalidInput(f"{what}: {key!r} must be a SHA-256 hash in lowercase hex")
+    return str(value)
+
+
+def _need_ids(body: Mapping[str, Any], key: str, what: str) -> list[str]:
+    values = _need(body, key, list, what)
+    if not values or not all(isinstance(v, str) and ID_RE.match(v) for v in values) \
+            or values != sorted(set(values)):
+        raise InvalidInput(f"{what}: {key!r} must be a non-empty sorted list of unique ids")
+    return list(values)
+
+
 def _org_entry(o: Any) -> dict[str, Any]:
     if not isinstance(o, dict):
         raise InvalidInput("organisation must be an object")
@@ -268,6 +335,13 @@ def _org_entry(o: Any) -> dict[str, Any]:
     b64d(entry["enc_pub"], field="organisation enc_pub", size=32)
     if entry["validator_pub"] is not None:
         b64d(entry["validator_pub"], field="organisation validator_pub", size=32)
+    api_url = o.get("api_url")
+    if api_url is not None:
+        if not isinstance(api_url, str) or len(api_url) > 200 or not api_url.startswith(
+                ("http://", "https://")):
+            raise InvalidInput("organisation api_url must be an http(s) URL of at most 200 "
+                               "characters")
+        entry["api_url"] = api_url.rstrip("/")
     return entry
 
 
@@ -323,7 +397,7 @@ def _apply_actor_register(s: Overlay, sid: str, signer: dict[str, Any], body: Ma
         raise Conflict(f"id {aid} is already registered")
     entry: dict[str, Any] = {"id": aid, "kind": kind, "org": sid,
                              "sign_pub": body.get("sign_pub"), "enc_pub": body.get("enc_pub"),
-                             "registered_at": ctx.now_s}
+                             "registered_at": ctx.now_s, "status": "active"}
     b64d(entry["sign_pub"], field="sign_pub", size=32)
     b64d(entry["enc_pub"], field="enc_pub", size=32)
     if kind == "practitioner":
@@ -337,6 +411,65 @@ def _apply_actor_register(s: Overlay, sid: str, signer: dict[str, Any], body: Ma
     return aid
 
 
+def _identity_target(s: Overlay, sid: str, signer: dict[str, Any], aid: str,
+                     what: str) -> dict[str, Any]:
+    """The actor or organisation ``aid`` that ``sid`` may manage: itself, or an actor of
+    the signing organisation."""
+    target = st.principal(s, aid)
+    if target is None:
+        raise NotFound(f"{what}: no actor or organisation {aid}")
+    if sid == aid or (signer["kind"] == "org" and target.get("org") == sid
+                      and target["kind"] != "org"):
+        return target
+    raise Forbidden(f"{what}: {sid} may not manage {aid} (only {aid} itself or its "
+                    "organisation may)")
+
+
+def _apply_actor_deactivate(s: Overlay, sid: str, signer: dict[str, Any],
+                            body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """An actor leaves (or its key is compromised): its key signs nothing and its
+    tokens stop working at once, on every node."""
+    what = "actor.deactivate"
+    aid = _need_id(body, "id", what)
+    reason = body.get("reason")
+    if reason not in DEACTIVATION_REASONS:
+        raise InvalidInput(f"{what}: reason must be one of {sorted(DEACTIVATION_REASONS)}")
+    target = _identity_target(s, sid, signer, aid, what)
+    if target["kind"] == "org":
+        raise Forbidden(f"{what}: organisations leave by governance, not by deactivation")
+    if not st.is_active(target):
+        raise Conflict(f"{aid} is already deactivated")
+    target.update(status="inactive", deactivated_at=ctx.now_s, deactivated_by=sid,
+                  deactivated_reason=reason)
+    put_json(s, f"actor/{aid}", target)
+    return aid
+
+
+def _apply_key_rotate(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                      tx: Tx, ctx: _Ctx) -> str | None:
+    """New signing and encryption keys for an actor or organisation; the old ones are
+    kept in ``keyhist/`` (old data keys stay wrapped to them until re-wrapped)."""
+    what = "key.rotate"
+    aid = _need_id(body, "id", what)
+    target = _identity_target(s, sid, signer, aid, what)
+    if not st.is_active(target):
+        raise Forbidden(f"{what}: {aid} is deactivated")
+    sign_pub, enc_pub = _need(body, "sign_pub", str, what), _need(body, "enc_pub", str, what)
+    b64d(sign_pub, field="sign_pub", size=32)
+    b64d(enc_pub, field="enc_pub", size=32)
+    if sign_pub == target["sign_pub"] and enc_pub == target["enc_pub"]:
+        raise Conflict(f"{what}: the new keys are the current keys")
+    n = int(target.get("keys_v", 0))
+    put_json(s, f"keyhist/{aid}/{n:04d}", {"sign_pub": target["sign_pub"],
+                                            "enc_pub": target["enc_pub"],
+                                            "until_ns": ctx.time_ns, "by": sid})
+    target.update(sign_pub=sign_pub, enc_pub=enc_pub, keys_v=n + 1)
+    kind = target.pop("kind")
+    put_json(s, f"org/{aid}" if kind == "org" else f"actor/{aid}",
+             target if kind == "org" else {**target, "kind": kind})
+    return str(n + 1)
+
+
 # --- records
 
 def _apply_record_put(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
@@ -348,63 +481,87 @@ def _apply_record_put(s: Overlay, sid: str, signer: dict[str, Any], body: Mappin
     rid = _need_id(body, "id", what)
     version = _need(body, "version", int, what)
     prev = _need(body, "prev", str, what)
-    patient = _need_id(body, "patient", what)
+    patient = None if body.get("patient") is None else _need_id(body, "patient", what)
     category = _need(body, "category", str, what)
     labels = _need(body, "labels", list, what)
-    keys = _need(body, "keys", dict, what)
-    for f in ("ct", "iv", "commitment"):
-        _need(body, f, str, what)
+    b64d(_need(body, "commitment", str, what), field=f"{what} commitment", size=32)
+    blob = _need_hash(body, "blob", what)
+    size = _need(body, "size", int, what)
+    readers = _need_ids(body, "readers", what)
+    break_glass = body.get("break_glass", False)
+    if not isinstance(break_glass, bool):
+        raise InvalidInput(f"{what}: break_glass must be true or false")
+    if not 0 < size <= MAX_BLOB_BYTES:
+        raise InvalidInput(f"{what}: blob size must be 1-{MAX_BLOB_BYTES} bytes")
     if category not in policy.CATEGORIES:
         raise InvalidInput(f"{what}: unknown category {category!r}")
     # Type check first: sorted()/set() raise TypeError on mixed or unhashable items.
     if not all(isinstance(x, str) for x in labels) or labels != sorted(set(labels)):
         raise InvalidInput(f"{what}: labels must be sorted unique strings")
-    if patient not in keys:
+    if (patient is None) != (category == policy.DIRECTORY):
+        raise InvalidInput(f"{what}: a record without a patient is a directory record "
+                           f"(category {policy.DIRECTORY!r}) and only such a record has none")
+    if patient is None and labels:
+        raise InvalidInput(f"{what}: directory records carry no sensitivity labels")
+    if patient is not None and patient not in readers:
         raise InvalidInput(f"{what}: the data key must be wrapped to the patient {patient}")
-
-    org_id, author = _writer(s, sid, signer, body)
-    role = policy.writer_role(signer, author)
-    if role is None or not policy.may_write(role, category):
-        who = author["id"] if author else sid
-        raise Forbidden(f"{who} ({role.name if role else 'no clinical role'}) may not write "
-                        f"{category} data")
-    pat = st.actor(s, patient)
-    if pat is None or pat["kind"] != "patient":
-        raise NotFound(f"patient {patient} is not registered")
-    if not st.has_care(s, patient, org_id) and not policy.matching_consents(
-            st.consents(s, patient), author or {"id": sid, "org": org_id}, category, labels,
-            ctx.now_s, "permit"):
-        raise Forbidden(f"organisation {org_id} has no care relationship with patient {patient}")
     if rtype == "Patient" and rid != patient:
         raise InvalidInput(f"{what}: a Patient record's id must be the patient id")
 
+    org_id, author = _writer(s, sid, signer, body)
+    role = policy.writer_role(signer, author)
+    writer = author or policy.org_writer(org_id)
+    if role is None:
+        raise Forbidden(f"{writer['id']} has no clinical role and may not write records")
+    if patient is not None:
+        pat = st.actor(s, patient)
+        if pat is None or pat["kind"] != "patient":
+            raise NotFound(f"patient {patient} is not registered")
+    _check_readers(s, readers, patient, org_id, what)
     head = st.record_head(s, rtype, rid)
-    if head is not None:  # overwriting is writing over what is there: judge that too
-        hidden = set(head["labels"]) & policy.SENSITIVE_LABELS - role.labels
-        if not policy.may_write(role, head["category"]) or (hidden and not role.break_glass
-                                                            and role is not policy.SYSTEM):
-            raise Forbidden(f"{author['id'] if author else sid} ({role.name}) may not "
-                            f"overwrite {rtype}/{rid}, a {head['category']} record"
-                            + (f" labelled {','.join(sorted(hidden))}" if hidden else ""))
+    same = head is not None and head["patient"] == patient
+    # authorised first: a refused writer learns nothing about what the id holds
+    decision = policy.decide_write(s, writer, role, patient, category, labels, ctx.now_s,
+                                   head if same else None, break_glass)
+    if not decision.allowed:
+        raise Forbidden(decision.reason)
+    if head is not None and not same:
+        raise Conflict(f"{rtype}/{rid} belongs to "
+                       + ("the directory" if head["patient"] is None else "another patient"))
     if head is None:
         if version != 1 or prev != "":
             raise Conflict(f"{rtype}/{rid} does not exist; the first version must be 1 with no "
                            "previous hash")
-    else:
-        if head["patient"] != patient:
-            raise Conflict(f"{rtype}/{rid} belongs to another patient")
-        if version != head["v"] + 1 or prev != head["hash"]:
-            raise Conflict(f"version conflict on {rtype}/{rid}: the ledger is at version "
-                           f"{head['v']}, this write expected {version - 1}")
-    vhash = sha256(canonical(dict(body))).hex()
-    meta = {"type": rtype, "id": rid, "v": version, "hash": vhash, "prev": prev,
-            "patient": patient, "category": category, "labels": labels, "org": org_id,
-            "author": author["id"] if author else sid, "tx": tx.hash_hex, "op": ctx.op,
-            "time_ns": ctx.time_ns}
+    elif version != head["v"] + 1 or prev != head["hash"]:
+        raise Conflict(f"version conflict on {rtype}/{rid}: the ledger is at version "
+                       f"{head['v']}, this write expected {version - 1}")
+    meta = {"type": rtype, "id": rid, "v": version, "hash": sha256(canonical(dict(body))).hex(),
+            "prev": prev, "patient": patient, "category": category, "labels": labels,
+            "org": org_id, "author": writer["id"], "tx": tx.hash_hex, "op": ctx.op,
+            "time_ns": ctx.time_ns, "blob": blob, "size": size, "readers": readers,
+            "commitment": body["commitment"]}
+    if decision.break_glass:
+        meta["break_glass"] = True
     put_json(s, f"rec/{rtype}/{rid}", meta)
     put_json(s, st.version_key(rtype, rid, version), meta)
-    s.put(f"pat/{patient}/{rtype}/{rid}", b"1")
+    if patient is not None:
+        s.put(f"pat/{patient}/{rtype}/{rid}", b"1")
     return f"{rtype}/{rid}/_history/{version}"
+
+
+def _check_readers(s: Overlay, readers: list[str], patient: str | None, org_id: str,
+                   what: str) -> None:
+    """Keys go to the patient and member organisations only, the writer's among them."""
+    if org_id not in readers:
+        raise InvalidInput(f"{what}: the data key must be wrapped to the writing "
+                           f"organisation {org_id}")
+    for r in readers:
+        if r == patient:
+            continue
+        o = st.org(s, r)
+        if o is None or o["status"] != "active":
+            raise InvalidInput(f"{what}: reader {r} is neither the patient nor an active "
+                               "member organisation")
 
 
 def _writer(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any]
@@ -420,6 +577,90 @@ def _writer(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any
     if author is None or author["kind"] != "practitioner" or author["org"] != sid:
         raise Forbidden(f"author {author_id} is not a practitioner of {sid}")
     return sid, author
+
+
+# --- erasure (crypto-shredding: nodes delete the blobs of what is marked here)
+
+def _apply_record_erase(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                        tx: Tx, ctx: _Ctx) -> str | None:
+    """Mark versions erased. Every node then deletes their sealed blobs (ciphertext and
+    wrapped keys); the chain keeps ids, metadata and commitments (ADR 4)."""
+    what = "record.erase"
+    patient = _need_id(body, "patient", what)
+    basis = body.get("basis")
+    if basis not in ERASURE_BASES:
+        raise InvalidInput(f"{what}: basis must be one of {sorted(ERASURE_BASES)}")
+    pat = st.actor(s, patient)
+    if pat is None or pat["kind"] != "patient":
+        raise NotFound(f"patient {patient} is not registered")
+    if not (signer["kind"] == "patient" and sid == patient) and not (
+            signer["kind"] == "org" and st.has_care(s, patient, sid)):
+        raise Forbidden(f"{what}: only patient {patient}, or an organisation caring for them "
+                        "acting on their documented request, may erase their records")
+    targets = _erase_targets(s, patient, body, what)
+    rules = st.retention_rules(s)
+    versions = [m for t, i in targets for m in st.record_versions(s, t, i) if not st.erased(m)]
+    for m in versions:
+        _check_retention(m, rules, ctx)
+    if not versions:
+        raise Conflict(f"{what}: nothing left to erase in this scope (already erased)")
+    mark = {"at": ctx.time_ns, "by": sid, "basis": basis, "tx": tx.hash_hex}
+    gone = set()
+    for m in versions:
+        m["erased"] = mark
+        put_json(s, st.version_key(m["type"], m["id"], m["v"]), m)
+        head = st.record_head(s, m["type"], m["id"])
+        if head is not None and head["v"] == m["v"]:
+            put_json(s, f"rec/{m['type']}/{m['id']}", m)
+        gone.add((m["type"], m["id"], m["v"]))
+    for grant in st.shares_of(s, patient):
+        if not grant["revoked"] and any(tuple(r) in gone for r in grant["records"]):
+            grant.update(revoked=True, revoked_ns=ctx.time_ns, revoked_reason="erased")
+            put_json(s, f"share/{grant['id']}", grant)
+    scope = {k: body[k] for k in ("records", "category", "all") if body.get(k) is not None}
+    put_json(s, f"erasure/{patient}/{tx.hash_hex}", {**mark, "scope": scope,
+                                                      "versions": len(versions)})
+    return str(len(versions))
+
+
+def _erase_targets(s: Overlay, patient: str, body: Mapping[str, Any], what: str
+                   ) -> list[tuple[str, str]]:
+    scopes = [k for k in ("records", "category", "all") if body.get(k) is not None]
+    if len(scopes) != 1:
+        raise InvalidInput(f"{what}: give exactly one of records, category or all")
+    if body.get("all") is not None:
+        if body["all"] is not True:
+            raise InvalidInput(f"{what}: all must be true")
+        return st.patient_records(s, patient)
+    if body.get("category") is not None:
+        category = body["category"]
+        if category not in policy.CATEGORIES:
+            raise InvalidInput(f"{what}: unknown category {category!r}")
+        return [(t, i) for t, i in st.patient_records(s, patient)
+                if (h := st.record_head(s, t, i)) is not None and h["category"] == category]
+    refs = _need(body, "records", list, what)
+    if not 1 <= len(refs) <= MAX_ERASE_RECORDS:
+        raise InvalidInput(f"{what}: 1-{MAX_ERASE_RECORDS} records")
+    out = []
+    for ref in refs:
+        t, _, i = ref.partition("/") if isinstance(ref, str) else ("", "", "")
+        head = st.record_head(s, t, i) if t and i else None
+        if head is None or head["patient"] != patient:
+            raise NotFound(f"{what}: {ref!r} is not a record of patient {patient}")
+        out.append((t, i))
+    return out
+
+
+def _check_retention(meta: dict[str, Any], rules: Mapping[str, int], ctx: _Ctx) -> None:
+    keep_s = rules.get(meta["category"])
+    if keep_s is None:
+        return
+    until_ns = meta["time_ns"] + keep_s * 1_000_000_000
+    if until_ns > ctx.time_ns:
+        until = datetime.fromtimestamp(until_ns // 1_000_000_000, UTC).strftime("%Y-%m-%d")
+        raise Forbidden(f"retention rule '{meta['category']}: keep {keep_s // 86400} days' "
+                        f"keeps {meta['type']}/{meta['id']} version {meta['v']} until {until}; "
+                        "it cannot be erased before then")
 
 
 # --- consent
@@ -469,7 +710,7 @@ def _apply_consent_revoke(s: Overlay, sid: str, signer: dict[str, Any], body: Ma
     return cid
 
 
-# --- share links
+# --- share links (the payload stays with the issuing node: ADR 4 section 3)
 
 def _apply_share_create(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
                         tx: Tx, ctx: _Ctx) -> str | None:
@@ -482,27 +723,46 @@ def _apply_share_create(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     if st.share(s, share_id) is not None:
         raise Conflict(f"share {share_id} already exists")
     exp = body.get("exp")
-    if exp is not None and (not isinstance(exp, int) or exp <= ctx.now_s):
+    if exp is not None and (not isinstance(exp, int) or isinstance(exp, bool)
+                            or exp <= ctx.now_s):
         raise InvalidInput(f"{what}: exp must be a future time in epoch seconds")
-    _need(body, "jwe", str, what)
-    records = _need(body, "records", list, what)
+    payload = _need_hash(body, "payload", what)
+    node = _need_id(body, "node", what)
+    issuer = st.org(s, node)
+    if issuer is None or issuer["status"] != "active":
+        raise InvalidInput(f"{what}: node {node} is not an active member organisation")
     passcode = body.get("passcode")
-    if passcode is not None and not (isinstance(passcode, dict) and {"salt", "hash", "n"}
-                                     <= set(passcode) and passcode["n"] == PASSCODE_SCRYPT_N):
-        raise InvalidInput(f"{what}: passcode must carry salt, hash and n = {PASSCODE_SCRYPT_N}")
+    if not isinstance(passcode, bool):
+        raise InvalidInput(f"{what}: passcode must be true or false (the verifier stays "
+                           "with the issuing node)")
     attempts = body.get("max_attempts", 10)
-    if not isinstance(attempts, int) or not 1 <= attempts <= 100:
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or not 1 <= attempts <= 100:
         raise InvalidInput(f"{what}: max_attempts must be 1-100")
-    label = body.get("label") or ""
-    if not isinstance(label, str) or len(label) > 80:
-        raise InvalidInput(f"{what}: label must be at most 80 characters")
-    grant = {"id": share_id, "patient": patient, "exp": exp, "label": label,
-             "passcode": passcode, "attempts_left": attempts if passcode else None,
-             "records": records, "revoked": False, "created_ns": ctx.time_ns,
-             "tx": tx.hash_hex, "recipient": body.get("recipient") or ""}
+    records = _share_records(s, patient, _need(body, "records", list, what), what)
+    grant = {"id": share_id, "patient": patient, "exp": exp, "node": node,
+             "payload": payload, "passcode": passcode,
+             "attempts_left": attempts if passcode else None, "records": records,
+             "revoked": False, "created_ns": ctx.time_ns, "tx": tx.hash_hex}
     put_json(s, f"share/{share_id}", grant)
     s.put(f"pshare/{patient}/{share_id}", b"1")
     return str(share_id)
+
+
+def _share_records(s: Overlay, patient: str, records: list[Any], what: str
+                   ) -> list[list[Any]]:
+    if not 1 <= len(records) <= MAX_BATCH_OPS:
+        raise InvalidInput(f"{what}: 1-{MAX_BATCH_OPS} records")
+    out = []
+    for r in records:
+        ok = (isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+              and isinstance(r[1], str) and isinstance(r[2], int))
+        meta = st.record_version(s, r[0], r[1], r[2]) if ok else None
+        if meta is None or meta["patient"] != patient:
+            raise InvalidInput(f"{what}: {r!r} is not a record version of patient {patient}")
+        if st.erased(meta):
+            raise Gone(f"{what}: {r[0]}/{r[1]} version {r[2]} was erased")
+        out.append([r[0], r[1], r[2]])
+    return out
 
 
 def _apply_share_revoke(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
@@ -512,18 +772,24 @@ def _apply_share_revoke(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     if grant is None:
         raise NotFound(f"no share {share_id}")
     _need_patient_self(sid, signer, grant["patient"], "revoking a share link")
-    grant.update(revoked=True, revoked_ns=ctx.time_ns)
+    if grant["revoked"]:
+        raise Conflict(f"share {share_id} is already revoked")
+    grant.update(revoked=True, revoked_ns=ctx.time_ns, revoked_reason="patient")
     put_json(s, f"share/{share_id}", grant)
     return str(share_id)
 
 
 def _apply_share_attempt(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
                          tx: Tx, ctx: _Ctx) -> str | None:
+    """A wrong passcode, counted by the node that issued the link (it alone checks)."""
     _need_org(sid, signer, "share.attempt")
     share_id = _need(body, "id", str, "share.attempt")
     grant = st.share(s, share_id)
     if grant is None:
         raise NotFound(f"no share {share_id}")
+    if grant["node"] != sid:
+        raise Forbidden(f"share.attempt: only {grant['node']}, which issued the link, counts "
+                        "its passcode attempts")
     if grant["revoked"]:
         raise Gone(f"share {share_id} is revoked")
     if grant["attempts_left"] is not None:
@@ -540,29 +806,51 @@ def _apply_audit_anchor(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     events = _need(body, "events", list, "audit.anchor")
     if not 1 <= len(events) <= MAX_AUDIT_EVENTS:
         raise InvalidInput(f"audit.anchor: 1-{MAX_AUDIT_EVENTS} events per tx")
-    rows = []
-    for i, ev in enumerate(events):
-        if not isinstance(ev, dict) or not {"id", "recorded", "action", "agent"} <= set(ev):
-            raise InvalidInput(f"audit.anchor: event {i} needs id, recorded, action and agent")
-        if not all(isinstance(ev[f], str) and 0 < len(ev[f]) <= 64
-                   for f in ("id", "recorded", "action", "agent")):
-            raise InvalidInput(f"audit.anchor: event {i}: id, recorded, action and agent must "
-                               "be non-empty strings of at most 64 characters")
-        extra = set(ev) - AUDIT_FIELDS
-        if extra:
-            raise InvalidInput(f"audit.anchor: event {i} has fields not allowed on the ledger: "
-                               f"{sorted(extra)}")
-        if ev.get("node") != sid:
-            raise Forbidden(f"audit.anchor: event {i} was recorded by {ev.get('node')}, "
-                            f"not by the signer {sid}")
-        patient = ev.get("patient")
-        rows.append((str(ev["id"]), patient if isinstance(patient, str) else None,
-                     str(ev["recorded"]), canonical(ev)))
+    rows = [_audit_row(ev, i, sid) for i, ev in enumerate(events)]
+    for epoch, wrapped in _audit_keys(body.get("keys")).items():
+        if s.get(f"akey/{sid}/{epoch}") is None:  # the first anchor of an epoch publishes it
+            put_json(s, f"akey/{sid}/{epoch}", wrapped)
     ctx.audit.extend(rows)
     return str(len(rows))
 
 
-# --- key re-wrapping for organisations that joined later
+def _audit_row(ev: Any, i: int, sid: str) -> tuple[str, str | None, str, bytes]:
+    if not isinstance(ev, dict) or not {"id", "recorded", "action", "agent"} <= set(ev):
+        raise InvalidInput(f"audit.anchor: event {i} needs id, recorded, action and agent")
+    if not all(isinstance(ev[f], str) and 0 < len(ev[f]) <= 64
+               for f in ("id", "recorded", "action", "agent")):
+        raise InvalidInput(f"audit.anchor: event {i}: id, recorded, action and agent must "
+                           "be non-empty strings of at most 64 characters")
+    extra = set(ev) - AUDIT_FIELDS
+    if extra:
+        raise InvalidInput(f"audit.anchor: event {i} has fields not allowed on the ledger: "
+                           f"{sorted(extra)} (free text travels sealed in 'x')")
+    if ev.get("x") is not None and (not isinstance(ev["x"], str) or len(ev["x"]) > 4096):
+        raise InvalidInput(f"audit.anchor: event {i}: x must be sealed text of at most "
+                           "4096 characters")
+    if ev.get("node") != sid:
+        raise Forbidden(f"audit.anchor: event {i} was recorded by {ev.get('node')}, "
+                        f"not by the signer {sid}")
+    patient = ev.get("patient")
+    return (str(ev["id"]), patient if isinstance(patient, str) else None,
+            str(ev["recorded"]), canonical(ev))
+
+
+def _audit_keys(keys: Any) -> dict[str, dict[str, str]]:
+    """``{epoch: {org: wrapped key}}``: the node's audit free-text keys, wrapped."""
+    if keys is None:
+        return {}
+    if not isinstance(keys, dict) or len(keys) > 8:
+        raise InvalidInput("audit.anchor: keys must map at most 8 epochs to wrapped keys")
+    for epoch, wrapped in keys.items():
+        if not ID_RE.match(epoch) or not isinstance(wrapped, dict) or not all(
+                isinstance(o, str) and isinstance(k, str) and len(k) <= 200
+                for o, k in wrapped.items()):
+            raise InvalidInput("audit.anchor: keys must map epoch ids to {org: wrapped key}")
+    return keys
+
+
+# --- key re-wrapping for organisations that joined later, or rotated patient keys
 
 MAX_REWRAP_ITEMS = 2000
 
@@ -570,8 +858,9 @@ MAX_REWRAP_ITEMS = 2000
 def _apply_record_rewrap(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
                          tx: Tx, ctx: _Ctx) -> str | None:
     """An organisation that can open record versions wraps their data keys to a member
-    that joined after they were sealed. Stored per (version, reader, wrapper), so a
-    bad wrap by one member cannot block a good one by another."""
+    that joined after they were sealed (or to the patient's rotated key). The wrapped
+    key is a blob (off-chain); the ledger stores its hash per (version, reader,
+    wrapper), so a bad wrap by one member cannot block a good one by another."""
     what = "record.rewrap"
     _need_org(sid, signer, what)
     items = _need(body, "items", list, what)
@@ -580,57 +869,157 @@ def _apply_record_rewrap(s: Overlay, sid: str, signer: dict[str, Any], body: Map
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise InvalidInput(f"{what}: item {i} must be an object")
-        rtype = _need(item, "type", str, f"{what} item {i}")
-        rid = _need_id(item, "id", f"{what} item {i}")
-        version = _need(item, "version", int, f"{what} item {i}")
-        reader = _need_id(item, "reader", f"{what} item {i}")
-        key = _need(item, "key", str, f"{what} item {i}")
-        if len(key) > 200:
-            raise InvalidInput(f"{what}: item {i}: wrapped key too long")
-        b64d(key, field=f"{what} item {i} key")
-        if st.record_version(s, rtype, rid, version) is None:
-            raise NotFound(f"{what}: item {i}: {rtype}/{rid} has no version {version}")
-        target = st.org(s, reader)
-        if target is None or target["status"] != "active":
-            raise Forbidden(f"{what}: item {i}: {reader} is not an active member organisation")
+        where = f"{what} item {i}"
+        rtype = _need(item, "type", str, where)
+        rid = _need_id(item, "id", where)
+        version = _need(item, "version", int, where)
+        reader = _need_id(item, "reader", where)
+        key = _need_hash(item, "key", where)
+        meta = st.record_version(s, rtype, rid, version)
+        if meta is None:
+            raise NotFound(f"{where}: {rtype}/{rid} has no version {version}")
+        if st.erased(meta):
+            raise Gone(f"{where}: {rtype}/{rid} version {version} was erased")
+        if reader != meta["patient"]:
+            target = st.org(s, reader)
+            if target is None or target["status"] != "active":
+                raise Forbidden(f"{where}: {reader} is not an active member organisation "
+                                "or the record's patient")
         put_json(s, f"wrap/{rtype}/{rid}/{version:010d}/{reader}/{sid}", {"key": key})
     return str(len(items))
 
 
-# --- batches
+# --- batches and staged imports
 
 _BATCHABLE = frozenset({"actor.register", "record.put"})
+
+
+def _check_ops(ops: Any, what: str, limit: int = MAX_BATCH_OPS) -> list[dict[str, Any]]:
+    if not isinstance(ops, list) or not 1 <= len(ops) <= limit:
+        raise InvalidInput(f"{what}: 1-{limit} operations")
+    for i, op in enumerate(ops):
+        if not isinstance(op, dict) or not isinstance(op.get("kind"), str) or op.get(
+                "kind") not in _BATCHABLE or not isinstance(
+                op.get("body"), dict) or set(op) != {"kind", "body"}:
+            raise InvalidInput(f"{what} op {i}: must be {{kind, body}} with kind in "
+                               f"{sorted(_BATCHABLE)}")
+    return ops
+
+
+def _apply_ops(s: Overlay, sid: str, signer: dict[str, Any], ops: list[dict[str, Any]],
+               tx: Tx, ctx: _Ctx, what: str, first: int = 0) -> None:
+    for i, op in enumerate(ops, first):
+        ctx.op = i
+        try:
+            _HANDLERS[op["kind"]](s, sid, signer, op["body"], tx, ctx)
+        except MedledgerError as err:
+            err.message = f"{what} op {i}: {err.message}"
+            raise
+        finally:
+            ctx.op = None
 
 
 def _apply_batch(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
                  tx: Tx, ctx: _Ctx) -> str | None:
     """All-or-nothing list of operations signed once (transaction Bundles)."""
     _need_org(sid, signer, "batch")
-    ops = _need(body, "ops", list, "batch")
-    if not 1 <= len(ops) <= MAX_BATCH_OPS:
-        raise InvalidInput(f"batch: 1-{MAX_BATCH_OPS} operations")
-    for i, op in enumerate(ops):
-        if not isinstance(op, dict) or not isinstance(op.get("kind"), str) or op.get(
-                "kind") not in _BATCHABLE or not isinstance(
-                op.get("body"), dict):
-            raise InvalidInput(f"batch op {i}: must be {{kind, body}} with kind in "
-                               f"{sorted(_BATCHABLE)}")
-        ctx.op = i
-        try:
-            _HANDLERS[op["kind"]](s, sid, signer, op["body"], tx, ctx)
-        except MedledgerError as err:
-            err.message = f"batch op {i}: {err.message}"
-            raise
-        finally:
-            ctx.op = None
+    ops = _check_ops(body.get("ops"), "batch")
+    _apply_ops(s, sid, signer, ops, tx, ctx, "batch")
     return str(len(ops))
+
+
+def _open_import(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                 what: str) -> tuple[str, dict[str, Any]]:
+    _need_org(sid, signer, what)
+    iid = _need_id(body, "id", what)
+    entry = get_json(s, f"imp/{iid}")
+    if entry is None:
+        raise NotFound(f"{what}: no import {iid}")
+    if entry["org"] != sid:
+        raise Forbidden(f"{what}: import {iid} belongs to {entry['org']}")
+    if entry["status"] != "open":
+        raise Conflict(f"{what}: import {iid} is already {entry['status']}")
+    return iid, entry
+
+
+def _apply_import_begin(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                        tx: Tx, ctx: _Ctx) -> str | None:
+    """Open a staged import: its parts are held invisibly until ``import.commit``."""
+    what = "import.begin"
+    _need_org(sid, signer, what)
+    iid = _need_id(body, "id", what)
+    parts = _need(body, "parts", int, what)
+    if len(iid) < 16:
+        raise InvalidInput(f"{what}: an import id has at least 16 characters")
+    if not 1 <= parts <= MAX_IMPORT_PARTS:
+        raise InvalidInput(f"{what}: 1-{MAX_IMPORT_PARTS} parts")
+    if s.get(f"imp/{iid}") is not None:
+        raise Conflict(f"{what}: import {iid} exists")
+    put_json(s, f"imp/{iid}", {"id": iid, "org": sid, "parts": parts, "received": 0,
+                               "ops": 0, "status": "open", "begun_ns": ctx.time_ns})
+    return iid
+
+
+def _apply_import_part(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                       tx: Tx, ctx: _Ctx) -> str | None:
+    what = "import.part"
+    iid, entry = _open_import(s, sid, signer, body, what)
+    seq = _need(body, "seq", int, what)
+    if not 0 <= seq < entry["parts"]:
+        raise InvalidInput(f"{what}: seq must be 0-{entry['parts'] - 1}")
+    key = f"stage/{iid}/{seq:06d}"
+    if s.get(key) is not None:
+        raise Conflict(f"{what}: part {seq} of import {iid} was already received")
+    ops = _check_ops(body.get("ops"), what)
+    if entry["ops"] + len(ops) > MAX_IMPORT_OPS:
+        raise InvalidInput(f"{what}: an import holds at most {MAX_IMPORT_OPS} operations")
+    s.put(key, canonical(ops))
+    entry.update(received=entry["received"] + 1, ops=entry["ops"] + len(ops))
+    put_json(s, f"imp/{iid}", entry)
+    return f"{entry['received']}/{entry['parts']}"
+
+
+def _apply_import_commit(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                         tx: Tx, ctx: _Ctx) -> str | None:
+    """Apply every staged operation in part order, all or nothing; drop the stage."""
+    what = "import.commit"
+    iid, entry = _open_import(s, sid, signer, body, what)
+    if entry["received"] != entry["parts"]:
+        raise Conflict(f"{what}: import {iid} has {entry['received']} of {entry['parts']} "
+                       "parts")
+    first = 0
+    for seq in range(entry["parts"]):
+        key = f"stage/{iid}/{seq:06d}"
+        raw = s.get(key)
+        assert raw is not None  # received == parts and parts are unique
+        ops = loads(raw)
+        _apply_ops(s, sid, signer, ops, tx, ctx, f"import {iid} part {seq}", first)
+        first += len(ops)
+        s.put(key, None)
+    entry.update(status="committed", committed_ns=ctx.time_ns)
+    put_json(s, f"imp/{iid}", entry)
+    return str(first)
+
+
+def _apply_import_abort(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                        tx: Tx, ctx: _Ctx) -> str | None:
+    what = "import.abort"
+    iid, entry = _open_import(s, sid, signer, body, what)
+    for key, _ in list(s.scan(f"stage/{iid}/")):
+        s.put(key, None)
+    entry.update(status="aborted", aborted_ns=ctx.time_ns)
+    put_json(s, f"imp/{iid}", entry)
+    return iid
 
 
 _HANDLERS: dict[str, Handler] = {
     "org.propose": _apply_org_propose,
     "org.approve": _apply_org_approve,
     "actor.register": _apply_actor_register,
+    "actor.deactivate": _apply_actor_deactivate,
+    "key.rotate": _apply_key_rotate,
     "record.put": _apply_record_put,
+    "record.erase": _apply_record_erase,
     "consent.put": _apply_consent_put,
     "consent.revoke": _apply_consent_revoke,
     "share.create": _apply_share_create,
@@ -639,4 +1028,8 @@ _HANDLERS: dict[str, Handler] = {
     "audit.anchor": _apply_audit_anchor,
     "record.rewrap": _apply_record_rewrap,
     "batch": _apply_batch,
+    "import.begin": _apply_import_begin,
+    "import.part": _apply_import_part,
+    "import.commit": _apply_import_commit,
+    "import.abort": _apply_import_abort,
 }

@@ -2,17 +2,23 @@
 
 Keys (UTF-8 strings) and their canonical-JSON values::
 
-    org/{org}                       organisation: keys, status, approvals
-    actor/{id}                      practitioner or patient: kind, org, role, keys
-    n/{signer}/{nonce}              used nonces (replay protection)
-    rec/{type}/{id}                 head version of a record
-    ver/{type}/{id}/{version:010d}  every version (metadata + the tx that carries it)
+    org/{org}                       organisation: keys, status, approvals, api_url
+    actor/{id}                      practitioner or patient: kind, org, role, keys, status
+    keyhist/{id}/{n:04d}            an identity's keys before its n-th rotation
+    n/{signer}/{nonce}              used nonces (replay protection) -> tx hash (hex)
+    rec/{type}/{id}                 head version of a record (patient null: directory)
+    ver/{type}/{id}/{version:010d}  every version: metadata, blob hash, readers, erasure
     pat/{patient}/{type}/{id}       patient compartment index
     care/{patient}/{org}            care relationship (the org registered the patient)
     consent/{patient}/{id}          consent rules
-    share/{id}                      share grants (SMART Health Links)
+    share/{id}                      share grants (SMART Health Links; payload off-chain)
     pshare/{patient}/{id}           a patient's share grants (index)
-    wrap/{type}/{id}/{v:010d}/{reader}/{by}  a data key re-wrapped to a later member
+    wrap/{type}/{id}/{v:010d}/{reader}/{by}  hash of a data key re-wrapped later (blob)
+    erasure/{patient}/{tx}          an erasure: who, when, basis, scope (no content)
+    imp/{import}                    a staged import: org, parts expected and received
+    stage/{import}/{part:06d}       a staged import part's operations (invisible)
+    akey/{node}/{epoch}             a node's audit free-text key, wrapped to members
+    policy/retention                retention rules: category -> minimum seconds kept
 
 ``Overlay`` stacks a block's (or a batch's) pending writes on a reader, so the
 machine sees its own writes and can drop them whole when a batch fails.
@@ -146,6 +152,19 @@ def rewrapped_keys(state: StateReader, rtype: str, rid: str, version: int, reade
     """Data keys of a version wrapped to ``reader`` after sealing (one per wrapping org)."""
     prefix = f"wrap/{rtype}/{rid}/{version:010d}/{reader}/"
     return [loads(v)["key"] for _, v in state.scan(prefix)]
+
+
+def is_active(entry: dict[str, Any]) -> bool:
+    """Actors are active unless deactivated; organisations once approved."""
+    return bool(entry.get("status", "active") == "active")
+
+
+def retention_rules(state: StateReader) -> dict[str, int]:
+    return get_json(state, "policy/retention") or {}
+
+
+def erased(meta: dict[str, Any]) -> bool:
+    return meta.get("erased") is not None
 
 
 def consents(state: StateReader, patient: str) -> list[dict[str, Any]]:

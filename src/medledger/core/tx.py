@@ -23,20 +23,22 @@ from medledger.crypto.signing import Signer
 from medledger.errors import InvalidInput, TooLarge
 
 TX_VERSION = 1
-MAX_TX_BYTES = 4 * 1024 * 1024
+# = CometBFT's mempool.max_tx_bytes (docs/NETWORK.md); bigger imports are staged (ADR 4)
+MAX_TX_BYTES = 1024 * 1024
 # \Z, not $: "$" also matches before a trailing newline, which would admit "alice\n".
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}\Z")
 NONCE_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
 
 KINDS = frozenset({
     "org.propose", "org.approve",
-    "actor.register",
-    "record.put",
+    "actor.register", "actor.deactivate", "key.rotate",
+    "record.put", "record.erase",
     "consent.put", "consent.revoke",
     "share.create", "share.revoke", "share.attempt",
     "audit.anchor",
     "record.rewrap",
     "batch",
+    "import.begin", "import.part", "import.commit", "import.abort",
 })
 _FIELDS = frozenset({"body", "chain", "kind", "nonce", "sig", "signer", "v"})
 

@@ -1,10 +1,14 @@
 """Audit events: made for every read, search, write, consent change, share use and denial.
 
-Events hold ids, codes and reasons, never PHI beyond ids. They are written to the
-node's local log before the response leaves (``Auditor.record``), then anchored
-on the ledger in batches by ``Auditor.anchor_pending`` (an ``audit.anchor`` tx),
-which puts them in every node's copy with a Merkle root per block.
-``to_fhir`` renders one as a FHIR R4 AuditEvent in the IHE BALP shape.
+Events hold ids and codes, never PHI beyond ids. Their free text (the reason,
+e.g. a break-glass justification, and the detail) is sealed into ``x`` under this
+node's audit key of the day (``crypto.freetext``) before the event is written, so
+the bytes in the node's local log, on the ledger and in every node's index are the
+same and hold no readable text. They are written to the local log before the
+response leaves (``Auditor.record``), then anchored in batches (an
+``audit.anchor`` tx), which puts them in every node's copy with a Merkle root per
+block. ``open_event`` restores the text for those entitled to it; ``to_fhir``
+renders an opened event as a FHIR R4 AuditEvent in the IHE BALP shape.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from medledger.crypto import freetext
 from medledger.crypto.canonical import canonical, loads
 from medledger.storage.sqlite import SqliteStore
+
+FREE_TEXT = ("reason", "detail")
 
 ACTIONS = {"create": "C", "update": "U", "read": "R", "vread": "R", "history": "R",
            "search": "E", "everything": "E", "consent": "C", "consent-revoke": "U",
            "share-create": "C", "share-revoke": "U", "share-access": "R", "export": "R",
            "audit-read": "R", "consent-read": "R", "match": "E", "summary": "R",
-           "register": "C", "transaction": "C"}
+           "register": "C", "transaction": "C", "erase": "D"}
 SUBTYPES = {"create": "create", "update": "update", "read": "read", "vread": "vread",
             "history": "history-instance", "search": "search-type", "everything": "operation",
             "transaction": "transaction"}
@@ -33,12 +40,44 @@ def iso_now(clock: Callable[[], float] = time.time) -> str:
     return datetime.fromtimestamp(clock(), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _aad(ev: dict[str, Any]) -> list[Any]:
+    return [ev["id"], ev.get("node"), ev.get("patient")]
+
+
+def seal_event(ev: dict[str, Any], org_secret: bytes) -> dict[str, Any]:
+    """The ledger form of an event: reason and detail sealed into ``x`` (epoch ``k``)."""
+    text = {f: ev[f] for f in FREE_TEXT if ev.get(f)}
+    out = {k: v for k, v in ev.items() if k not in FREE_TEXT}
+    if text:
+        epoch = freetext.epoch_of(ev["recorded"])
+        key = freetext.subject_key(freetext.epoch_key(org_secret, epoch), ev.get("patient"))
+        out.update(x=freetext.seal(key, _aad(ev), text), k=epoch)
+    return out
+
+
+def open_event(ev: dict[str, Any], epoch_key: Callable[[str, str], bytes | None]
+               ) -> dict[str, Any]:
+    """An event with its free text restored (``epoch_key(node, epoch)`` gives the node's
+    key of that epoch, or None when this reader has none: the text stays withheld)."""
+    out = {k: v for k, v in ev.items() if k not in ("x", "k")}
+    out.update(reason="", detail="")
+    if ev.get("x"):
+        key = epoch_key(str(ev.get("node")), str(ev.get("k")))
+        if key is None:
+            out["detail"] = "(free text sealed to the member organisations)"
+        else:
+            out.update(freetext.open_(freetext.subject_key(key, ev.get("patient")),
+                                      _aad(ev), ev["x"]))
+    return out
+
+
 class Auditor:
     def __init__(self, store: SqliteStore, node_org: str,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, org_secret: bytes = b"") -> None:
         self.store = store
         self.node_org = node_org
         self.clock = clock
+        self.org_secret = org_secret
         self.deferred = False
         self._buffer: list[tuple[str, str | None, bytes]] = []
         self._flushing: asyncio.Future[None] | None = None
@@ -64,7 +103,8 @@ class Auditor:
         event in one transaction just before a response starts (group commit), so
         the guarantee holds while concurrent requests share one commit.
         """
-        rows = [(e["id"], e.get("patient"), canonical(e)) for e in events]
+        rows = [(e["id"], e.get("patient"), canonical(seal_event(e, self.org_secret)))
+                for e in events]
         if self.deferred:
             self._buffer.extend(rows)
         else:

@@ -5,6 +5,7 @@
     <home>/keystores/org.json   this organisation's keys (password-protected)
     <home>/keystores/users/     keystores of practitioners and patients enrolled here
     <home>/ledger.db            SQLite: blocks, txs, state, audit
+    <home>/blobs.db             SQLite: sealed record blobs, share payloads (ADR 4)
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ class Home:
     def db_path(self) -> Path:
         return self.path / "ledger.db"
 
+    @property
+    def blobs_path(self) -> Path:
+        """Node-local sealed blobs (ciphertext + wrapped keys, ADR 4): not consensus data."""
+        return self.path / "blobs.db"
+
     def user_keystore(self, actor_id: str) -> Path:
         if not ID_RE.match(actor_id):  # ids name files here: never a path
             raise InvalidInput("an id is 1-64 characters of [A-Za-z0-9-.]")
@@ -91,10 +97,14 @@ class Home:
 
 
 def org_genesis_entry(identity: keys.Identity, name: str,
-                      validator_pub: bytes | None = None) -> dict[str, Any]:
-    return {"id": identity.id, "name": name, "sign_pub": b64e(identity.sign_public),
-            "enc_pub": b64e(identity.enc_public),
-            "validator_pub": b64e(validator_pub) if validator_pub else None}
+                      validator_pub: bytes | None = None,
+                      api_url: str | None = None) -> dict[str, Any]:
+    entry = {"id": identity.id, "name": name, "sign_pub": b64e(identity.sign_public),
+             "enc_pub": b64e(identity.enc_public),
+             "validator_pub": b64e(validator_pub) if validator_pub else None}
+    if api_url:  # where member nodes fetch sealed blobs from this organisation (ADR 4)
+        entry["api_url"] = api_url
+    return entry
 
 
 def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,

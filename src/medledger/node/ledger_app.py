@@ -65,7 +65,8 @@ class LedgerApp:
             raise InvalidInput("genesis app_state must be an object")
         writes = machine.genesis_writes(app_state)
         app_hash = machine.genesis_app_hash(chain_id, writes)
-        self.store.init_genesis(chain_id, app_state, writes, app_hash)
+        self.store.init_genesis(chain_id, app_state, writes, app_hash,
+                                machine.genesis_state_acc(writes))
         self.chain = chain_id
         return app_hash
 
@@ -80,7 +81,7 @@ class LedgerApp:
     def finalize_block(self, height: int, time_ns: int, txs: list[bytes], proposer: bytes,
                        block_hash: bytes) -> BlockOutcome:
         block = BlockInput(self.chain, height, time_ns, tuple(txs), self.store.app_hash,
-                           self.store.last_header_hash)
+                           self.store.last_header_hash, self.store.state_acc)
         applied = machine.apply_block(self.store, block, self.verified)
         self.pending = (applied, tuple(txs))
         results = tuple(TxResult(r.code, r.log, r.data.encode()) for r in applied.results)

@@ -402,7 +402,8 @@ def create_network(directory: Path | str, n: int = 4, password: str = "", *,
     # 2. Organisation identities and the shared genesis.
     progress("creating organisation keys")
     orgs = [keys.new_identity(f"org-{i + 1}", "org", {"name": ORG_NAMES[i]}) for i in range(n)]
-    entries = [org_genesis_entry(o, ORG_NAMES[i], vals[i]) for i, o in enumerate(orgs)]
+    entries = [org_genesis_entry(o, ORG_NAMES[i], vals[i], f"http://127.0.0.1:{api_ports[i]}")
+               for i, o in enumerate(orgs)]
     genesis = {"chain_id": chain, "orgs": entries}
     layouts = cometbft.make_testnet(comet_root, n, chain, {"orgs": entries}, comet_base,
                                     binary=binary)

@@ -1,66 +1,113 @@
-"""Sealing and opening record versions: what a ``record.put`` tx carries.
+"""Sealing and opening record versions: the sealed blob and what the ledger commits to.
 
-The plaintext sealed per version is ``canonical({"salt", "resource"})``; the
-ledger gets the ciphertext, the data key wrapped to each reader, and a salted
-commitment ``SHA-256(salt || canonical(resource))`` that a reader re-checks
-after decrypting (never a bare hash of PHI, which could be guessed).
+A version's plaintext ``canonical({"salt", "resource"})`` is zlib-compressed and
+sealed with AES-256-GCM under a fresh data key (AAD binds chain, patient, type, id,
+version); the data key is wrapped to each reader. The **sealed blob**
+``canonical({"ct", "iv", "keys"})`` stays off-chain in the blob stores of member nodes
+(ADR 4); the ``record.put`` tx carries its SHA-256, its size, the readers, and the
+salted commitment ``SHA-256(salt || canonical(resource))`` that a reader re-checks after
+decrypting (never a bare hash of PHI, which could be guessed).
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from medledger.crypto import envelope
 from medledger.crypto.canonical import b64d, b64e, canonical, loads, sha256
-from medledger.errors import IntegrityError
+from medledger.errors import Forbidden, IntegrityError, InvalidInput
+from medledger.storage.blobs import blob_hash
+
+MAX_PLAINTEXT_BYTES = 256 * 1024 * 1024  # a decompression bomb stops here
+COMPRESSION_LEVEL = 1  # FHIR JSON shrinks ~5x at level 1, at ~100 MB/s
 
 
-def record_aad(chain: str, patient: str, rtype: str, rid: str, version: int) -> bytes:
+def record_aad(chain: str, patient: str | None, rtype: str, rid: str, version: int) -> bytes:
     return canonical([chain, patient, rtype, rid, version])
 
 
-def seal_record(chain: str, resource: dict[str, Any], patient: str, version: int,
+def seal_record(chain: str, resource: dict[str, Any], patient: str | None, version: int,
                 readers: Mapping[str, bytes],
-                random: Callable[[int], bytes] = os.urandom) -> dict[str, Any]:
-    """The encrypted part of a ``record.put`` body for ``resource``."""
+                random: Callable[[int], bytes] = os.urandom) -> tuple[dict[str, Any], bytes]:
+    """(the ``record.put`` fields that commit to it, the sealed blob) for ``resource``."""
     rtype, rid = resource["resourceType"], resource["id"]
     salt = random(32)
-    res_bytes = canonical(resource)
-    plaintext = canonical({"salt": b64e(salt), "resource": resource})
+    plaintext = zlib.compress(canonical({"salt": b64e(salt), "resource": resource}),
+                              COMPRESSION_LEVEL)
     sealed = envelope.seal(plaintext, record_aad(chain, patient, rtype, rid, version), readers,
                            random)
-    return {"ct": b64e(sealed.ciphertext), "iv": b64e(sealed.nonce),
-            "keys": {r: b64e(k) for r, k in sealed.wrapped_keys.items()},
-            "commitment": b64e(sha256(salt + res_bytes))}
+    blob = canonical({"ct": b64e(sealed.ciphertext), "iv": b64e(sealed.nonce),
+                      "keys": {r: b64e(k) for r, k in sealed.wrapped_keys.items()}})
+    fields = {"commitment": b64e(sha256(salt + canonical(resource))), "blob": blob_hash(blob),
+              "size": len(blob), "readers": sorted(readers)}
+    return fields, blob
 
 
-def open_record(chain: str, body: Mapping[str, Any], reader_id: str,
-                reader_private: bytes) -> dict[str, Any]:
-    """Decrypt a ``record.put`` body as ``reader_id`` and check its commitment."""
-    aad = record_aad(chain, body["patient"], body["type"], body["id"], body["version"])
-    mine = body["keys"].get(reader_id)
-    sealed = envelope.Sealed(b64d(body["ct"], field="ct"), b64d(body["iv"], field="iv"),
-                             {} if mine is None else {reader_id: b64d(mine, field="wrapped key")})
-    doc = loads(envelope.open_for(sealed, aad, reader_id, reader_private))
-    resource = doc["resource"]
-    if sha256(b64d(doc["salt"]) + canonical(resource)) != b64d(body["commitment"]):
-        raise IntegrityError(f"{body['type']}/{body['id']} version {body['version']}: decrypted "
-                             "content does not match its ledger commitment")
+def blob_readers(blob: bytes) -> list[str]:
+    """The reader ids a sealed blob's data key is wrapped to (checked against the tx)."""
+    return sorted(_parse_blob(blob)["keys"])
+
+
+def _parse_blob(blob: bytes) -> dict[str, Any]:
+    try:
+        doc = loads(blob)
+    except InvalidInput as exc:
+        raise IntegrityError(f"sealed blob is not readable: {exc}") from exc
+    if not isinstance(doc, dict) or set(doc) != {"ct", "iv", "keys"} or not isinstance(
+            doc["keys"], dict):
+        raise IntegrityError("sealed blob must hold exactly ct, iv and keys")
+    return doc
+
+
+def wrapped_key(blob: bytes, reader_id: str) -> bytes | None:
+    mine = _parse_blob(blob)["keys"].get(reader_id)
+    return None if mine is None else b64d(mine, field="wrapped key")
+
+
+def open_blob(chain: str, meta: Mapping[str, Any], blob: bytes, reader_private: bytes,
+              wrapped: bytes) -> dict[str, Any]:
+    """Decrypt a version's sealed blob with ``wrapped`` (the data key as wrapped to this
+    reader) and check it against the ledger metadata (blob hash, AAD, commitment)."""
+    ref = f"{meta['type']}/{meta['id']} version {meta['v']}"
+    if blob_hash(blob) != meta["blob"]:
+        raise IntegrityError(f"{ref}: sealed blob does not match the hash on the ledger")
+    doc = _parse_blob(blob)
+    aad = record_aad(chain, meta["patient"], meta["type"], meta["id"], meta["v"])
+    data_key = envelope.unwrap_key(wrapped, reader_private)
+    packed = envelope.open_sealed(b64d(doc["ct"], field="ct"), b64d(doc["iv"], field="iv"),
+                                  aad, data_key)
+    inflater = zlib.decompressobj()
+    try:
+        plaintext = inflater.decompress(packed, MAX_PLAINTEXT_BYTES)
+    except zlib.error as exc:
+        raise IntegrityError(f"{ref}: sealed content does not decompress") from exc
+    if inflater.unconsumed_tail:
+        raise IntegrityError(f"{ref}: sealed content exceeds {MAX_PLAINTEXT_BYTES} bytes")
+    content = loads(plaintext)
+    resource = content["resource"]
+    if sha256(b64d(content["salt"]) + canonical(resource)) != b64d(meta["commitment"]):
+        raise IntegrityError(f"{ref}: decrypted content does not match its ledger commitment")
     return resource  # type: ignore[no-any-return]
 
 
-def rewrap_key(body: Mapping[str, Any], reader_id: str, reader_private: bytes,
-               new_reader_public: bytes) -> str:
-    """The version's data key, unwrapped as ``reader_id`` and wrapped to a new reader."""
-    data_key = envelope.unwrap_key(b64d(body["keys"][reader_id], field="wrapped key"),
-                                   reader_private)
-    return b64e(envelope.wrap_key(data_key, new_reader_public))
+def open_as(chain: str, meta: Mapping[str, Any], blob: bytes, reader_id: str,
+            reader_private: bytes) -> dict[str, Any]:
+    """Decrypt as ``reader_id`` with the key wrapped to it inside the blob."""
+    wrapped = wrapped_key(blob, reader_id)
+    if wrapped is None:
+        raise Forbidden(f"{meta['type']}/{meta['id']} version {meta['v']}: its data key is "
+                        f"not wrapped to {reader_id}")
+    return open_blob(chain, meta, blob, reader_private, wrapped)
 
 
-def record_body_from_tx(tx_body: Mapping[str, Any], kind: str, op: int | None) -> Mapping[str, Any]:
-    """The ``record.put`` body inside a plain or batch tx."""
-    if kind == "batch":
-        return tx_body["ops"][op]["body"]  # type: ignore[no-any-return]
-    return tx_body
+def rewrap_key(blob: bytes, reader_id: str, reader_private: bytes,
+               new_reader_public: bytes) -> bytes:
+    """The version's data key, unwrapped as ``reader_id`` and wrapped to a new reader
+    (the result is itself a blob: the ledger gets its hash)."""
+    wrapped = wrapped_key(blob, reader_id)
+    if wrapped is None:
+        raise Forbidden(f"the data key is not wrapped to {reader_id}")
+    return envelope.wrap_key(envelope.unwrap_key(wrapped, reader_private), new_reader_public)

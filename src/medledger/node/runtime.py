@@ -76,7 +76,24 @@ class NodeRuntime:
                                             initializer=preload_models)
             node.validator_pool = self.pool
             self.pool.submit(preload_models)  # start the worker now, not on the first write
-        self.tasks.append(asyncio.get_running_loop().create_task(node.anchor_loop()))
+        purged = node.replica.purge_erased()  # a restored backup must not serve erased data
+        if purged:
+            log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
+                        "made", purged)
+        loop = asyncio.get_running_loop()
+        self.tasks.append(loop.create_task(node.anchor_loop()))
+        self.tasks.append(loop.create_task(node.replica.run()))
+        self.tasks.append(loop.create_task(self._abort_open_imports()))
+
+    async def _abort_open_imports(self) -> None:
+        """Staged imports this organisation left open (a crash mid-import) are aborted."""
+        try:
+            n = await self.node.abort_open_imports()
+        except Exception as exc:  # retried at the next start
+            log.warning("could not abort open staged imports: %s", exc)
+            return
+        if n:
+            log.warning("aborted %d staged imports left open by an earlier run", n)
 
     async def stop(self) -> None:
         for t in self.tasks:
@@ -92,6 +109,8 @@ class NodeRuntime:
                 pass
         if self.producer:
             await self.producer.stop()
+        await self.node.replica.aclose()
+        self.node.blobs.close()
         if self.pool is not None:
             self.node.validator_pool = None
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -104,4 +123,4 @@ class NodeRuntime:
 
 def _app_state(genesis: dict[str, Any]) -> bytes:
     from medledger.crypto.canonical import canonical
-    return canonical({"orgs": genesis["orgs"]})
+    return canonical({k: genesis[k] for k in ("orgs", "retention") if k in genesis})

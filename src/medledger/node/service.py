@@ -10,11 +10,11 @@ event, durably, before the method returns.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -23,9 +23,11 @@ from typing import Any, NamedTuple, Protocol
 
 from medledger.core import policy
 from medledger.core import state as st
+from medledger.core.machine import MAX_BATCH_OPS
 from medledger.core.tx import decode_tx, make_tx
-from medledger.crypto import keys
-from medledger.crypto.canonical import b64d, b64e, canonical, loads
+from medledger.crypto import envelope, freetext, keys
+from medledger.crypto.canonical import b64d, b64e, canonical, loads, sha256
+from medledger.crypto.kdf import derive_key
 from medledger.errors import (
     BadSignature,
     Conflict,
@@ -53,7 +55,9 @@ from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session, scope_allows
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
-from medledger.node.records import open_record, record_body_from_tx, rewrap_key, seal_record
+from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
+from medledger.node.replica import Replicator
+from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -115,12 +119,22 @@ def iso(time_ns: int) -> str:
 
 
 ANCHOR_MAX_BYTES = 512 * 1024
+STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
+# Resource types outside every patient compartment: directory records (ADR 5).
+# TODO(search): replaced by the Patient CompartmentDefinition (search/compartment.py).
+DIRECTORY_TYPES = frozenset({
+    "Organization", "OrganizationAffiliation", "Location", "Practitioner", "PractitionerRole",
+    "HealthcareService", "Endpoint", "Medication", "MedicationKnowledge", "Substance",
+    "Device", "DeviceDefinition", "Group", "InsurancePlan", "CareTeam", "Library",
+    "Questionnaire", "ValueSet", "CodeSystem", "StructureDefinition", "PlanDefinition",
+    "ActivityDefinition", "Measure", "ResearchStudy", "BiologicallyDerivedProduct"})
 SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "name", "_count", "_id"}
 
 
 class Node:
     def __init__(self, home: Home, config: Config, store: SqliteStore, app: LedgerApp,
-                 org: keys.Identity, clock: Callable[[], float] = time.time) -> None:
+                 org: keys.Identity, clock: Callable[[], float] = time.time,
+                 blobs: BlobStore | None = None) -> None:
         self.home = home
         self.config = config
         self.store = store
@@ -128,13 +142,17 @@ class Node:
         self.org = org
         self.chain = app.chain
         self.clock = clock
+        self.blobs = blobs if blobs is not None else BlobStore(home.blobs_path)
+        self.replica = Replicator(self)
+        app.on_commit.append(self.replica.on_commit)
+        self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
         self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
                                   clock, store.use_assertion)
-        self.auditor = Auditor(store, org.id, clock)
+        self.auditor = Auditor(store, org.id, clock, org.enc_private)
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
-        self._batch_docs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
         self.integrity_failure: str | None = None
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
@@ -191,55 +209,50 @@ class Node:
                     basis="denied")
         return Forbidden(reason)
 
-    def readers_for(self, patient: str) -> dict[str, bytes]:
-        """Who a new record version's data key is wrapped to: the patient and member orgs."""
+    def readers_for(self, patient: str | None) -> dict[str, bytes]:
+        """Who a new version's data key is wrapped to: the member orgs and the patient
+        (directory records: the member orgs only)."""
         readers = {o["id"]: b64d(o["enc_pub"]) for o in st.active_orgs(self.store)}
-        pat = st.actor(self.store, patient)
+        pat = st.actor(self.store, patient) if patient is not None else None
         if pat is not None:
-            readers[patient] = b64d(pat["enc_pub"])
+            readers[str(patient)] = b64d(pat["enc_pub"])
         return readers
 
-    def _record_tx(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The parsed tx carrying a record version. Batch txs (a whole Bundle, up to MBs)
-        are kept parsed in a small LRU: ciphertext only, so nothing readable is cached."""
-        h = meta["tx"]
-        doc = self._batch_docs.get(h)
-        if doc is not None:
-            self._batch_docs.move_to_end(h)
-            return doc
-        found = self.store.tx(bytes.fromhex(h))
-        if found is None:
-            raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: its tx is missing")
-        # committed bytes were checked (canonical form, signature) when their block was
-        # applied; AES-GCM and the commitment below catch any later alteration
-        doc = loads(found[2])
-        if doc.get("kind") == "batch":
-            self._batch_docs[h] = doc
-            if len(self._batch_docs) > 32:
-                self._batch_docs.popitem(last=False)
-        return doc  # type: ignore[no-any-return]
+    def blob_of(self, meta: dict[str, Any]) -> bytes:
+        """The sealed blob of a version, from this node's blob store."""
+        if st.erased(meta):
+            mark = meta["erased"]
+            raise Gone(f"{meta['type']}/{meta['id']} version {meta['v']} was erased on "
+                       f"{iso(mark['at'])[:10]} ({mark['basis']}); only its ledger metadata "
+                       "remains")
+        blob = self.blobs.get(meta["blob"])
+        if blob is None:
+            raise Unavailable(f"the content of {meta['type']}/{meta['id']} has not been "
+                              f"replicated to this node yet; try again shortly")
+        return blob
 
-    def _record_body(self, meta: dict[str, Any]) -> dict[str, Any]:
-        doc = self._record_tx(meta)
-        body = record_body_from_tx(doc["body"], doc["kind"], meta.get("op"))
-        if body.get("version") != meta["v"] or body.get("id") != meta["id"]:
-            raise IntegrityError(f"{meta['type']}/{meta['id']} v{meta['v']}: tx body does not "
-                                 "match the ledger state")
-        return dict(body)
+    async def ensure_blobs(self, metas: Iterable[dict[str, Any]]) -> None:
+        """Fetch from member nodes any blob these versions need that is not here yet."""
+        await self.replica.ensure(metas)
 
     def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
-        body = self._record_body(meta)
-        if self.org.id in body["keys"]:
-            return open_record(self.chain, body, self.org.id, self.org.enc_private)
+        """Open a version as this node's organisation (callers decide policy first)."""
+        blob = self.blob_of(meta)
+        if self.org.id in meta["readers"]:
+            return open_as(self.chain, meta, blob, self.org.id, self.org.enc_private)
         # sealed before this organisation joined: a member may have re-wrapped the key
         failure: MedledgerError = Forbidden(
             f"{meta['type']}/{meta['id']} v{meta['v']} was sealed before {self.org.id} joined "
             "and no member has re-wrapped its key yet (`medledger org rewrap`)")
-        for key in st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"],
-                                     self.org.id):
+        prefix = f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{self.org.id}/"
+        for _, raw in self.store.scan(prefix):
+            wrapped = self.blobs.get(loads(raw)["key"])
+            if wrapped is None:
+                failure = Unavailable(f"the re-wrapped key of {meta['type']}/{meta['id']} has "
+                                      "not been replicated to this node yet")
+                continue
             try:
-                return open_record(self.chain, {**body, "keys": {self.org.id: key}},
-                                   self.org.id, self.org.enc_private)
+                return open_blob(self.chain, meta, blob, self.org.enc_private, wrapped)
             except MedledgerError as err:  # a bad wrap by one member: try the next
                 failure = err
         raise failure
@@ -256,13 +269,17 @@ class Node:
         items: list[dict[str, Any]] = []
         for _, raw in self.store.scan("ver/"):
             meta = loads(raw)
-            body = self._record_body(meta)
-            if target in body["keys"] or self.org.id not in body["keys"] or \
-                    st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"], target):
+            if st.erased(meta) or target in meta["readers"] or \
+                    self.org.id not in meta["readers"]:
                 continue
+            if any(True for _ in self.store.scan(
+                    f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{target}/")):
+                continue
+            wrapped = rewrap_key(self.blob_of(meta), self.org.id, self.org.enc_private,
+                                 target_pub)
+            self.blobs.put([(blob_hash(wrapped), wrapped)])
             items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
-                          "reader": target, "key": rewrap_key(body, self.org.id,
-                                                              self.org.enc_private, target_pub)})
+                          "reader": target, "key": blob_hash(wrapped)})
         for part in iter_chunks(items, chunk):
             await self.submit(self.org, "record.rewrap", {"items": part})
         return len(items)
@@ -365,27 +382,67 @@ class Node:
                 identity, secret)
 
     # ------------------------------------------------------------ writes
-    def _prepare_put(self, session: Session, resource: dict[str, Any], rid: str,
-                     if_match: int | None, patient_override: str | None = None,
-                     new_patient_key: bytes | None = None) -> Prepared:
-        """Build a ``record.put`` body (None when the content is identical to the head)."""
+    def _writer_of(self, session: Session) -> tuple[dict[str, Any], policy.Role]:
+        """(writer entry, role) a write is judged by: a practitioner of this node's
+        organisation, or the organisation itself (bulk import)."""
+        if session.kind == "org" and session.actor_id == self.org.id:
+            return policy.org_writer(self.org.id), policy.SYSTEM
+        if session.kind == "practitioner" and session.org == self.org.id:
+            actor = self._actor(session)
+            role = policy.ROLES.get(str(actor.get("role")))
+            if role is not None:
+                return actor, role
+        if session.kind == "patient":
+            raise Forbidden("patients contribute data through their provider in this version")
+        raise Forbidden(f"{session.actor_id} writes through the node of its own organisation "
+                        f"({session.org}); this node co-signs only {self.org.id}'s writes")
+
+    def _record_kind(self, resource: dict[str, Any], patient: str | None
+                     ) -> tuple[str | None, str, list[str]]:
+        """(patient, category, labels): a patient record, or a directory record (ADR 5)."""
+        cls = classify(resource)
+        patient = patient or cls.patient_id
+        if patient is not None:
+            return patient, cls.category, sorted(cls.labels)
+        rtype = resource["resourceType"]
+        if rtype not in DIRECTORY_TYPES:
+            raise InvalidInput(f"{rtype} must reference its patient (subject/patient): it "
+                               "belongs in a patient compartment")
+        return None, policy.DIRECTORY, []
+
+    async def _prepare_put(self, session: Session, resource: dict[str, Any], rid: str,
+                           if_match: int | None, patient_override: str | None = None,
+                           new_patient_key: bytes | None = None,
+                           break_glass: str | None = None) -> Prepared:
+        """Authorise, then build a ``record.put`` body and store its sealed blob locally
+        (body None when the content is identical to the head)."""
         rtype = resource["resourceType"]
         resource = {**resource, "id": rid}
-        cls = classify(resource)
-        patient = patient_override or cls.patient_id
-        if patient is None:
-            raise InvalidInput(f"{rtype} must reference its patient (subject/patient) — "
-                               "records without a patient are not stored")
+        patient, category, labels = self._record_kind(resource, patient_override)
         head = st.record_head(self.store, rtype, rid)
+        writer, role = self._writer_of(session)
+        state: st.StateReader = self.store
+        if new_patient_key is not None and patient is not None:  # registered by this batch
+            state = st.Overlay(self.store)
+            state.put(f"care/{patient}/{self.org.id}", b"1")
+        if break_glass is not None and len(break_glass.strip()) < policy.BREAK_GLASS_MIN_REASON:
+            raise InvalidInput("break-the-glass needs a reason of at least "
+                               f"{policy.BREAK_GLASS_MIN_REASON} characters")
+        # authorised before anything about the current content is looked at (no oracle)
+        decision = policy.decide_write(state, writer, role, patient, category, labels,
+                                       self.now_s, head, break_glass is not None)
+        if not decision.allowed:
+            raise self._deny(session, "create" if head is None else "update", patient,
+                             [f"{rtype}/{rid}"], decision.reason)
         if if_match is not None and (head is None or head["v"] != if_match):
             raise PreconditionFailed(f"If-Match version {if_match} but {rtype}/{rid} is at "
                                      f"version {head['v'] if head else 'none (new)'}")
-        if head is not None:
+        if head is not None and not st.erased(head):
+            await self.ensure_blobs([head])
             current = self.decrypt(head)
             if _content(current) == _content(resource):
                 return Prepared(None, head, current)
         version = 1 if head is None else head["v"] + 1
-        labels = sorted(cls.labels)
         meta = dict(resource.get("meta") or {})
         meta["versionId"] = str(version)
         meta["lastUpdated"] = audit_mod.iso_now(self.clock)
@@ -396,21 +453,65 @@ class Node:
                 meta.setdefault("security", []).append({"system": system, "code": label})
         resource["meta"] = meta
         readers = self.readers_for(patient)
-        if new_patient_key is not None:
+        if new_patient_key is not None and patient is not None:
             readers[patient] = new_patient_key
+        fields, blob = seal_record(self.chain, resource, patient, version, readers)
+        self.blobs.put([(fields["blob"], blob)])  # stored before the ledger references it
         body = {"type": rtype, "id": rid, "version": version,
                 "prev": "" if head is None else head["hash"], "patient": patient,
-                "category": cls.category, "labels": labels,
+                "category": category, "labels": labels,
                 "author": session.actor_id if session.kind == "practitioner" else self.org.id,
-                **seal_record(self.chain, resource, patient, version, readers)}
+                **fields}
+        if decision.break_glass:
+            body["break_glass"] = True
         return Prepared(body, head, resource)
 
+    async def submit_ops(self, ops: list[dict[str, Any]]) -> None:
+        """Commit ``actor.register``/``record.put`` ops all or nothing: one ``batch`` tx when
+        it fits in a tx, else a staged import (ADR 4 section 5)."""
+        if not ops:
+            return
+        body = {"ops": ops}
+        if len(ops) <= MAX_BATCH_OPS and len(canonical(body)) <= STAGE_PART_BYTES:
+            await self.submit(self.org, "batch", body)
+            return
+        parts = list(_parts(ops, STAGE_PART_BYTES))
+        iid = os.urandom(16).hex()
+        await self.submit(self.org, "import.begin", {"id": iid, "parts": len(parts)})
+        try:
+            await asyncio.gather(*(self.submit(self.org, "import.part",
+                                               {"id": iid, "seq": i, "ops": part})
+                                   for i, part in enumerate(parts)))
+            await self.submit(self.org, "import.commit", {"id": iid})
+        except MedledgerError:
+            try:
+                await self.submit(self.org, "import.abort", {"id": iid})
+            except MedledgerError as err:  # aborted at the next start instead
+                log.warning("could not abort staged import %s: %s", iid, err)
+            raise
+
+    async def abort_open_imports(self) -> int:
+        """Abort this organisation's staged imports left open by a crash (at start)."""
+        n = 0
+        for _, raw in self.store.scan("imp/"):
+            entry = loads(raw)
+            if entry["org"] == self.org.id and entry["status"] == "open":
+                await self.submit(self.org, "import.abort", {"id": entry["id"]})
+                n += 1
+        return n
+
+    def _drop_blobs(self, bodies: Iterable[dict[str, Any] | None]) -> None:
+        """Forget blobs sealed for writes the ledger refused (nothing references them)."""
+        hashes = [b["blob"] for b in bodies if b is not None
+                  and st.record_version(self.store, b["type"], b["id"], b["version"]) is None]
+        self.blobs.delete(hashes)
+
     async def put_resource(self, session: Session, data: Any, rtype: str, rid: str | None,
-                           if_match: int | None = None, password: str | None = None) -> Stored:
+                           if_match: int | None = None, password: str | None = None,
+                           break_glass: str | None = None) -> Stored:
         """Create (``rid`` None) or update a record; identical content makes no new version."""
         self._need_scope(session, rtype, "c" if rid is None else "u")
-        if session.kind == "patient":
-            raise Forbidden("patients contribute data through their provider in this version")
+        self._writer_of(session)
         resource = await self.validate(data, rtype)
         if rid is not None and resource.get("id") not in (None, rid):
             raise InvalidInput(f"resource id {resource.get('id')!r} does not match the URL id "
@@ -421,11 +522,18 @@ class Node:
         warning, detail, patient_key, secret = None, "", None, None
         if rtype == "Patient" and new:
             resource["id"] = rid
+            self._authorise_registration(session)
             warning, detail = self._duplicate_check(resource)
             ops, identity, secret = await self._patient_ops(resource, password)
             patient_key = identity.enc_public
-        body, head, sealed = self._prepare_put(session, resource, rid, if_match,
-                                               rid if rtype == "Patient" else None, patient_key)
+        try:
+            body, head, sealed = await self._prepare_put(
+                session, resource, rid, if_match, rid if rtype == "Patient" else None,
+                patient_key, break_glass)
+        except MedledgerError:
+            if ops:
+                self.home.user_keystore(rid).unlink(missing_ok=True)
+            raise
         if body is None:
             assert head is not None
             self._audit(session, "update", head["patient"], [_ref(head)],
@@ -441,6 +549,7 @@ class Node:
         except MedledgerError as err:
             if ops:  # the registration did not happen: drop the keystore made for it
                 self.home.user_keystore(rid).unlink(missing_ok=True)
+            self._drop_blobs([body])
             self._audit(session, "create" if new else "update", patient,
                         [f"{rtype}/{rid}"], outcome="4" if err.http_status < 500 else "8",
                         reason=str(err))
@@ -448,7 +557,9 @@ class Node:
         meta = st.record_head(self.store, rtype, rid)
         assert meta is not None
         self._audit(session, "register" if ops else ("create" if new else "update"), patient,
-                    [_ref(meta)], detail=detail)
+                    [_ref(meta)], detail=detail, break_glass=bool(meta.get("break_glass")),
+                    reason=break_glass or "",
+                    purpose="ETREAT" if meta.get("break_glass") else _purpose(session))
         stored = Stored(sealed, meta)  # what we sealed is what the ledger now holds
         if secret is not None:
             stored.meta["enrollment_secret"] = secret if password is None else ""
@@ -456,19 +567,29 @@ class Node:
             stored.meta["duplicate_warning"] = detail
         return stored
 
+    def _authorise_registration(self, session: Session) -> None:
+        """Registering a patient: this node's organisation, or its staff who may write
+        demographics."""
+        writer, role = self._writer_of(session)
+        if not policy.may_write(role, "demographics"):
+            raise self._deny(session, "register", None, [],
+                             f"{writer['id']} ({role.name}) may not register patients")
+
     async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
-        """Load a FHIR transaction Bundle atomically (one ``batch`` tx) or reject it whole."""
+        """Load a FHIR transaction Bundle atomically (one ``batch`` tx, or a staged import
+        when it is larger than a tx) or reject it whole."""
         self._need_scope(session, "*", "c")
-        if session.kind == "patient":
-            raise Forbidden("patients may not post transaction bundles")
+        self._writer_of(session)
         plan = await self._off_loop(fbundle.plan_transaction, data, _new_uuid)
         ops: list[dict[str, Any]] = []
+        bodies: list[dict[str, Any]] = []
         new_patient_keys: dict[str, bytes] = {}
         statuses: list[tuple[str, str, str]] = []
         try:
             for entry in plan:
                 if entry.resource_type == "Patient" and st.record_head(
                         self.store, "Patient", entry.resource_id) is None:
+                    self._authorise_registration(session)
                     try:
                         self._duplicate_check(dict(entry.resource))
                     except Conflict as err:
@@ -482,8 +603,8 @@ class Node:
                 cls = classify({**resource, "id": entry.resource_id})
                 patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
                 try:
-                    body, head, _ = self._prepare_put_in_bundle(session, resource, entry,
-                                                                patient, new_patient_keys)
+                    body, head, _ = await self._prepare_put_in_bundle(
+                        session, resource, entry, patient, new_patient_keys)
                 except MedledgerError as err:
                     raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
                                     f"{entry.resource_id}): {err.message}") from err
@@ -491,18 +612,19 @@ class Node:
                     statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
                     continue
                 ops.append({"kind": "record.put", "body": body})
+                bodies.append(body)
                 statuses.append((entry.resource_type, entry.resource_id,
                                  "201 Created" if head is None else "200 OK"))
-            if ops:
-                try:
-                    await self.submit(self.org, "batch", {"ops": ops})
-                except MedledgerError as err:
-                    self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
-                    raise
+            try:
+                await self.submit_ops(ops)
+            except MedledgerError as err:
+                self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
+                raise
         except MedledgerError:
-            # nothing was registered: drop the keystores made for this bundle's new patients
+            # nothing was registered: drop the keystores and blobs made for this bundle
             for pid in new_patient_keys:
                 self.home.user_keystore(pid).unlink(missing_ok=True)
+            self._drop_blobs(bodies)
             raise
         out = []
         patients = set()
@@ -511,18 +633,18 @@ class Node:
             assert meta is not None
             patients.add(meta["patient"])
             out.append((Stored({}, meta), status))
-        for p in sorted(patients):
+        for p in sorted(patients, key=str):
             self._audit(session, "transaction", p, [], detail=f"{len(plan)} bundle entries")
         return out
 
-    def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
-                               entry: fbundle.PlannedEntry, patient: str | None,
-                               new_patient_keys: dict[str, bytes]) -> Prepared:
+    async def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
+                                     entry: fbundle.PlannedEntry, patient: str | None,
+                                     new_patient_keys: dict[str, bytes]) -> Prepared:
         if patient in new_patient_keys:
             # the patient is registered by this same batch: wrap to their new key
-            return self._prepare_put(session, resource, entry.resource_id, entry.if_match,
-                                     patient, new_patient_keys[patient])
-        return self._prepare_put(session, resource, entry.resource_id, entry.if_match)
+            return await self._prepare_put(session, resource, entry.resource_id,
+                                           entry.if_match, patient, new_patient_keys[patient])
+        return await self._prepare_put(session, resource, entry.resource_id, entry.if_match)
 
     # ------------------------------------------------------------ reads
     def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
@@ -533,8 +655,8 @@ class Node:
         return policy.decide_read(self.store, self._actor(session), meta["patient"],
                                   meta["category"], meta["labels"], self.now_s, break_glass)
 
-    def read(self, session: Session, rtype: str, rid: str, version: int | None = None,
-             break_glass: str | None = None) -> Stored:
+    async def read(self, session: Session, rtype: str, rid: str, version: int | None = None,
+                   break_glass: str | None = None) -> Stored:
         self._need_scope(session, rtype, "r")
         self._check_serving()
         meta = (st.record_head(self.store, rtype, rid) if version is None
@@ -546,6 +668,7 @@ class Node:
         subtype = "read" if version is None else "vread"
         if not decision.allowed:
             raise self._deny(session, subtype, meta["patient"], [_ref(meta)], decision.reason)
+        await self.ensure_blobs([meta])
         resource = self.decrypt(meta)
         self._audit(session, subtype, meta["patient"], [_ref(meta)], basis=decision.basis,
                     break_glass=decision.break_glass,
@@ -553,8 +676,8 @@ class Node:
                     reason=break_glass or "")
         return Stored(resource, meta)
 
-    def history(self, session: Session, rtype: str, rid: str,
-                break_glass: str | None = None) -> list[Stored]:
+    async def history(self, session: Session, rtype: str, rid: str,
+                      break_glass: str | None = None) -> list[Stored]:
         self._need_scope(session, rtype, "r")
         self._check_serving()
         versions = st.record_versions(self.store, rtype, rid)
@@ -567,21 +690,27 @@ class Node:
                              decision.reason)
         # each version is judged on its own: a record whose category or labels changed
         # must not reveal an older, more sensitive version through its history
-        out, hidden = [], 0
+        shown, hidden, erased = [], 0, 0
         for m in reversed(versions):
-            if m is head or self._decide(session, m, break_glass).allowed:
-                out.append(Stored(self.decrypt(m), m))
+            if st.erased(m):
+                erased += 1
+            elif m is head or self._decide(session, m, break_glass).allowed:
+                shown.append(m)
             else:
                 hidden += 1
+        await self.ensure_blobs(shown)
+        out = [Stored(self.decrypt(m), m) for m in shown]
         self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
                     basis=decision.basis, break_glass=decision.break_glass,
                     reason=break_glass or "", purpose="ETREAT" if decision.break_glass
                     else _purpose(session),
-                    detail=f"{hidden} older versions withheld" if hidden else "")
+                    detail=", ".join(x for x in (
+                        f"{hidden} older versions withheld" if hidden else "",
+                        f"{erased} versions erased" if erased else "") if x))
         return out
 
-    def search(self, session: Session, rtype: str, params: dict[str, str],
-               break_glass: str | None = None, subtype: str = "search") -> SearchResult:
+    async def search(self, session: Session, rtype: str, params: dict[str, str],
+                     break_glass: str | None = None, subtype: str = "search") -> SearchResult:
         """FHIR search over the records the caller may see; denied ones are reported withheld."""
         if rtype != "*":
             self._need_scope(session, rtype, "s")
@@ -607,13 +736,17 @@ class Node:
         found, withheld = [], []
         decisions: dict[str, int] = {}
         bg = False
+        allowed: list[tuple[dict[str, Any], policy.Decision]] = []
         for meta in metas:
-            if categories and meta["category"] not in categories:
+            if (categories and meta["category"] not in categories) or st.erased(meta):
                 continue
             decision = self._decide(session, meta, break_glass)
             if not decision.allowed:
                 withheld.append(Withheld(_ref(meta), meta["category"], decision.reason))
                 continue
+            allowed.append((meta, decision))
+        await self.ensure_blobs(m for m, _ in allowed)
+        for meta, decision in allowed:
             bg = bg or decision.break_glass
             resource = self.decrypt(meta)
             if not _matches(resource, params):
@@ -638,7 +771,8 @@ class Node:
         else:  # a type-wide search: every patient whose records it returned sees it
             by_patient: dict[str, list[str]] = {}
             for stored in found:
-                by_patient.setdefault(stored.meta["patient"], []).append(_ref(stored.meta))
+                if stored.meta["patient"] is not None:
+                    by_patient.setdefault(stored.meta["patient"], []).append(_ref(stored.meta))
             for pid, refs in sorted(by_patient.items()):
                 self._audit(session, subtype, pid, refs[:50], basis=",".join(sorted(decisions)),
                             purpose=_purpose(session), detail=detail)
@@ -658,14 +792,14 @@ class Node:
             raise InvalidInput("a search across all types needs a patient")
         return [loads(v) for _, v in self.store.scan(f"rec/{rtype}/")]
 
-    def everything(self, session: Session, patient: str, break_glass: str | None = None
-                   ) -> SearchResult:
+    async def everything(self, session: Session, patient: str, break_glass: str | None = None
+                         ) -> SearchResult:
         if st.actor(self.store, patient) is None:
             raise NotFound(f"Patient/{patient} does not exist")
-        return self.search(session, "*", {"patient": patient}, break_glass, "everything")
+        return await self.search(session, "*", {"patient": patient}, break_glass, "everything")
 
-    def summary(self, session: Session, patient: str) -> dict[str, Any]:
-        found = self.everything(session, patient).found
+    async def summary(self, session: Session, patient: str) -> dict[str, Any]:
+        found = (await self.everything(session, patient)).found
         pat = [s.resource for s in found if s.meta["type"] == "Patient"]
         if not pat:
             raise Forbidden("the patient summary needs access to the Patient resource")
@@ -674,17 +808,16 @@ class Node:
                                                  str(uuid.uuid4()),
                                                  base_url=self.config.base_url + "/fhir")
 
-    def export_sealed(self, session: Session, patient: str) -> list[dict[str, Any]]:
-        """Every record version body of a patient, still sealed, for client-side decryption."""
+    async def export_sealed(self, session: Session, patient: str) -> list[dict[str, Any]]:
+        """Every (not erased) record version of a patient with its sealed blob, for
+        client-side decryption with the patient's own key (any node serves it)."""
         if session.kind != "patient" or session.actor_id != patient:
             raise self._deny(session, "export", patient, [],
                              "only the patient may export their sealed records")
-        out = []
-        for t, i in st.patient_records(self.store, patient):
-            for meta in st.record_versions(self.store, t, i):
-                body = self._record_body(meta)
-                body["keys"] = {patient: body["keys"][patient]}
-                out.append({"meta": meta, "body": body})
+        metas = [m for t, i in st.patient_records(self.store, patient)
+                 for m in st.record_versions(self.store, t, i) if not st.erased(m)]
+        await self.ensure_blobs(metas)
+        out = [{"meta": m, "blob": b64e(self.blob_of(m))} for m in metas]
         self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
         return out
 
@@ -747,7 +880,24 @@ class Node:
             raise InvalidInput("_count must be between 1 and 1000")
         rows = self.store.audit_for_patient(patient, since, count)
         self._audit(session, "audit-read", patient, [], detail=f"{len(rows)} events")
-        return [(loads(e), h) for e, h in rows]
+        return [(self.open_event(loads(e)), h) for e, h in rows]
+
+    def open_event(self, ev: dict[str, Any]) -> dict[str, Any]:
+        """An audit event with its sealed free text restored (this node's own events, and
+        other members' through the epoch keys they wrapped to this organisation)."""
+        return audit_mod.open_event(ev, self._epoch_key)
+
+    def _epoch_key(self, node: str, epoch: str) -> bytes | None:
+        if node == self.org.id:
+            return freetext.epoch_key(self.org.enc_private, epoch)
+        cached = self._epoch_keys.get((node, epoch))
+        if cached is None:
+            wrapped = (st.get_json(self.store, f"akey/{node}/{epoch}") or {}).get(self.org.id)
+            if wrapped is None:
+                return None
+            cached = envelope.unwrap_key(b64d(wrapped), self.org.enc_private)
+            self._epoch_keys[(node, epoch)] = cached
+        return cached
 
     async def anchor_pending(self) -> int:
         """Anchor this node's unanchored audit events on the ledger (one tx)."""
@@ -760,8 +910,25 @@ class Node:
             events.append(ev)
         if not events:
             return 0
-        await self.submit(self.org, "audit.anchor", {"events": events})
+        body: dict[str, Any] = {"events": events}
+        keys_ = self._epoch_keys_to_publish({str(e["k"]) for e in events if e.get("k")})
+        if keys_:
+            body["keys"] = keys_
+        await self.submit(self.org, "audit.anchor", body)
         return len(events)
+
+    def _epoch_keys_to_publish(self, epochs: set[str]) -> dict[str, dict[str, str]]:
+        """This node's audit free-text keys of ``epochs`` not yet on the ledger, wrapped to
+        every active member organisation (itself included)."""
+        out = {}
+        members = st.active_orgs(self.store)
+        for epoch in sorted(epochs):
+            if self.store.get(f"akey/{self.org.id}/{epoch}") is not None:
+                continue
+            key = freetext.epoch_key(self.org.enc_private, epoch)
+            out[epoch] = {o["id"]: b64e(envelope.wrap_key(key, b64d(o["enc_pub"])))
+                          for o in members}
+        return out
 
     async def anchor_loop(self) -> None:
         while True:
@@ -774,26 +941,82 @@ class Node:
                 log.exception("audit anchoring failed")
 
     # ------------------------------------------------------------ share links
+    @property
+    def _passcode_key(self) -> bytes:
+        return derive_key(self.org.enc_private, "shl passcode verifier v1")
+
+    @property
+    def _local_text_key(self) -> bytes:
+        return derive_key(self.org.enc_private, "node-local free text v1")
+
     async def create_share(self, session: Session, selection: dict[str, Any],
                            exp: int | None, passcode: str | None, label: str,
                            recipient: str = "") -> tuple[str, dict[str, Any]]:
+        """A share link made here with the patient's session key (the portal)."""
         patient = session.actor_id
         identity = self._patient_identity(session, patient)
         if exp is not None and exp <= self.now_s:
             raise InvalidInput("the share's expiry must be in the future")
+        shares.check_share_text(passcode, label, recipient)
         heads = [m for t, i in st.patient_records(self.store, patient)
-                 if (m := st.record_head(self.store, t, i)) is not None]
+                 if (m := st.record_head(self.store, t, i)) is not None and not st.erased(m)]
+        await self.ensure_blobs(heads)
         chosen = shares.select([(self.decrypt(m), m) for m in heads], selection)
-        body, link = shares.build_share(patient, chosen, self.config.base_url,
-                                        audit_mod.iso_now(self.clock), exp, passcode,
-                                        label[:80], recipient)
-        await self.submit(identity, "share.create", body)
-        self._audit(session, "share-create", patient,
-                    [f"{t}/{i}/_history/{v}" for _, (t, i, v) in chosen],
-                    detail=f"share {body['id'][:8]} exp {exp} {len(chosen)} records")
-        grant = st.share(self.store, body["id"])
-        assert grant is not None
+        body, jwe, link = shares.build_share(patient, chosen, self.config.base_url,
+                                             audit_mod.iso_now(self.clock), exp, passcode,
+                                             label, self.org.id)
+        tx = make_tx(identity.id, identity.signer(), self.chain, "share.create", body,
+                     self._nonce())
+        grant = await self.publish_share(session, tx.raw, jwe, passcode, label, recipient)
         return link, grant
+
+    async def publish_share(self, session: Session, raw_tx: bytes, jwe: str,
+                            passcode: str | None, label: str, recipient: str
+                            ) -> dict[str, Any]:
+        """Keep a share's payload here (JWE, passcode verifier, sealed label/recipient),
+        then submit its ``share.create`` tx signed by the patient (portal or CLI)."""
+        tx = decode_tx(raw_tx)
+        if tx.kind != "share.create" or session.kind != "patient" or \
+                tx.signer != session.actor_id:
+            raise self._deny(session, "share-create", session.actor_id, [],
+                             "a share link is published by its patient, signed with their key")
+        shares.check_share_text(passcode, label, recipient)
+        body = tx.body
+        if body.get("node") != self.org.id:
+            raise InvalidInput(f"this share names node {body.get('node')!r}; publish it at "
+                               f"that node, or name this one ({self.org.id})")
+        if body.get("payload") != sha256(jwe.encode("ascii")).hex():
+            raise InvalidInput("the JWE does not match the share's payload commitment")
+        if bool(body.get("passcode")) != (passcode is not None):
+            raise InvalidInput("the share's passcode flag and the passcode given disagree")
+        share_id = str(body.get("id"))
+        verifier = (None if passcode is None
+                    else shares.passcode_verifier(self._passcode_key, share_id, passcode))
+        sealed = freetext.seal(self._local_text_key, ["share", share_id],
+                               {"label": label, "recipient": recipient})
+        self.blobs.put_share(share_id, jwe.encode("ascii"), verifier, sealed.encode("ascii"),
+                             self.clock())
+        try:
+            await self.submit_raw(raw_tx)
+        except MedledgerError:
+            self.blobs.drop_shares([share_id])
+            raise
+        grant = st.share(self.store, share_id)
+        assert grant is not None
+        self._audit(session, "share-create", session.actor_id,
+                    [f"{t}/{i}/_history/{v}" for t, i, v in grant["records"]],
+                    detail=f"share {share_id[:8]} exp {grant['exp']} "
+                    f"{len(grant['records'])} records")
+        return self._share_view(grant)
+
+    def _share_view(self, grant: dict[str, Any]) -> dict[str, Any]:
+        """A grant as its patient sees it: label and recipient where this node holds them."""
+        view = {**grant, "label": "", "recipient": ""}
+        sealed = self.blobs.share_meta([grant["id"]]).get(grant["id"])
+        if sealed is not None:
+            view.update(freetext.open_(self._local_text_key, ["share", grant["id"]],
+                                       sealed.decode("ascii")))
+        return view
 
     async def revoke_share(self, session: Session, share_id: str) -> dict[str, Any]:
         grant = st.share(self.store, share_id)
@@ -804,20 +1027,21 @@ class Node:
         self._audit(session, "share-revoke", grant["patient"], [], detail=share_id[:8])
         revoked = st.share(self.store, share_id)
         assert revoked is not None
-        return revoked
+        return self._share_view(revoked)
 
     def shares(self, session: Session) -> list[dict[str, Any]]:
         if session.kind != "patient":
             raise Forbidden("only patients have share links")
-        return st.shares_of(self.store, session.actor_id)
+        return [self._share_view(g) for g in st.shares_of(self.store, session.actor_id)]
 
     async def open_share(self, share_id: str, recipient: str, passcode: str | None
                          ) -> dict[str, Any]:
-        """SHL manifest request: check the grant, count passcode failures, audit every use."""
+        """SHL manifest request: check the grant, count passcode failures, audit every use;
+        release the JWE only when every check passes."""
         self._check_serving()
         grant = st.share(self.store, share_id)
-        if grant is None:
-            raise NotFound("no such share link")
+        if grant is None or grant["node"] != self.org.id:
+            raise NotFound("no such share link at this node")
         recipient = (recipient or "unnamed recipient")[:200]
 
         def audit(outcome: str, reason: str) -> None:
@@ -830,38 +1054,74 @@ class Node:
             self.auditor.record(ev)
 
         if grant["revoked"]:
-            audit("4", "share link was revoked")
-            raise Gone("this share link was revoked by the patient")
+            audit("4", "share link was revoked" if grant.get("revoked_reason") != "erased"
+                  else "shared records were erased")
+            raise Gone("this share link was revoked")
         if grant["exp"] is not None and grant["exp"] <= self.now_s:
+            self.blobs.drop_shares([share_id])
             audit("4", "share link expired")
             raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
-        if grant["passcode"] is not None:
+        stored = self.blobs.share(share_id)
+        if stored is None or not stored[0]:
+            audit("4", "share payload no longer held")
+            raise Gone("this share link's content is no longer held by this node")
+        jwe, verifier, _ = stored
+        if grant["passcode"]:
+            if not passcode:  # asking without a passcode costs no attempt
+                audit("4", "no passcode given")
+                raise WrongPasscode(grant["attempts_left"] or 0, "this link needs its passcode")
             # one attempt at a time per link on this node, so concurrent guesses cannot all
             # pass the budget check before any failure is counted
             async with self._share_locks.setdefault(share_id, asyncio.Lock()):
-                await self._check_passcode(share_id, passcode, audit)
-        found = self.store.tx(bytes.fromhex(grant["tx"]))
-        if found is None:
-            raise IntegrityError("the share's tx is missing from this node's ledger")
-        jwe = decode_tx(found[2]).body["jwe"]
+                await self._check_passcode(share_id, passcode, verifier, audit)
         audit("0", f"opened by {recipient}")
-        return {"files": [{"contentType": "application/fhir+json", "embedded": jwe}]}
+        return {"files": [{"contentType": "application/fhir+json",
+                           "embedded": jwe.decode("ascii")}]}
 
-    async def _check_passcode(self, share_id: str, passcode: str | None,
+    async def _check_passcode(self, share_id: str, passcode: str, verifier: bytes | None,
                               audit: Callable[[str, str], None]) -> None:
         grant = st.share(self.store, share_id)  # re-read under the lock: counts committed
         assert grant is not None
         if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
             audit("4", "share link locked after too many wrong passcodes")
             raise Gone("this share link is locked after too many wrong passcodes")
-        doc = grant["passcode"]
-        if passcode is None or keys.passcode_hash(passcode, b64d(doc["salt"]), doc["n"]) != \
-                b64d(doc["hash"]):
-            await self.submit(self.org, "share.attempt", {"id": share_id, "ok": False})
+        expected = shares.passcode_verifier(self._passcode_key, share_id, passcode)
+        if verifier is None or not hmac.compare_digest(expected, verifier):
+            await self.submit(self.org, "share.attempt", {"id": share_id})
             left = st.share(self.store, share_id)
             remaining = left["attempts_left"] if left else 0
             audit("4", "wrong passcode")
             raise WrongPasscode(remaining)
+
+    def serve_blobs(self, session: Session, hashes: list[str]) -> dict[str, bytes]:
+        """Sealed blobs for a member organisation's node (replication, ADR 4)."""
+        self._check_serving()
+        org = st.org(self.store, session.actor_id) if session.kind == "org" else None
+        if org is None or org["status"] != "active" or session.actor_id == self.org.id:
+            raise Forbidden("sealed blobs are served to other member organisations' nodes only")
+        return self.replica.serve(hashes)
+
+    # ------------------------------------------------------------ erasure
+    async def erase(self, session: Session, patient: str, scope: dict[str, Any],
+                    basis: str) -> dict[str, Any]:
+        """Erase a patient's records by crypto-shredding (ADR 4 section 4): signed by the
+        patient, or by this node's organisation acting on their documented request. Every
+        node deletes the sealed blobs when the erasure commits."""
+        if session.kind == "patient" and session.actor_id == patient:
+            identity = self._patient_identity(session, patient)
+        elif session.kind == "org" and session.actor_id == self.org.id:
+            identity = self.org
+        else:
+            raise self._deny(session, "erase", patient, [],
+                             "only the patient, or an organisation caring for them acting on "
+                             "their documented request, may erase their records")
+        committed = await self.submit(identity, "record.erase",
+                                      {"patient": patient, "basis": basis, **scope})
+        entry = st.get_json(self.store, f"erasure/{patient}/{committed.tx_hash.hex()}")
+        assert entry is not None
+        self._audit(session, "erase", patient, [], basis=basis,
+                    detail=f"{entry['versions']} versions erased ({basis})")
+        return entry
 
     # ------------------------------------------------------------ ledger
     def _check_serving(self) -> None:
@@ -870,8 +1130,8 @@ class Node:
 
 
 class WrongPasscode(Unauthenticated):
-    def __init__(self, remaining: int) -> None:
-        super().__init__(f"wrong passcode; {remaining} attempts left")
+    def __init__(self, remaining: int, message: str = "wrong passcode") -> None:
+        super().__init__(f"{message}; {remaining} attempts left")
         self.remaining = remaining
 
 
@@ -939,6 +1199,21 @@ def _date_test(value: str, part: str) -> bool:
     v = value[:len(operand)]
     return {"eq": v == operand, "ne": v != operand, "gt": v > operand, "lt": v < operand,
             "ge": v >= operand, "le": v <= operand}[op]
+
+
+def _parts(ops: list[dict[str, Any]], max_bytes: int) -> Iterable[list[dict[str, Any]]]:
+    """Split ops into import parts of at most ``max_bytes`` (and MAX_BATCH_OPS) each."""
+    part: list[dict[str, Any]] = []
+    size = 0
+    for op in ops:
+        n = len(canonical(op)) + 1
+        if part and (size + n > max_bytes or len(part) >= MAX_BATCH_OPS):
+            yield part
+            part, size = [], 0
+        part.append(op)
+        size += n
+    if part:
+        yield part
 
 
 def iter_chunks(items: list[Any], size: int) -> Iterable[list[Any]]:

@@ -47,13 +47,14 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
     writes = machine.genesis_writes(loads(genesis_raw))
     replay.apply(writes)
     app_hash = machine.genesis_app_hash(chain, writes)
+    acc = machine.genesis_state_acc(writes)
     if store.meta("genesis_app_hash") not in (None, app_hash):
         raise IntegrityError("genesis app hash does not match the genesis organisations")
     prev_hash = b"\x00" * 32
     top = store.height
     with ThreadPoolExecutor(max_workers=1) as pool:
         n_txs, n_bytes, n_audit, expected_height, app_hash, prev_hash = _replay_blocks(
-            store, replay, chain, pool, progress, app_hash, prev_hash, top)
+            store, replay, chain, pool, progress, app_hash, prev_hash, top, acc)
     if expected_height - 1 != top:
         raise IntegrityError(f"store says height {top} but blocks end at {expected_height - 1}")
     if top and (store.app_hash != app_hash or store.last_header_hash != prev_hash):
@@ -64,7 +65,7 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
 
 def _replay_blocks(store: SqliteStore, replay: MemoryState, chain: str,
                    pool: ThreadPoolExecutor, progress: Callable[[int, int], None] | None,
-                   app_hash: bytes, prev_hash: bytes, top: int
+                   app_hash: bytes, prev_hash: bytes, top: int, acc: bytes
                    ) -> tuple[int, int, int, int, bytes, bytes]:
     n_txs = n_bytes = n_audit = 0
     expected_height = 1
@@ -109,7 +110,7 @@ def _replay_blocks(store: SqliteStore, replay: MemoryState, chain: str,
             _raise_bad_signature(where, sig_check.result())  # the sharper diagnosis first
             raise IntegrityError(f"{where}: {_tx_root_problem(raws, header['tx_root'])}")
         applied = machine.apply_block(replay, BlockInput(
-            chain, height, header["time_ns"], tuple(raws), app_hash, prev_hash), checked)
+            chain, height, header["time_ns"], tuple(raws), app_hash, prev_hash, acc), checked)
         if applied.header != header:
             diff = sorted(k for k in header if applied.header.get(k) != header.get(k))
             raise IntegrityError(f"{where}: replay does not reproduce the stored header "
@@ -129,7 +130,7 @@ def _replay_blocks(store: SqliteStore, replay: MemoryState, chain: str,
                 bad.append((i, h))
         _raise_bad_signature(where, bad)
         replay.apply(applied.writes)
-        app_hash, prev_hash = applied.app_hash, applied.header_hash
+        app_hash, prev_hash, acc = applied.app_hash, applied.header_hash, applied.state_acc
         n_txs += len(raws)
         n_audit += len(leaves)
         if progress:

@@ -117,15 +117,21 @@ class SqliteStore:
     def last_header_hash(self) -> bytes:
         return self.meta("header_hash") or b"\x00" * 32
 
+    @property
+    def state_acc(self) -> bytes:
+        """The state digest accumulator after the last committed block (crypto.multiset)."""
+        return self.meta("state_acc") or b""
+
     # ------------------------------------------------------------ writes
     def init_genesis(self, chain: str, app_state: dict[str, Any],
-                     writes: dict[str, bytes | None], app_hash: bytes) -> None:
+                     writes: dict[str, bytes | None], app_hash: bytes,
+                     state_acc: bytes = b"") -> None:
         with self.lock, self._txn():
             self._apply_writes(writes)
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("chain", chain.encode()), ("genesis", canonical(app_state)),
                 ("height", b"0"), ("app_hash", app_hash), ("genesis_app_hash", app_hash),
-                ("header_hash", b"\x00" * 32)])
+                ("header_hash", b"\x00" * 32), ("state_acc", state_acc)])
 
     def commit_block(self, applied: BlockApplied, txs: tuple[bytes, ...]) -> None:
         h = applied.header["height"]
@@ -139,7 +145,7 @@ class SqliteStore:
             self._index_audit(h, applied.audit)
             self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
                 ("height", str(h).encode()), ("app_hash", applied.app_hash),
-                ("header_hash", applied.header_hash)])
+                ("header_hash", applied.header_hash), ("state_acc", applied.state_acc)])
 
     def _apply_writes(self, writes: dict[str, bytes | None]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
