@@ -75,15 +75,17 @@ def test_non_member_cannot_propose(node: NodeHandle, tmp_path: Path) -> None:
 
 
 def _ledger_copy(node: NodeHandle, into: Path) -> None:
-    """A consistent copy of the running node's ledger (SQLite online backup)."""
+    """A consistent copy of the running node's ledger and sealed blobs (SQLite online
+    backup): the blobs stand in for what replication brings a running member (ADR 4)."""
     import sqlite3
-    target = into / "ledger.db"
-    target.unlink(missing_ok=True)
-    src, dst = sqlite3.connect(node.home / "ledger.db"), sqlite3.connect(target)
-    with dst:
-        src.backup(dst)
-    src.close()
-    dst.close()
+    for name in ("ledger.db", "blobs.db"):
+        target = into / name
+        target.unlink(missing_ok=True)
+        src, dst = sqlite3.connect(node.home / name), sqlite3.connect(target)
+        with dst:
+            src.backup(dst)
+        src.close()
+        dst.close()
 
 
 def test_late_member_gets_keys_by_rewrap(tmp_path: Path) -> None:

@@ -75,7 +75,9 @@ def test_share_with_passcode(node: NodeHandle, own_records: dict[str, Any]) -> N
     assert first.status_code == second.status_code == 401
     assert second.json()["remainingAttempts"] == first.json()["remainingAttempts"] - 1
     assert "attempts left" in first.json()["error"]
-    assert _manifest(share["shlink"], "Dr Guess").status_code == 401  # no passcode at all
+    bare = _manifest(share["shlink"], "Dr Guess")  # no passcode at all: costs no attempt
+    assert bare.status_code == 401
+    assert bare.json()["remainingAttempts"] == second.json()["remainingAttempts"]
     bundle = _open(share["shlink"], "Dr Heart, City Cardiology", PASSCODE)
     got = {e["resource"]["id"]: e["resource"] for e in bundle["entry"]}
     want = {i for i, r in own_records.items() if _is_vital(r)}
@@ -87,7 +89,9 @@ def test_share_with_passcode(node: NodeHandle, own_records: dict[str, Any]) -> N
     assert any(e["outcome"] == "0" and "Dr Heart, City Cardiology" in e["detail"]
                for e in events)
     assert sum(1 for e in events if e["outcome"] != "0" and e["reason"] == "wrong passcode"
-               and e["detail"] == "Dr Guess") == 3
+               and e["detail"] == "Dr Guess") == 2
+    assert sum(1 for e in events if e["outcome"] != "0" and e["reason"] == "no passcode given"
+               and e["detail"] == "Dr Guess") == 1
 
 
 def test_passcode_lockout(node: NodeHandle) -> None:

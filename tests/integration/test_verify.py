@@ -15,7 +15,7 @@ import pytest
 from helpers import NodeHandle, free_port, load_patient, run_cli, running_node
 
 from medledger.core.tx import make_tx
-from medledger.crypto.canonical import b64d, b64e, canonical, sha256
+from medledger.crypto.canonical import canonical, sha256
 from medledger.fhir.synthetic import synthetic_observation
 
 pytestmark = pytest.mark.timeout(180)
@@ -167,32 +167,55 @@ def test_changed_state_value(copy: Path) -> None:
     _verify_fails(copy, key)
 
 
-def _tamper_ciphertext(raw: bytes) -> bytes:
+def _tamper_commitment(raw: bytes) -> bytes:
+    """Change what a record.put commits to (its sealed blob's hash), keeping the tx
+    well-formed: only hashes and signatures can tell."""
     doc = orjson.loads(raw)
-    ct = bytearray(b64d(doc["body"]["ct"]))
-    ct[len(ct) // 2] ^= 0x01
-    doc["body"]["ct"] = b64e(bytes(ct))
+    body = doc["body"]["ops"][-1]["body"] if doc["kind"] == "batch" else doc["body"]
+    body["blob"] = sha256(b"another blob").hex()
     return canonical(doc)
 
 
-def test_flipped_ciphertext_byte(copy: Path) -> None:
+def test_changed_blob_commitment(copy: Path) -> None:
     db = _db(copy)
     h, i, raw = _record_tx(db)
     db.execute("UPDATE txs SET raw = ? WHERE height = ? AND idx = ?",
-               (_tamper_ciphertext(raw), h, i))
+               (_tamper_commitment(raw), h, i))
     db.close()
     _verify_fails(copy, f"block {h} tx {i}", "hash mismatch")
 
 
-def test_flipped_ciphertext_with_rehash(copy: Path) -> None:
+def test_changed_blob_commitment_with_rehash(copy: Path) -> None:
     """An attacker who also fixes the stored hash is caught by the signature."""
     db = _db(copy)
     h, i, raw = _record_tx(db)
-    bad = _tamper_ciphertext(raw)
+    bad = _tamper_commitment(raw)
     db.execute("UPDATE txs SET raw = ?, hash = ? WHERE height = ? AND idx = ?",
                (bad, sha256(bad), h, i))
     db.close()
     _verify_fails(copy, f"block {h} tx {i}", "signature")
+
+
+def test_flipped_sealed_blob_byte(copy: Path) -> None:
+    """Ciphertext lives in the node's blob store (ADR 4): a changed byte there is named."""
+    blobs = sqlite3.connect(copy / "blobs.db", isolation_level=None)
+    h, data = blobs.execute("SELECT hash, data FROM blobs ORDER BY length(data) DESC LIMIT 1"
+                            ).fetchone()
+    blobs.execute("UPDATE blobs SET data = ? WHERE hash = ?", (_flip(bytes(data), 40), h))
+    blobs.close()
+    meta = next(orjson.loads(v) for _, v in _db(copy).execute(
+        "SELECT key, value FROM state WHERE key LIKE 'ver/%'") if orjson.loads(v)["blob"]
+        == bytes(h).hex())
+    _verify_fails(copy, f"{meta['type']}/{meta['id']} v{meta['v']}", "sealed blob bytes")
+
+
+def test_verify_reports_blobs_not_yet_replicated(copy: Path) -> None:
+    blobs = sqlite3.connect(copy / "blobs.db", isolation_level=None)
+    blobs.execute("DELETE FROM blobs WHERE rowid IN (SELECT rowid FROM blobs LIMIT 2)")
+    blobs.close()
+    res = run_cli("verify", "--home", str(copy))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "2 record versions have not been replicated to this node yet" in res.stdout
 
 
 def test_node_refuses_to_serve_tampered_home(copy: Path) -> None:

@@ -86,7 +86,8 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
 def verify(home: HomeOpt) -> None:
     """Re-check the whole ledger: signatures, hash links, Merkle roots, replayed state."""
     from medledger.node.home import Home
-    from medledger.node.verify import verify_store
+    from medledger.node.verify import verify_blobs, verify_store
+    from medledger.storage.blobs import BlobStore
     from medledger.storage.sqlite import SqliteStore
     h = Home(home)
     h.load_config()
@@ -101,6 +102,13 @@ def verify(home: HomeOpt) -> None:
                   f"({report.bytes / 1e6:.1f} MB), {report.audit_events:,} audit events, "
                   f"{report.state_keys:,} state keys verified in {took:.2f}s "
                   f"({report.txs / max(took, 1e-9):,.0f} tx/s)")
+    blobs = verify_blobs(store, BlobStore(h.blobs_path))
+    console.print(f"[green]OK[/] {blobs.held:,} sealed blobs re-hashed; "
+                  f"{blobs.erased:,} erased versions hold no content here")
+    if blobs.missing:
+        shown = ", ".join(blobs.missing[:5]) + (" …" if len(blobs.missing) > 5 else "")
+        console.print(f"[yellow]{len(blobs.missing):,} record versions have not been "
+                      f"replicated to this node yet[/]: {shown}")
 
 
 # ---------------------------------------------------------------- practitioners

@@ -81,6 +81,21 @@ class SqliteStore:
         for k, v in rows:
             yield k, bytes(v)
 
+    def scan_paged(self, prefix: str, page: int = 4096) -> Iterator[tuple[str, bytes]]:
+        """Like ``scan``, fetched in pages (bounded memory for whole-ledger walks)."""
+        last, upper = prefix, _upper(prefix)
+        first = True
+        while True:
+            with self.lock:
+                rows = self.db.execute(
+                    f"SELECT key, value FROM state WHERE key {'>=' if first else '>'} ? AND "
+                    "key < ? ORDER BY key LIMIT ?", (last, upper, page)).fetchall()
+            if not rows:
+                return
+            for k, v in rows:
+                yield k, bytes(v)
+            last, first = rows[-1][0], False
+
     def state_items(self) -> Iterator[tuple[str, bytes]]:
         """Every state entry in key order, fetched in pages (bounded memory)."""
         last = ""
