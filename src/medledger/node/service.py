@@ -999,7 +999,7 @@ class Node:
         try:
             await self.submit_raw(raw_tx)
         except MedledgerError:
-            self.blobs.drop_shares([share_id])
+            self.blobs.forget_share(share_id)
             raise
         grant = st.share(self.store, share_id)
         assert grant is not None

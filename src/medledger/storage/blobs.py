@@ -186,7 +186,14 @@ class BlobStore:
                     out[sid] = bytes(row[0])
         return out
 
+    def forget_share(self, share_id: str) -> None:
+        """A share whose tx the ledger refused: nothing of it stays."""
+        self._write("DELETE FROM shares WHERE id = ?", [(share_id,)])
+
     def drop_shares(self, share_ids: Iterable[str]) -> None:
+        """Delete the payloads (JWE, passcode verifier) of revoked or expired links; the
+        sealed label stays so the patient still recognises the link in their list."""
         with self.lock:
-            self._write("DELETE FROM shares WHERE id = ?", [(s,) for s in share_ids])
+            self._write("UPDATE shares SET jwe = x'', verifier = NULL WHERE id = ?",
+                        [(s,) for s in share_ids])
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
