@@ -85,7 +85,7 @@ def write_solo(lab: Lab, txs: list[bytes], window: int = 4000) -> dict[str, Any]
 # ------------------------------------------------------------------ figure 3 (in-process)
 
 def make_node(lab: Lab) -> Node:
-    return Node(lab.home, lab.home.load_config(), lab.store, lab.app, lab.org)
+    return Node(lab.home, lab.home.load_config(), lab.store, lab.app, lab.org, blobs=lab.blobs)
 
 
 def reads_inproc(lab: Lab, practitioner: Any, n: int = 5000) -> dict[str, Any]:
@@ -93,16 +93,18 @@ def reads_inproc(lab: Lab, practitioner: Any, n: int = 5000) -> dict[str, Any]:
     _, session = node.auth.login(practitioner)
     rng = random.Random(3)
     ids = [rng.choice(lab.records) for _ in range(n)]
+    loop = asyncio.new_event_loop()
     for rid in ids[:200]:  # warm caches
-        node.read(session, "Observation", rid)
+        loop.run_until_complete(node.read(session, "Observation", rid))
     lat = []
     t0 = time.perf_counter()
     for rid in ids:
         t = time.perf_counter()
-        stored = node.read(session, "Observation", rid)
+        stored = loop.run_until_complete(node.read(session, "Observation", rid))
         lat.append(time.perf_counter() - t)
         assert stored.resource["id"] == rid
     took = time.perf_counter() - t0
+    loop.close()
     return {"reads": n, "reads_per_s": n / took, **latency_ms(lat),
             "audit_rows_written": n}
 

@@ -3,14 +3,16 @@
 Everything a figure needs to build state fast *through the real code*: a node home
 (``node.home.init_home``), a ``LedgerApp`` over its SQLite store, blocks produced
 with ``finalize_block`` + ``commit`` (as ``SoloProducer`` does), and client-signed
-``record.put`` txs carrying synthetic FHIR Observations (1-3 KiB) sealed with
-``node.records.seal_record``. Tx generation fans out over worker processes.
+``record.put`` txs for synthetic FHIR Observations (1-3 KiB) sealed with
+``node.records.seal_record`` (the tx commits to the sealed blob; the blob goes to the
+lab's blob store, ADR 4). Tx generation fans out over worker processes.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from medledger.fhir.synthetic import synthetic_observation
 from medledger.node.home import Home, init_home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import seal_record
+from medledger.storage.blobs import BlobStore
 from medledger.storage.sqlite import SqliteStore
 
 PASSWORD = "bench-password"
@@ -59,42 +62,53 @@ def register_body(identity: keys.Identity, role: str | None = None) -> dict[str,
 
 
 def record_body(chain: str, org: keys.Identity | PatientKey, patient: PatientKey,
-                rid: str, seed: int, org_enc_public: bytes) -> dict[str, Any]:
-    """A ``record.put`` body for a fresh synthetic Observation (version 1)."""
+                rid: str, seed: int, org_enc_public: bytes) -> tuple[dict[str, Any], bytes]:
+    """(``record.put`` body, sealed blob) for a fresh synthetic Observation (version 1)."""
     resource = {**synthetic_observation(patient.id, seed), "id": rid}
     cls = classify(resource)
     readers = {org.id: org_enc_public, patient.id: patient.enc_public}
+    fields, blob = seal_record(chain, resource, patient.id, 1, readers)
     return {"type": "Observation", "id": rid, "version": 1, "prev": "", "patient": patient.id,
-            "category": cls.category, "labels": sorted(cls.labels),
-            **seal_record(chain, resource, patient.id, 1, readers)}
+            "category": cls.category, "labels": sorted(cls.labels), **fields}, blob
+
+
+Sealed = tuple[str, bytes, str, bytes]  # resource id, raw tx, blob hash, blob
 
 
 def _record_txs_chunk(args: tuple[str, dict[str, Any], list[PatientKey], int, int, str]
-                      ) -> list[tuple[str, bytes]]:
+                      ) -> list[Sealed]:
     chain, org_json, patients, start, count, tag = args
     org = keys.Identity.from_json(org_json)
     signer, enc_pub, nonce = org.signer(), org.enc_public, Nonces()
     out = []
     for i in range(start, start + count):
         rid = f"{tag}-{i}"
-        body = record_body(chain, org, patients[i % len(patients)], rid, i, enc_pub)
-        out.append((rid, make_tx(org.id, signer, chain, "record.put", body, nonce()).raw))
+        body, blob = record_body(chain, org, patients[i % len(patients)], rid, i, enc_pub)
+        out.append((rid, make_tx(org.id, signer, chain, "record.put", body, nonce()).raw,
+                    body["blob"], blob))
     return out
 
 
 def record_txs(chain: str, org: keys.Identity, patients: list[PatientKey], n: int, tag: str,
-               workers: int | None = None) -> list[tuple[str, bytes]]:
-    """``n`` signed ``record.put`` txs ``(resource id, raw)``, built on ``workers`` processes."""
+               workers: int | None = None,
+               blobs: Callable[[list[tuple[str, bytes]]], None] | None = None
+               ) -> list[tuple[str, bytes]]:
+    """``n`` signed ``record.put`` txs ``(resource id, raw)``, built on ``workers`` processes;
+    their sealed blobs go to ``blobs`` (a blob store's ``put``), or nowhere."""
     workers = workers or os.cpu_count() or 1
     if n < 2000 or workers == 1:
-        return _record_txs_chunk((chain, org.to_json(), patients, 0, n, tag))
-    step = 5000
-    jobs = [(chain, org.to_json(), patients, s, min(step, n - s), tag) for s in range(0, n, step)]
-    out: list[tuple[str, bytes]] = []
-    with ProcessPoolExecutor(workers) as pool:
-        for chunk in pool.map(_record_txs_chunk, jobs):
-            out.extend(chunk)
-    return out
+        sealed = _record_txs_chunk((chain, org.to_json(), patients, 0, n, tag))
+    else:
+        step = 5000
+        jobs = [(chain, org.to_json(), patients, s, min(step, n - s), tag)
+                for s in range(0, n, step)]
+        sealed = []
+        with ProcessPoolExecutor(workers) as pool:
+            for chunk in pool.map(_record_txs_chunk, jobs):
+                sealed.extend(chunk)
+    if blobs is not None:
+        blobs([(h, blob) for _, _, h, blob in sealed])
+    return [(rid, raw) for rid, raw, _, _ in sealed]
 
 
 class Lab:
@@ -117,10 +131,12 @@ class Lab:
 
     def open(self) -> None:
         self.store = SqliteStore(self.home.db_path)
+        self.blobs = BlobStore(self.home.blobs_path)
         self.app = LedgerApp(self.store, self.chain)
 
     def close(self) -> None:
         self.store.close()
+        self.blobs.close()
 
     def tx(self, kind: str, body: dict[str, Any], identity: keys.Identity | None = None) -> bytes:
         ident = identity or self.org
@@ -157,7 +173,7 @@ class Lab:
         return ident
 
     def record_txs(self, n: int, tag: str) -> list[tuple[str, bytes]]:
-        return record_txs(self.chain, self.org, self.patients, n, tag)
+        return record_txs(self.chain, self.org, self.patients, n, tag, blobs=self.blobs.put)
 
     def load_records(self, n: int, tag: str) -> float:
         """Build and commit ``n`` records; returns the commit rate (tx/s) of the apply phase."""
