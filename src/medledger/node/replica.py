@@ -13,7 +13,8 @@ lives in member nodes' blob stores (ADR 4). This module owns moving blobs:
 - ``ensure`` fetches, on demand, the blobs a read needs (bounded wait), so a record
   written at another node a moment ago can be read here;
 - ``purge_erased`` removes, at start-up, blobs a restored backup still holds for
-  versions the ledger has erased since.
+  versions the ledger has erased since; ``collect_garbage`` removes blobs sealed here
+  for writes the ledger never committed (refused, or cut short by a crash).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FETCH_BATCH = 256
+GARBAGE_AGE_S = 3600.0  # a write not committed within an hour of sealing never will be
 ENSURE_TIMEOUT_S = 5.0
 MAX_SERVE_HASHES = 512
 MAX_SERVE_BYTES = 48 * 1024 * 1024
@@ -85,6 +87,7 @@ class Replicator:
         if revoked:
             self.blobs.drop_shares(revoked)
         held = self.blobs.have(h for h, _, _, _ in want)
+        self.blobs.settle(held)
         lacking = [w for w in want if w[0] not in held]
         if lacking:
             self.blobs.want(lacking)
@@ -115,11 +118,61 @@ class Replicator:
         present = self.blobs.have(m["blob"] for m in metas)
         return self.erase_blobs([m for m in metas if m["blob"] in present]) if present else 0
 
+    def collect_garbage(self, now: float) -> int:
+        """Delete blobs sealed here for writes that no committed tx references."""
+        stale = self.blobs.stale_pending(now - GARBAGE_AGE_S)
+        orphans: list[str] = []
+        settled: list[str] = []
+        for h, ref in stale:
+            (settled if self._referenced(h, ref) else orphans).append(h)
+        self.blobs.settle(settled)
+        if orphans:
+            log.info("deleting %d sealed blobs of writes that were never committed",
+                     len(orphans))
+        return self.blobs.delete(orphans)
+
+    def sweep_share_payloads(self, now: float) -> int:
+        """Drop the payloads of this node's expired links, and of links whose tx never
+        committed (an hour after they were kept)."""
+        dropped, forgotten = [], []
+        for share_id, created in self.blobs.share_ids():
+            grant = st.share(self.node.store, share_id)
+            if grant is None:
+                if created < now - GARBAGE_AGE_S:
+                    forgotten.append(share_id)
+            elif grant["exp"] is not None and grant["exp"] <= now:
+                dropped.append(share_id)
+        for share_id in forgotten:
+            self.blobs.forget_share(share_id)
+        if dropped:
+            self.blobs.drop_shares(dropped)
+        return len(dropped) + len(forgotten)
+
+    def _referenced(self, h: str, ref: str) -> bool:
+        """Does the ledger reference blob ``h`` as ``ref`` ("Type/id/v[/key:reader]")?"""
+        parts = ref.split("/")
+        if len(parts) < 3 or not parts[2].isdigit():
+            return False
+        rtype, rid, v = parts[0], parts[1], int(parts[2])
+        if len(parts) == 4 and parts[3].startswith("key:"):
+            prefix = f"wrap/{rtype}/{rid}/{v:010d}/{parts[3][4:]}/"
+            return any(loads(raw)["key"] == h for _, raw in self.node.store.scan(prefix))
+        meta = st.record_version(self.node.store, rtype, rid, v)
+        return meta is not None and meta["blob"] == h
+
     # ------------------------------------------------------------ fetching
     async def run(self) -> None:
         self._wake = asyncio.Event()
         self._wake.set()
+        next_gc = 0.0
         while True:
+            if time.time() >= next_gc:
+                next_gc = time.time() + 600
+                try:
+                    self.collect_garbage(time.time())
+                    self.sweep_share_payloads(time.time())
+                except MedledgerError as exc:
+                    log.warning("blob garbage collection deferred: %s", exc)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             except TimeoutError:

@@ -277,7 +277,8 @@ class Node:
                 continue
             wrapped = rewrap_key(self.blob_of(meta), self.org.id, self.org.enc_private,
                                  target_pub)
-            self.blobs.put([(blob_hash(wrapped), wrapped)])
+            self.blobs.put([(blob_hash(wrapped), wrapped)],
+                           pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{target}")
             items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
                           "reader": target, "key": blob_hash(wrapped)})
         for part in iter_chunks(items, chunk):
@@ -456,7 +457,8 @@ class Node:
         if new_patient_key is not None and patient is not None:
             readers[patient] = new_patient_key
         fields, blob = seal_record(self.chain, resource, patient, version, readers)
-        self.blobs.put([(fields["blob"], blob)])  # stored before the ledger references it
+        # stored before the ledger references it; "pending" until a commit does
+        self.blobs.put([(fields["blob"], blob)], pending=f"{rtype}/{rid}/{version}")
         body = {"type": rtype, "id": rid, "version": version,
                 "prev": "" if head is None else head["hash"], "patient": patient,
                 "category": category, "labels": labels,

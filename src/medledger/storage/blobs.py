@@ -6,6 +6,9 @@
   the data key wrapped to each reader — and re-wrapped keys (``record.rewrap``);
 - ``missing`` — hashes the ledger references that this node has not received yet
   (the replication fetcher works through them);
+- ``pending`` — blobs this node sealed for its own writes that no committed tx
+  references yet; a write the ledger never committed (refused, a crash) leaves one
+  behind, which ``stale_pending`` finds for deletion;
 - ``shares`` — payloads of the share links *this* node issued: the JWE, the passcode
   verifier (an HMAC under a node key, never a guessable hash) and sealed free text.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,9 @@ CREATE TABLE IF NOT EXISTS missing (
     hash BLOB PRIMARY KEY, ref TEXT NOT NULL, source TEXT NOT NULL, height INTEGER NOT NULL,
     tries INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS missing_next ON missing (next_try);
+CREATE TABLE IF NOT EXISTS pending (hash BLOB PRIMARY KEY, ref TEXT NOT NULL,
+                                    added REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS pending_added ON pending (added);
 CREATE TABLE IF NOT EXISTS shares (
     id TEXT PRIMARY KEY, jwe BLOB NOT NULL, verifier BLOB, sealed_meta BLOB NOT NULL,
     created REAL NOT NULL);
@@ -69,8 +76,10 @@ class BlobStore:
                 raise StorageError(f"blob store write failed: {exc}") from exc
 
     # ------------------------------------------------------------ blobs
-    def put(self, items: Iterable[tuple[str, bytes]]) -> None:
-        """Store blobs under their hex SHA-256, checking each (a wrong hash is refused)."""
+    def put(self, items: Iterable[tuple[str, bytes]], pending: str | None = None) -> None:
+        """Store blobs under their hex SHA-256, checking each (a wrong hash is refused).
+        ``pending`` (a ref such as "Observation/o1/2") marks blobs sealed here for a write
+        not yet committed."""
         rows = []
         for h, data in items:
             if blob_hash(data) != h:
@@ -78,6 +87,21 @@ class BlobStore:
             rows.append((bytes.fromhex(h), data))
         self._write("INSERT OR IGNORE INTO blobs VALUES (?, ?)", rows)
         self._write("DELETE FROM missing WHERE hash = ?", [(r[0],) for r in rows])
+        if pending is not None:
+            now = time.time()
+            self._write("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
+                        [(r[0], pending, now) for r in rows])
+
+    def settle(self, hashes: Iterable[str]) -> None:
+        """These blobs are referenced by committed txs now."""
+        self._write("DELETE FROM pending WHERE hash = ?", [(bytes.fromhex(h),) for h in hashes])
+
+    def stale_pending(self, before: float) -> list[tuple[str, str]]:
+        """(hash, ref) of blobs sealed here before ``before`` that no commit referenced."""
+        with self.lock:
+            rows = self.db.execute("SELECT hash, ref FROM pending WHERE added < ?",
+                                   (before,)).fetchall()
+        return [(bytes(h).hex(), ref) for h, ref in rows]
 
     def get(self, h: str) -> bytes | None:
         with self.lock:
@@ -104,10 +128,10 @@ class BlobStore:
         if not keys:
             return 0
         with self.lock:
-            before = self.db.total_changes
+            deleted = len(self.have(bytes(k[0]).hex() for k in keys))
             self._write("DELETE FROM blobs WHERE hash = ?", keys)
             self._write("DELETE FROM missing WHERE hash = ?", keys)
-            deleted = self.db.total_changes - before
+            self._write("DELETE FROM pending WHERE hash = ?", keys)
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
 
@@ -185,6 +209,13 @@ class BlobStore:
                 if row is not None:
                     out[sid] = bytes(row[0])
         return out
+
+    def share_ids(self) -> list[tuple[str, float]]:
+        """(id, kept at) of the links whose payload this node still holds."""
+        with self.lock:
+            rows = self.db.execute("SELECT id, created FROM shares WHERE length(jwe) > 0"
+                                   ).fetchall()
+        return [(r[0], float(r[1])) for r in rows]
 
     def forget_share(self, share_id: str) -> None:
         """A share whose tx the ledger refused: nothing of it stays."""
