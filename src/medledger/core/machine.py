@@ -1012,6 +1012,188 @@ def _apply_import_abort(s: Overlay, sid: str, signer: dict[str, Any], body: Mapp
     return iid
 
 
+# --- key recovery (ADR 7): Shamir shares held by guardians, k approvals on the ledger
+
+MIN_GUARDIANS, MAX_GUARDIANS = 2, 16  # SLIP-39: at most 16 shares per group
+MAX_RECOVERY_REQUEST_S = 30 * 86400
+RECOVERY_SCHEMES = frozenset({"slip39-v1"})
+
+
+def _recovery_setup(s: Overlay, patient: str) -> dict[str, Any] | None:
+    setup = get_json(s, f"recovery/{patient}")
+    return setup if setup is not None and setup["status"] == "active" else None
+
+
+def _need_guardian(s: Overlay, gid: str, patient: str, what: str) -> None:
+    entry = st.principal(s, gid)
+    if gid == patient:
+        raise InvalidInput(f"{what}: a patient cannot be their own guardian")
+    if entry is None or not st.is_active(entry):
+        raise InvalidInput(f"{what}: guardian {gid} is neither an active member organisation "
+                           "nor an active registered person")
+
+
+def _apply_recovery_setup(s: Overlay, sid: str, signer: dict[str, Any],
+                          body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """A patient splits their key k-of-n among guardians; each guardian's share is
+    sealed to that guardian's X25519 key and kept off-chain (this tx names its hash).
+    A new setup replaces the previous one and cancels its open requests."""
+    what = "recovery.setup"
+    patient = _need_id(body, "patient", what)
+    _need_patient_self(sid, signer, patient, "a key recovery setup")
+    if body.get("scheme") not in RECOVERY_SCHEMES:
+        raise InvalidInput(f"{what}: scheme must be one of {sorted(RECOVERY_SCHEMES)}")
+    guardians = _need_ids(body, "guardians", what)
+    threshold = _need(body, "threshold", int, what)
+    if not MIN_GUARDIANS <= len(guardians) <= MAX_GUARDIANS:
+        raise InvalidInput(f"{what}: {MIN_GUARDIANS}-{MAX_GUARDIANS} guardians")
+    if not 2 <= threshold <= len(guardians):
+        raise InvalidInput(f"{what}: the threshold must be 2-{len(guardians)} (no guardian "
+                           "may recover alone)")
+    for g in guardians:
+        _need_guardian(s, g, patient, what)
+    shares = _need(body, "shares", dict, what)
+    if sorted(shares) != guardians or not all(
+            isinstance(h, str) and HASH_RE.match(h) for h in shares.values()):
+        raise InvalidInput(f"{what}: shares must map every guardian to the SHA-256 hash of "
+                           "their sealed share")
+    old = _recovery_setup(s, patient)
+    if old is not None:
+        old.update(status="superseded", ended_ns=ctx.time_ns)
+        put_json(s, f"recovery/{patient}", old)
+        _end_open_requests(s, patient, "cancelled", ctx, "superseded by a new setup")
+    setup = {"id": tx.hash_hex, "patient": patient, "scheme": body["scheme"],
+             "threshold": threshold, "guardians": guardians, "shares": dict(shares),
+             "keys_v": int(signer.get("keys_v", 0)), "created_ns": ctx.time_ns,
+             "status": "active"}
+    put_json(s, f"recovery/{patient}", setup)
+    return tx.hash_hex
+
+
+def _apply_recovery_revoke(s: Overlay, sid: str, signer: dict[str, Any],
+                           body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    what = "recovery.revoke"
+    patient = _need_id(body, "patient", what)
+    _need_patient_self(sid, signer, patient, "revoking key recovery")
+    setup = _recovery_setup(s, patient)
+    if setup is None:
+        raise NotFound(f"{what}: patient {patient} has no active recovery setup")
+    setup.update(status="revoked", ended_ns=ctx.time_ns)
+    put_json(s, f"recovery/{patient}", setup)
+    _end_open_requests(s, patient, "cancelled", ctx, "recovery revoked by the patient")
+    return str(setup["id"])
+
+
+def _end_open_requests(s: Overlay, patient: str, status: str, ctx: _Ctx, why: str) -> None:
+    for key, _ in list(s.scan(f"precovery/{patient}/")):
+        req = get_json(s, f"recoveryreq/{key.rsplit('/', 1)[1]}")
+        if req is not None and req["status"] == "open":
+            req.update(status=status, ended_ns=ctx.time_ns, reason=why)
+            put_json(s, f"recoveryreq/{req['id']}", req)
+
+
+def _apply_recovery_request(s: Overlay, sid: str, signer: dict[str, Any],
+                            body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """Someone who lost their key asks for it back: opened by an organisation caring for
+    the patient (it proofed their identity) or by one of their guardians. ``enc_pub`` is
+    a fresh X25519 key of the requester's client: guardians seal their shares to it."""
+    what = "recovery.request"
+    patient = _need_id(body, "patient", what)
+    rid = _need(body, "id", str, what)
+    if not 16 <= len(rid) <= 64 or not ID_RE.match(rid):
+        raise InvalidInput(f"{what}: id must be 16-64 url-safe characters")
+    b64d(_need(body, "enc_pub", str, what), field=f"{what} enc_pub", size=32)
+    exp = _need(body, "exp", int, what)
+    if not ctx.now_s < exp <= ctx.now_s + MAX_RECOVERY_REQUEST_S:
+        raise InvalidInput(f"{what}: exp must be in the future and at most "
+                           f"{MAX_RECOVERY_REQUEST_S // 86400} days ahead")
+    setup = _recovery_setup(s, patient)
+    if setup is None:
+        raise NotFound(f"{what}: patient {patient} has not set up key recovery")
+    cares = signer["kind"] == "org" and st.has_care(s, patient, sid)
+    if not cares and sid not in setup["guardians"]:
+        raise Forbidden(f"{what}: only an organisation caring for {patient} or one of their "
+                        f"guardians may open a recovery request, not {sid}")
+    pat = st.actor(s, patient)
+    assert pat is not None  # a setup exists, so the patient signed it
+    if int(pat.get("keys_v", 0)) != setup["keys_v"]:
+        raise Conflict(f"{what}: {patient}'s keys were rotated after the recovery setup; "
+                       "the shares open the old key (set recovery up again)")
+    if get_json(s, f"recoveryreq/{rid}") is not None:
+        raise Conflict(f"{what}: request {rid} exists")
+    for key, _ in s.scan(f"precovery/{patient}/"):
+        other = get_json(s, f"recoveryreq/{key.rsplit('/', 1)[1]}")
+        if other is not None and other["status"] == "open" and other["exp"] > ctx.now_s:
+            raise Conflict(f"{what}: request {other['id']} for {patient} is still open")
+    req = {"id": rid, "patient": patient, "setup": setup["id"], "by": sid,
+           "enc_pub": body["enc_pub"], "exp": exp, "threshold": setup["threshold"],
+           "approvals": {}, "created_ns": ctx.time_ns, "status": "open"}
+    put_json(s, f"recoveryreq/{rid}", req)
+    s.put(f"precovery/{patient}/{rid}", b"1")
+    return rid
+
+
+def _open_request(s: Overlay, body: Mapping[str, Any], what: str, ctx: _Ctx
+                  ) -> dict[str, Any]:
+    rid = _need(body, "id", str, what)
+    req = get_json(s, f"recoveryreq/{rid}") if ID_RE.match(rid) else None
+    if req is None:
+        raise NotFound(f"{what}: no recovery request {rid}")
+    if req["status"] != "open":
+        raise Conflict(f"{what}: recovery request {rid} is {req['status']}")
+    if req["exp"] <= ctx.now_s:
+        raise Gone(f"{what}: recovery request {rid} expired")
+    return req
+
+
+def _apply_recovery_approve(s: Overlay, sid: str, signer: dict[str, Any],
+                            body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """A guardian approves: it re-sealed its share to the request's ``enc_pub`` and
+    names that sealed share's hash (the share itself stays off-chain)."""
+    what = "recovery.approve"
+    req = _open_request(s, body, what, ctx)
+    share = _need_hash(body, "share", what)
+    setup = _recovery_setup(s, req["patient"])
+    if setup is None or setup["id"] != req["setup"]:
+        raise Conflict(f"{what}: the recovery setup of this request was replaced")
+    if sid not in setup["guardians"]:
+        raise Forbidden(f"{what}: {sid} is not a guardian of {req['patient']}")
+    if sid in req["approvals"]:
+        raise Conflict(f"{what}: {sid} already approved request {req['id']}")
+    req["approvals"] = {**req["approvals"], sid: share}
+    put_json(s, f"recoveryreq/{req['id']}", req)
+    return f"{len(req['approvals'])}/{req['threshold']}"
+
+
+def _apply_recovery_complete(s: Overlay, sid: str, signer: dict[str, Any],
+                             body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """The recovered key signs: the patient holds it again (proof of recovery)."""
+    what = "recovery.complete"
+    req = _open_request(s, body, what, ctx)
+    _need_patient_self(sid, signer, req["patient"], "completing a key recovery")
+    if len(req["approvals"]) < req["threshold"]:
+        raise Conflict(f"{what}: {len(req['approvals'])} of {req['threshold']} guardian "
+                       "approvals")
+    req.update(status="completed", ended_ns=ctx.time_ns)
+    put_json(s, f"recoveryreq/{req['id']}", req)
+    return str(req["id"])
+
+
+def _apply_recovery_cancel(s: Overlay, sid: str, signer: dict[str, Any],
+                           body: Mapping[str, Any], tx: Tx, ctx: _Ctx) -> str | None:
+    """The patient (who still holds their key) or the requester calls a request off."""
+    what = "recovery.cancel"
+    req = _open_request(s, body, what, ctx)
+    if sid not in (req["patient"], req["by"]):
+        raise Forbidden(f"{what}: only {req['patient']} or {req['by']}, which opened it, may "
+                        "cancel this request")
+    req.update(status="cancelled", ended_ns=ctx.time_ns,
+               reason="cancelled by the patient" if sid == req["patient"]
+               else f"cancelled by {sid}")
+    put_json(s, f"recoveryreq/{req['id']}", req)
+    return str(req["id"])
+
+
 _HANDLERS: dict[str, Handler] = {
     "org.propose": _apply_org_propose,
     "org.approve": _apply_org_approve,
@@ -1032,4 +1214,10 @@ _HANDLERS: dict[str, Handler] = {
     "import.part": _apply_import_part,
     "import.commit": _apply_import_commit,
     "import.abort": _apply_import_abort,
+    "recovery.setup": _apply_recovery_setup,
+    "recovery.revoke": _apply_recovery_revoke,
+    "recovery.request": _apply_recovery_request,
+    "recovery.approve": _apply_recovery_approve,
+    "recovery.complete": _apply_recovery_complete,
+    "recovery.cancel": _apply_recovery_cancel,
 }

@@ -19,6 +19,9 @@ Keys (UTF-8 strings) and their canonical-JSON values::
     stage/{import}/{part:06d}       a staged import part's operations (invisible)
     akey/{node}/{epoch}             a node's audit free-text key, wrapped to members
     policy/retention                retention rules: category -> minimum seconds kept
+    recovery/{patient}              key recovery setup: guardians, threshold, share hashes
+    recoveryreq/{id}                a recovery request: ephemeral key, guardian approvals
+    precovery/{patient}/{id}        a patient's recovery requests (index)
 
 ``Overlay`` stacks a block's (or a batch's) pending writes on a reader, so the
 machine sees its own writes and can drop them whole when a batch fails.
@@ -182,3 +185,16 @@ def share(state: StateReader, share_id: str) -> dict[str, Any] | None:
 def shares_of(state: StateReader, patient: str) -> list[dict[str, Any]]:
     ids = [key.rsplit("/", 1)[1] for key, _ in state.scan(f"pshare/{patient}/")]
     return [g for i in ids if (g := share(state, i)) is not None]
+
+
+def recovery_setup(state: StateReader, patient: str) -> dict[str, Any] | None:
+    return get_json(state, f"recovery/{patient}")
+
+
+def recovery_request(state: StateReader, rid: str) -> dict[str, Any] | None:
+    return get_json(state, f"recoveryreq/{rid}")
+
+
+def recovery_requests(state: StateReader, patient: str) -> list[dict[str, Any]]:
+    ids = [key.rsplit("/", 1)[1] for key, _ in state.scan(f"precovery/{patient}/")]
+    return [r for i in ids if (r := recovery_request(state, i)) is not None]

@@ -39,6 +39,8 @@ KINDS = frozenset({
     "record.rewrap",
     "batch",
     "import.begin", "import.part", "import.commit", "import.abort",
+    "recovery.setup", "recovery.revoke", "recovery.request", "recovery.approve",
+    "recovery.complete", "recovery.cancel",
 })
 _FIELDS = frozenset({"body", "chain", "kind", "nonce", "sig", "signer", "v"})
 
