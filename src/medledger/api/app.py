@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medledger.api import ledger_routes, portal_routes
+from medledger.api import ledger_routes, portal_routes, rights_routes
 from medledger.api.common import fhir_json, outcome_response
 from medledger.api.fhir_routes import router as fhir_router
 from medledger.errors import MedledgerError, TooLarge
@@ -84,6 +84,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     app.include_router(fhir_router, prefix="/fhir")
     app.include_router(ledger_routes.router)
     app.include_router(portal_routes.router)
+    app.include_router(rights_routes.router)
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

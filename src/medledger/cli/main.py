@@ -41,14 +41,25 @@ def init(home: HomeOpt, org_id: Annotated[str, typer.Option(help="Organisation i
          chain: Annotated[str, typer.Option(help="Chain id.")] = "medledger-local",
          port: Annotated[int, typer.Option(help="API port.")] = 8700,
          genesis: Annotated[Path | None, typer.Option(help="Join an existing genesis file.")]
-         = None) -> None:
+         = None,
+         retention: Annotated[list[str], typer.Option(
+             "--retention", help="Keep a category at least this long before it may be "
+             "erased, e.g. conditions=10y (repeatable; units y, d, h, s). Default: none. "
+             "Fixed at genesis.")] = []) -> None:
     """Create a node home: org keys (password-protected) and genesis."""
+    from medledger.cli.rights import print_retention
+    from medledger.node.erasure import parse_retention
     from medledger.node.home import init_home
+    rules = parse_retention(retention)
+    if rules and genesis:
+        raise InvalidInput("--retention applies to a new chain; a joined genesis has its own")
     password = _password("MEDLEDGER_PASSWORD", "new organisation keystore password")
     gen = orjson.loads(genesis.read_bytes()) if genesis else None
-    h = init_home(home, org_id, org_name, password, chain=chain, port=port, genesis=gen)
+    h = init_home(home, org_id, org_name, password, chain=chain, port=port, genesis=gen,
+                  retention=rules)
     console.print(f"[green]created[/] {h.path} for [bold]{org_id}[/] on chain "
                   f"[bold]{h.load_config().chain}[/]")
+    print_retention(h.load_genesis().get("retention") or {})
 
 
 @node_app.command("start")
@@ -274,6 +285,7 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
 from medledger.cli import demo as _demo  # noqa: E402,F401  (registers `demo`)
 from medledger.cli import net as _net  # noqa: E402
 from medledger.cli import org as _org  # noqa: E402
+from medledger.cli import rights as _rights  # noqa: E402,F401  (registers rights commands)
 from medledger.cli import share as _share  # noqa: E402,F401  (registers `share ...`)
 
 app.add_typer(_net.net_app, name="net")

@@ -78,8 +78,15 @@ def up(dir: DirOpt = Path(".net"),
                                                    "ports from base+10.")] = 8800,
        chain: Annotated[str, typer.Option(help="Chain id.")] = "medledger-net",
        commit_timeout: Annotated[float, typer.Option(help="Seconds a write waits for "
-                                                          "commit.")] = 30.0) -> None:
+                                                          "commit.")] = 30.0,
+       retention: Annotated[list[str], typer.Option(
+           "--retention", help="Keep a category at least this long before it may be erased, "
+           "e.g. conditions=10y (repeatable; units y, d, h, s). Default: none. Fixed at "
+           "genesis.")] = []) -> None:
     """Create (first time) and start the network; returns once every node serves."""
+    from medledger.cli.rights import print_retention
+    from medledger.node.erasure import parse_retention
+    rules = parse_retention(retention)
     password = _password()
     if (dir / network.STATE_FILE).exists():
         net = network.load_network(dir)
@@ -88,9 +95,10 @@ def up(dir: DirOpt = Path(".net"),
         with console.status("creating the network") as st:
             net = network.create_network(dir, nodes, password, chain=chain,
                                          base_port=base_port, commit_timeout_s=commit_timeout,
-                                         progress=lambda msg: st.update(msg))
+                                         progress=lambda msg: st.update(msg), retention=rules)
         console.print(f"[green]created[/] {len(net.members)} organisations on chain "
                       f"[bold]{net.chain}[/] in {net.dir}")
+        print_retention(rules)
     with console.status(f"starting {len(net.members)} nodes, then their CometBFT"):
         network.start_members(net, [m.index for m in net.members], password)
     with console.status("waiting for the first block"):

@@ -1130,7 +1130,7 @@ def _apply_recovery_request(s: Overlay, sid: str, signer: dict[str, Any],
            "approvals": {}, "created_ns": ctx.time_ns, "status": "open"}
     put_json(s, f"recoveryreq/{rid}", req)
     s.put(f"precovery/{patient}/{rid}", b"1")
-    return rid
+    return str(rid)
 
 
 def _open_request(s: Overlay, body: Mapping[str, Any], what: str, ctx: _Ctx

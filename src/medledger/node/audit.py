@@ -30,7 +30,10 @@ ACTIONS = {"create": "C", "update": "U", "read": "R", "vread": "R", "history": "
            "search": "E", "everything": "E", "consent": "C", "consent-revoke": "U",
            "share-create": "C", "share-revoke": "U", "share-access": "R", "export": "R",
            "audit-read": "R", "consent-read": "R", "match": "E", "summary": "R",
-           "register": "C", "transaction": "C", "erase": "D"}
+           "register": "C", "transaction": "C", "erase": "D", "disclosures": "R",
+           "activation-code": "C", "activate": "U", "recovery-setup": "C",
+           "recovery-request": "C", "recovery-approve": "U", "recovery-complete": "U",
+           "recovery-cancel": "U"}
 SUBTYPES = {"create": "create", "update": "update", "read": "read", "vread": "vread",
             "history": "history-instance", "search": "search-type", "everything": "operation",
             "transaction": "transaction"}

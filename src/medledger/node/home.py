@@ -110,8 +110,10 @@ def org_genesis_entry(identity: keys.Identity, name: str,
 def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,
               chain: str = "medledger-local", port: int = 8700,
               genesis: dict[str, Any] | None = None, identity: keys.Identity | None = None,
-              scrypt_n: int = keys.DEFAULT_SCRYPT_N) -> Home:
-    """Create a node home for ``org_id``. Without ``genesis`` the org founds a new chain."""
+              scrypt_n: int = keys.DEFAULT_SCRYPT_N,
+              retention: dict[str, int] | None = None) -> Home:
+    """Create a node home for ``org_id``. Without ``genesis`` the org founds a new chain
+    (with ``retention`` rules, category -> seconds, when given)."""
     home = Home(path)
     if home.exists():
         raise Conflict(f"{home.path} already holds a medledger node")
@@ -120,6 +122,8 @@ def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,
     keys.save_keystore(home.org_keystore, identity, password, scrypt_n)
     if genesis is None:
         genesis = {"chain_id": chain, "orgs": [org_genesis_entry(identity, org_name)]}
+        if retention:
+            genesis["retention"] = dict(retention)
     home.genesis_path.write_bytes(orjson.dumps(genesis, option=orjson.OPT_INDENT_2))
     home.save_config(Config(org_id=org_id, chain=genesis["chain_id"], port=port))
     os.chmod(home.path, 0o700)

@@ -370,7 +370,8 @@ def create_network(directory: Path | str, n: int = 4, password: str = "", *,
                    chain: str = "medledger-net", base_port: int | None = None,
                    commit_timeout_s: float = COMMIT_TIMEOUT_S,
                    scrypt_n: int = keys.DEFAULT_SCRYPT_N,
-                   progress: Callable[[str], None] = lambda _: None) -> Network:
+                   progress: Callable[[str], None] = lambda _: None,
+                   retention: dict[str, int] | None = None) -> Network:
     """Create ``n`` organisations ``org-1..org-n``: node homes, CometBFT homes, one genesis.
 
     Ports: API ``base_port + i``; CometBFT p2p/rpc/abci from ``base_port + 10`` (three
@@ -404,8 +405,11 @@ def create_network(directory: Path | str, n: int = 4, password: str = "", *,
     orgs = [keys.new_identity(f"org-{i + 1}", "org", {"name": ORG_NAMES[i]}) for i in range(n)]
     entries = [org_genesis_entry(o, ORG_NAMES[i], vals[i], f"http://127.0.0.1:{api_ports[i]}")
                for i, o in enumerate(orgs)]
-    genesis = {"chain_id": chain, "orgs": entries}
-    layouts = cometbft.make_testnet(comet_root, n, chain, {"orgs": entries}, comet_base,
+    app_state: dict[str, Any] = {"orgs": entries}
+    if retention:  # erasure retention rules per category, fixed at genesis (ADR 4)
+        app_state["retention"] = dict(retention)
+    genesis = {"chain_id": chain, **app_state}
+    layouts = cometbft.make_testnet(comet_root, n, chain, app_state, comet_base,
                                     binary=binary)
     # 3. One node home per organisation, in network mode.
     members = []

@@ -81,6 +81,10 @@ class NodeRuntime:
             log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
                         "made", purged)
         loop = asyncio.get_running_loop()
+        if node.config.mode == "cometbft" and node.replica.peers():
+            from medledger.node.erasure import catch_up
+            node.catching_up = "starting"  # before the API answers its first request
+            self.tasks.append(loop.create_task(catch_up(node)))
         self.tasks.append(loop.create_task(node.anchor_loop()))
         self.tasks.append(loop.create_task(node.replica.run()))
         self.tasks.append(loop.create_task(self._abort_open_imports()))

@@ -50,7 +50,7 @@ from medledger.fhir import ips, match
 from medledger.fhir.labels import classify
 from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
-from medledger.node import shares
+from medledger.node import onboarding, recovery, shares
 from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session, scope_allows
 from medledger.node.home import Config, Home
@@ -145,6 +145,7 @@ class Node:
         self.blobs = blobs if blobs is not None else BlobStore(home.blobs_path)
         self.replica = Replicator(self)
         app.on_commit.append(self.replica.on_commit)
+        app.on_commit.append(lambda applied, _txs: recovery.on_commit(self, applied))
         self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
         self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
@@ -154,6 +155,7 @@ class Node:
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
         self.integrity_failure: str | None = None
+        self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
 
@@ -375,12 +377,15 @@ class Node:
         if st.principal(self.store, pid) is not None:
             raise Conflict(f"id {pid} is already registered (not as this patient)")
         identity = keys.new_identity(pid, "patient")
-        secret = password or b64e(os.urandom(12))
+        ops = [{"kind": "actor.register", "body": self._register_body(identity, None)}]
+        if password is None:  # imported: escrowed until the patient activates (ADR 7)
+            await self._off_loop(onboarding.escrow_keystore, self.home, self.org.enc_private,
+                                 identity, self.clock())
+            return ops, identity, ""
         # exclusive: never replace someone's keystore (a concurrent or hostile create)
-        await self._off_loop(keys.save_keystore, self.home.user_keystore(pid), identity, secret,
-                             keys.DEFAULT_SCRYPT_N, True)
-        return ([{"kind": "actor.register", "body": self._register_body(identity, None)}],
-                identity, secret)
+        await self._off_loop(keys.save_keystore, self.home.user_keystore(pid), identity,
+                             password, keys.DEFAULT_SCRYPT_N, True)
+        return ops, identity, password
 
     # ------------------------------------------------------------ writes
     def _writer_of(self, session: Session) -> tuple[dict[str, Any], policy.Role]:
@@ -1129,6 +1134,8 @@ class Node:
     def _check_serving(self) -> None:
         if self.integrity_failure:
             raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+        if self.catching_up:
+            raise Unavailable(f"not serving content yet: {self.catching_up}")
 
 
 class WrongPasscode(Unauthenticated):
