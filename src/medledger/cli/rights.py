@@ -8,6 +8,7 @@ node, print. ``main`` imports this module so its commands register.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +18,7 @@ from medledger.cli.common import (
     KeyOpt,
     NodeOpt,
     _client,
+    audit_app,
     console,
     handle_errors,
     record_app,
@@ -110,3 +112,69 @@ def print_retention(rules: dict[str, int]) -> None:
 
 
 
+
+
+# ---------------------------------------------------------------- accounting of disclosures
+
+DISCLOSURES_FILE = Path("disclosures.json")
+
+@audit_app.command("disclosures")
+@handle_errors
+def audit_disclosures(node: NodeOpt, key: KeyOpt,
+                      start: Annotated[str | None, typer.Option(
+                          help="From this date (YYYY-MM-DD); default six years ago.")] = None,
+                      end: Annotated[str | None, typer.Option(
+                          help="Up to this date, inclusive; default now.")] = None,
+                      out: Annotated[Path, typer.Option(
+                          help="Save the FHIR Bundle (with proofs) here.")]
+                      = DISCLOSURES_FILE,
+                      pdf: Annotated[Path | None, typer.Option(
+                          help="Also save the printable PDF here.")] = None) -> None:
+    """Your accounting of disclosures: who outside your care saw what, when and why."""
+    from urllib.parse import urlencode
+
+    import orjson
+    query = urlencode({k: v for k, v in (("start", start), ("end", end)) if v})
+    with _client(node, key) as c:
+        assert c.identity is not None
+        bundle = c.get(f"/fhir/Patient/{c.identity.id}/$disclosures?{query}")
+        if pdf is not None:
+            pdf.write_bytes(c.request("GET", f"/api/disclosures.pdf?{query}").content)
+    out.write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+    table = Table("when", "kind", "recipient", "what", "purpose", "block")
+    for e in bundle.get("entry", []):
+        r = e["resource"]
+        ext = {x["url"].rsplit("/", 1)[-1]: x for x in r.get("extension", [])}
+        table.add_row(r["recorded"][:19], ext["disclosure-kind"]["valueCode"],
+                      r["agent"][0]["who"]["display"],
+                      ", ".join(x["what"]["reference"] for x in r.get("entity", [])[1:3]),
+                      (r.get("purposeOfEvent") or [{}])[0].get("coding", [{}])[0].get(
+                          "code", ""),
+                      str(ext.get("anchored-height", {}).get("valueInteger", "pending")))
+    console.print(table)
+    console.print(f"{bundle.get('total', 0)} disclosures -> {out}"
+                  + (f" and {pdf}" if pdf else "")
+                  + f"; check them with: medledger audit prove --file {out}")
+
+
+@audit_app.command("prove")
+@handle_errors
+def audit_prove(file: Annotated[Path, typer.Option(
+                    help="A Bundle from `audit disclosures` (or one proof JSON).")],
+                against: Annotated[list[str], typer.Option(
+                    "--against", help="Also check each block header at this node "
+                    "(repeatable; another organisation's node).")] = []) -> None:
+    """Check inclusion proofs offline: each event is in its block's audit root, its sealed
+    text opens with the key given, and (--against) other nodes hold the same header."""
+    from medledger.audit_proof import check_file
+    results = check_file(file, against)
+    table = Table("event", "recorded", "block", "proof", "sealed text", "other nodes")
+    for r in results:
+        table.add_row(r.event_id[:8], r.recorded[:19], str(r.height),
+                      "[green]ok[/]" if r.proof_ok else "[red]FAILED[/]",
+                      r.text, r.against)
+    console.print(table)
+    bad = [r for r in results if not r.ok]
+    console.print(f"{len(results) - len(bad)} of {len(results)} proofs verified")
+    if bad:
+        raise typer.Exit(1)
