@@ -15,14 +15,18 @@ import typer
 from rich.table import Table
 
 from medledger.cli.common import (
+    HomeOpt,
     KeyOpt,
     NodeOpt,
     _client,
+    _password,
+    app,
     audit_app,
     console,
     handle_errors,
     record_app,
 )
+from medledger.client import Client
 from medledger.errors import InvalidInput
 
 # ---------------------------------------------------------------- erasure
@@ -178,3 +182,167 @@ def audit_prove(file: Annotated[Path, typer.Option(
     console.print(f"{len(results) - len(bad)} of {len(results)} proofs verified")
     if bad:
         raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- onboarding
+
+patient_app = typer.Typer(help="Patients enrolled at this node: activation of imported ones.",
+                          no_args_is_help=True)
+recovery_app = typer.Typer(help="Key recovery through guardians (k of n).",
+                           no_args_is_help=True)
+app.add_typer(patient_app, name="patient")
+app.add_typer(recovery_app, name="recovery")
+
+
+def _org_client(home: Path) -> Client:
+    from medledger.node.home import Home
+    h = Home(home)
+    config = h.load_config()
+    return Client(config.base_url, h.unlock_org(_password("MEDLEDGER_PASSWORD",
+                                                          "organisation keystore password")))
+
+
+def _save_keystore(c: Client, token: str, out: Path) -> None:
+    resp = c.request("GET", "/api/keystore", auth=False,
+                     headers={"Authorization": f"Bearer {token}"})
+    out.write_bytes(resp.content)
+    out.chmod(0o600)
+
+
+@patient_app.command("activation-code")
+@handle_errors
+def activation_code(home: HomeOpt, patient: Annotated[str, typer.Option(help="Patient id.")],
+                    valid_days: Annotated[int, typer.Option(help="Days the code is valid.")]
+                    = 14,
+                    qr: Annotated[Path | None, typer.Option(help="Write the QR code (PNG).")]
+                    = None) -> None:
+    """Issue a one-time activation code for an imported patient (hand it over in person)."""
+    import base64
+    with _org_client(home) as c:
+        doc = c.post(f"/api/onboarding/{patient}/code", {"valid_days": valid_days})
+    console.print(doc["text"])
+    console.print(f"valid until {doc['exp']} (epoch s); one use; {doc['url']}")
+    if qr is not None:
+        qr.write_bytes(base64.b64decode(doc["qr_png"] + "=" * (-len(doc["qr_png"]) % 4),
+                                        altchars=b"-_"))
+        console.print(f"QR code -> {qr}")
+
+
+@patient_app.command("activate")
+@handle_errors
+def patient_activate(node: NodeOpt, patient: Annotated[str, typer.Option(help="Your id.")],
+                     code: Annotated[str, typer.Option(help="Your activation code.")],
+                     out: Annotated[Path | None, typer.Option(
+                         help="Save your key file here.")] = None) -> None:
+    """Activate your account with the code you were given; choose your password."""
+    password = _password("MEDLEDGER_KEY_PASSWORD", "your new password")
+    with Client(node) as c:
+        doc = c.post("/auth/activate", {"id": patient, "code": code, "password": password},
+                     auth=False)
+        if out is not None:
+            _save_keystore(c, doc["access_token"], out)
+    console.print(f"[green]activated[/] {patient}: sign in with your new password"
+                  + (f"; key file -> {out}" if out else ""))
+
+
+# ---------------------------------------------------------------- key recovery
+
+@recovery_app.command("setup")
+@handle_errors
+def recovery_setup(node: NodeOpt, key: KeyOpt,
+                   guardian: Annotated[list[str], typer.Option(
+                       "--guardian", help="Organisation or person id (repeatable).")],
+                   threshold: Annotated[int, typer.Option(
+                       help="Approvals needed to recover (at least 2).")] = 2) -> None:
+    """Split your key among guardians, here on your machine; each share is sealed to its
+    guardian before it leaves."""
+    from medledger.crypto.canonical import b64d, b64e
+    from medledger.node.recovery import build_setup
+    with _client(node, key) as c:
+        assert c.identity is not None
+        pubs = {g: b64d(v, field="enc_pub") for g, v in c.get(
+            f"/api/recovery/keys?ids={','.join(sorted(set(guardian)))}").items()}
+        body, blobs = build_setup(c.identity, pubs, threshold)
+        tx = c.sign_tx("recovery.setup", body)
+        c.post("/api/recovery/setup", {"tx": b64e(tx.raw),
+                                       "shares": {h: b64e(b) for h, b in blobs}})
+    console.print(f"[green]recovery set up[/]: any {threshold} of {', '.join(body['guardians'])}")
+
+
+@recovery_app.command("status")
+@handle_errors
+def recovery_status(node: NodeOpt, key: KeyOpt) -> None:
+    """Your recovery setup and requests; as a guardian, the requests awaiting you."""
+    with _client(node, key) as c:
+        doc = c.get("/api/recovery")
+    setup = doc.get("setup")
+    if setup:
+        console.print(f"setup: {setup['status']}, {setup['threshold']} of "
+                      f"{', '.join(setup['guardians'])}")
+    table = Table("request", "patient", "opened by", "status", "approvals", "key fingerprint")
+    for r in doc["requests"] + doc["to_approve"]:
+        table.add_row(r["id"], r["patient"], r["by"], r["status"],
+                      f"{len(r['approved_by'])}/{r['threshold']} {','.join(r['approved_by'])}",
+                      r["fingerprint"])
+    console.print(table)
+
+
+@recovery_app.command("request")
+@handle_errors
+def recovery_request(home: HomeOpt, patient: Annotated[str, typer.Option(help="Patient id.")],
+                     enc_pub: Annotated[str | None, typer.Option(
+                         help="A base64url X25519 public key made by the patient's own client; "
+                              "without it this node holds one under a printed code.")]
+                     = None) -> None:
+    """Open a recovery request for a patient whose identity you checked in person."""
+    with _org_client(home) as c:
+        doc = c.post("/api/recovery/requests", {"patient": patient, "enc_pub": enc_pub})
+    console.print(f"request {doc['id']} for {patient}, key fingerprint "
+                  f"[bold]{doc['fingerprint']}[/] (guardians confirm it with the patient)")
+    if doc.get("code"):
+        console.print(f"recovery code for the patient (shown once): [bold]{doc['code']}[/]")
+
+
+@recovery_app.command("approve")
+@handle_errors
+def recovery_approve(node: NodeOpt, key: KeyOpt,
+                     request: Annotated[str, typer.Option(help="Request id.")],
+                     fingerprint: Annotated[str, typer.Option(
+                         help="The key fingerprint the patient read to you.")]) -> None:
+    """As a guardian (your key file, or your organisation's), approve a request: your
+    share is opened and re-sealed to the request's key on this machine."""
+    from medledger.crypto.canonical import b64d, b64e
+    from medledger.node import recovery
+    from medledger.storage.blobs import blob_hash
+    with _client(node, key) as c:
+        assert c.identity is not None
+        req = c.get(f"/recovery/requests/{request}/shares", auth=False)["request"]
+        if recovery.fingerprint(req["enc_pub"]) != fingerprint.strip().upper():
+            raise InvalidInput("the fingerprint does not match this request's key: do not "
+                               "approve (someone else may have opened it)")
+        sealed = b64d(c.get(f"/api/recovery/share?patient={req['patient']}")["share"],
+                      field="share")
+        resealed = recovery.reseal(sealed, c.identity, req["patient"], req["enc_pub"])
+        tx = c.sign_tx("recovery.approve", {"id": request, "share": blob_hash(resealed)})
+        doc = c.post(f"/api/recovery/requests/{request}/approve",
+                     {"tx": b64e(tx.raw), "share": b64e(resealed)})
+    console.print(f"[green]approved[/] request {request} ({doc['approvals']} approvals)")
+
+
+@recovery_app.command("finish")
+@handle_errors
+def recovery_finish(node: NodeOpt, patient: Annotated[str, typer.Option(help="Your id.")],
+                    request: Annotated[str, typer.Option(help="Request id.")],
+                    code: Annotated[str, typer.Option(help="The recovery code you were "
+                                                           "given.")],
+                    out: Annotated[Path | None, typer.Option(
+                        help="Save your key file here.")] = None) -> None:
+    """Recover your key once enough guardians approved; choose a new password."""
+    password = _password("MEDLEDGER_KEY_PASSWORD", "your new password")
+    with Client(node) as c:
+        doc = c.post("/auth/recover", {"id": patient, "request": request, "code": code,
+                                       "password": password}, auth=False)
+        if out is not None:
+            _save_keystore(c, doc["access_token"], out)
+    console.print(f"[green]recovered[/] the key of {patient}"
+                  + (f"; key file -> {out}" if out else ""))

@@ -36,7 +36,8 @@ class Share:
 def split_identity(sign_seed: bytes, enc_private: bytes, threshold: int, n: int) -> list[str]:
     """``n`` SLIP-39 mnemonics, any ``threshold`` of which give the identity back."""
     if not 2 <= threshold <= n <= 16:
-        raise InvalidInput("key recovery needs 2 <= threshold <= guardians <= 16")
+        raise InvalidInput(f"key recovery needs a threshold of 2 to {n} guardians (no guardian "
+                           "may recover alone) and at most 16 guardians")
     secret = sign_seed + enc_private
     if len(secret) != SECRET_BYTES:
         raise InvalidInput("an identity is a 32-byte signing seed and a 32-byte X25519 key")

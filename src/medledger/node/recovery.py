@@ -65,18 +65,22 @@ def fingerprint(enc_pub_b64: str) -> str:
 
 # ------------------------------------------------------------------ setup
 
-def build_setup(state: st.StateReader, identity: keys.Identity, guardians: list[str],
-                threshold: int) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
-    """The ``recovery.setup`` body and the sealed-share blobs (the patient's client, or
-    the node for a portal session)."""
-    guardians = sorted(set(guardians))
+def guardian_keys(state: st.StateReader, guardians: list[str]) -> dict[str, bytes]:
     pubs = {}
-    for g in guardians:
+    for g in sorted(set(guardians)):
         entry = st.principal(state, g)
         if entry is None or not st.is_active(entry):
             raise InvalidInput(f"guardian {g} is not an active organisation or person on "
                                "the ledger")
         pubs[g] = b64d(entry["enc_pub"], field="enc_pub")
+    return pubs
+
+
+def build_setup(identity: keys.Identity, pubs: dict[str, bytes], threshold: int
+                ) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+    """The ``recovery.setup`` body and the sealed-share blobs, made wherever the patient's
+    key is (their own client, or the node for a portal session)."""
+    guardians = sorted(pubs)
     words = shamir.split_identity(identity.sign_seed, identity.enc_private, threshold,
                                   len(guardians))
     blobs = [(g, shamir.seal_share(shamir.Share(identity.id, g, w), pubs[g]))
@@ -86,10 +90,16 @@ def build_setup(state: st.StateReader, identity: keys.Identity, guardians: list[
     return body, [(blob_hash(b), b) for _, b in blobs]
 
 
+def reseal(sealed: bytes, guardian: keys.Identity, patient: str, enc_pub_b64: str) -> bytes:
+    """A guardian's share, opened with its own key and sealed to a request's key."""
+    share = shamir.open_share(sealed, guardian.enc_private, patient, guardian.id)
+    return shamir.seal_share(share, b64d(enc_pub_b64, field="enc_pub"))
+
+
 async def setup(node: Node, session: Session, guardians: list[str], threshold: int
                 ) -> dict[str, Any]:
     identity = node._patient_identity(session, session.actor_id)
-    body, blobs = build_setup(node.store, identity, guardians, threshold)
+    body, blobs = build_setup(identity, guardian_keys(node.store, guardians), threshold)
     node.blobs.put(blobs)
     await node.submit(identity, "recovery.setup", body)
     node._audit(session, "recovery-setup", identity.id, [],
@@ -197,8 +207,7 @@ async def approve(node: Node, session: Session, rid: str) -> dict[str, Any]:
     sealed = await _blob(node, setup["shares"][guardian.id],
                          f"recovery/{patient}/setup/key:{guardian.id}",
                          _home_org(node, patient))
-    share = shamir.open_share(sealed, guardian.enc_private, patient, guardian.id)
-    resealed = shamir.seal_share(share, b64d(req["enc_pub"], field="enc_pub"))
+    resealed = reseal(sealed, guardian, patient, req["enc_pub"])
     h = blob_hash(resealed)
     node.blobs.put([(h, resealed)])
     try:
