@@ -4,6 +4,7 @@ import { api, setUnauthenticatedHandler } from "./api.js";
 import { $, say } from "./dom.js";
 import { startPatientView } from "./patient.js";
 import { startPractitionerView } from "./practitioner.js";
+import { setupAccountForms } from "./rights.js";
 
 const VIEWS = ["view-login", "view-patient", "view-practitioner", "view-other"];
 let vocab = null;
@@ -72,6 +73,7 @@ async function boot() {
   setUnauthenticatedHandler((err) => signedOut(`Please sign in again: ${err.message}`, "error"));
   $("#login-form").addEventListener("submit", login);
   $("#logout").addEventListener("click", logout);
+  setupAccountForms((session) => signedIn({ ...session, actor: session.actor }));
   try {
     vocab = await api("/api/vocabulary", { auth: false });
   } catch (err) {

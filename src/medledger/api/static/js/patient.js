@@ -4,6 +4,7 @@ import { api } from "./api.js";
 import { renderAccessChart } from "./chart.js";
 import { $, badge, clear, formatDate, formatDateTime, formatEpoch, h, say } from "./dom.js";
 import { parseSearchset, patientName, TYPE_NAMES } from "./fhir.js";
+import { RIGHTS_LOADERS, setupRights } from "./rights.js";
 import { renderTimeline } from "./timeline.js";
 import { setupTabs } from "./tabs.js";
 
@@ -15,7 +16,11 @@ const SUBTYPES = {
   "consent-revoke": "Revoked a consent rule", "share-create": "Created a share link",
   "share-revoke": "Revoked a share link", "share-access": "Opened a share link",
   "audit-read": "Viewed this access log", export: "Exported your sealed records",
-  match: "Patient matching",
+  match: "Patient matching", erase: "Erased records", disclosures: "Viewed your disclosures",
+  "activation-code": "Issued your activation code", activate: "Activated your account",
+  "recovery-setup": "Set up key recovery", "recovery-request": "Asked to recover your key",
+  "recovery-approve": "A guardian approved your key recovery",
+  "recovery-complete": "Recovered your key", "recovery-cancel": "Cancelled a key recovery",
 };
 const PURPOSES = { TREAT: "treatment", ETREAT: "emergency treatment", PATRQT: "your request" };
 const OUTCOMES = { 0: ["allowed", "ok"], 4: ["refused", "refused"], 8: ["failed", "refused"] };
@@ -26,6 +31,7 @@ export function startPatientView(session, vocab) {
   state = { me: session.actor, vocab, records: [], tabs: state.tabs };
   buildConsentForm(vocab);
   buildShareCategories(vocab);
+  setupRights(session.actor, vocab, () => state.records);
   if (!state.tabs) {
     state.tabs = setupTabs($("#patient-tabs"), (panel) => LOADERS[panel]());
     $("#consent-form").addEventListener("submit", submitConsent);
@@ -39,6 +45,15 @@ const LOADERS = {
   "panel-access": loadAccessLog,
   "panel-consents": loadConsents,
   "panel-shares": () => { loadRecordTypes(); loadShares(); },
+  ...RIGHTS_LOADERS,
+  "panel-erase": async () => {
+    try {
+      await fetchRecords();
+    } catch {
+      // the records tab reports the error
+    }
+    await RIGHTS_LOADERS["panel-erase"]();
+  },
 };
 
 // ------------------------------------------------------------------ records
