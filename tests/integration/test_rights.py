@@ -167,6 +167,45 @@ def test_key_recovery_with_k_of_n_guardians(node: NodeHandle) -> None:
     assert not (node.home / "recovery" / f"{rid}.json").exists()
 
 
+def test_key_recovery_on_the_patients_own_machine(node: NodeHandle) -> None:
+    """The strongest mode: the patient's machine splits the key and holds the request key;
+    guardians re-seal on theirs; no node ever sees a share in the clear."""
+    pid = node.patients[0]
+    key = node.home.parent / "recovered.key.json"  # from the test above
+    users = node.home / "keystores" / "users"
+    out = run_cli("recovery", "setup", "--node", node.url, "--key", str(key), "--guardian",
+                  "anna-guardian", "--guardian", "ben-guardian", "--threshold", "2",
+                  MEDLEDGER_KEY_PASSWORD=NEW_PASSWORD)
+    assert out.returncode == 0, out.stdout + out.stderr
+    req_key = node.home.parent / "request.key.json"
+    out = run_cli("recovery", "keygen", "--patient", pid, "--out", str(req_key),
+                  MEDLEDGER_KEY_PASSWORD="request-key-pw")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.replace("\n", " ")
+    pub = text.split("--enc-pub`):", 1)[1].split()[0]
+    fp = text.split("guardians):", 1)[1].split()[0]
+    out = run_cli("recovery", "request", "--home", str(node.home), "--patient", pid,
+                  "--enc-pub", pub)
+    assert out.returncode == 0, out.stderr
+    assert "recovery code" not in out.stdout  # this node holds no request key
+    rid = out.stdout.split("request ", 1)[1].split()[0]
+    for guardian in ("anna-guardian", "ben-guardian"):
+        res = run_cli("recovery", "approve", "--node", node.url, "--key",
+                      str(users / f"{guardian}.json"), "--request", rid, "--fingerprint", fp)
+        assert res.returncode == 0, res.stdout + res.stderr
+    again = node.home.parent / "again.key.json"
+    res = run_cli("recovery", "finish", "--node", node.url, "--patient", pid, "--request", rid,
+                  "--request-key", str(req_key), "--out", str(again),
+                  MEDLEDGER_REQUEST_KEY_PASSWORD="request-key-pw",
+                  MEDLEDGER_KEY_PASSWORD="yet-another-password")
+    assert res.returncode == 0, res.stdout + res.stderr
+    from medledger.crypto import keys
+    assert keys.load_keystore(again, "yet-another-password") == keys.load_keystore(
+        key, NEW_PASSWORD)
+    done = _state(node, f"recoveryreq/{rid}")
+    assert done is not None and done["status"] == "completed"
+
+
 # --------------------------------------------------------------------------- onboarding
 
 def test_imported_patient_activates_with_a_one_time_code(node: NodeHandle) -> None:

@@ -261,6 +261,43 @@ def test_erasure_on_every_node(w: World) -> None:
     assert erase_events[0]["agent"][0]["who"]["reference"] == f"Patient/{pid}"
 
 
+def test_disclosures_list_reads_by_other_organisations(w: World) -> None:
+    tn, pid = w.tn, w.pid
+    with login(tn.urls[0], pid) as me:
+        r = me.post("/api/consents", json={"decision": "permit", "orgs": ["org-2"]})
+        assert r.status_code == 201, r.text
+    dr2 = _doctor(tn, 1)
+    tn.wait_same_state()
+    with Client(tn.urls[1], dr2) as c:  # another organisation, let in by the consent
+        c.get(f"/fhir/Observation/{w.obs_b}")
+
+    def listed() -> list[dict[str, Any]]:
+        with login(tn.urls[0], pid) as me:
+            doc = me.get(f"/fhir/Patient/{pid}/$disclosures").json()
+        return [e["resource"] for e in doc.get("entry", [])]
+
+    def by_org2() -> list[dict[str, Any]]:
+        return [r for r in listed() if r["agent"][0]["who"]["reference"].endswith(dr2.id)]
+
+    found = eventually(by_org2, 30, "org-2's read in the accounting at org-1's node")
+    ext = {x["url"].rsplit("/", 1)[-1]: x for x in found[0]["extension"]}
+    assert ext["disclosure-kind"]["valueCode"] == "other-organisation"
+    assert found[0]["agent"][1]["who"]["reference"] == "Organization/org-2"
+    import base64
+
+    from medledger.core import proofs
+    proof = orjson.loads(base64.b64decode(ext["ledger-proof"]["valueAttachment"]["data"]))
+    # checked against a header served by a third organisation's node
+    other = tn.header(2, int(proof["header"]["height"]))
+    from medledger.core.machine import header_hash
+    assert proofs.verify_proof(proof, header_hash(other).hex())
+    kinds = {x["valueCode"] for r in listed() for x in r["extension"]
+             if x["url"].endswith("disclosure-kind")}
+    assert {"other-organisation", "share-link"} <= kinds
+    # the treatment reads by org-1's own physician are not disclosures
+    assert not [r for r in listed() if r["agent"][0]["who"]["reference"].endswith(w.dr.id)]
+
+
 def _restore(src: Path, dst: Path, names: list[str]) -> None:
     for name in names:
         for suffix in ("", "-wal", "-shm"):

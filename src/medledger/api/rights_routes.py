@@ -208,6 +208,17 @@ async def recovery_cancel(request: Request, rid: str) -> Response:
     return _json(await recovery.cancel(node, session, rid))
 
 
+@router.get("/recovery/public/{pid}")
+async def public_keys(request: Request, pid: str) -> Response:
+    """A patient's public keys (ledger state): a client checks a recovered key against
+    them."""
+    node = node_of(request)
+    actor = st.actor(node.store, pid)
+    if actor is None:
+        raise NotFound(f"no patient {pid}")
+    return _json({"id": pid, "sign_pub": actor["sign_pub"], "enc_pub": actor["enc_pub"]})
+
+
 @router.get("/recovery/requests/{rid}/shares")
 async def recovery_shares(request: Request, rid: str) -> Response:
     """The approvals' re-sealed shares: sealed to the request's key, so only the client

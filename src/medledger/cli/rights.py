@@ -329,15 +329,43 @@ def recovery_approve(node: NodeOpt, key: KeyOpt,
     console.print(f"[green]approved[/] request {request} ({doc['approvals']} approvals)")
 
 
+@recovery_app.command("keygen")
+@handle_errors
+def recovery_keygen(patient: Annotated[str, typer.Option(help="Your id.")],
+                    out: Annotated[Path, typer.Option(help="Where to keep the request key "
+                                                           "(password-protected).")]) -> None:
+    """Make a fresh request key on your own machine: give its public half to the
+    organisation opening your recovery request; no node ever holds the private half."""
+    from medledger.crypto import keys
+    from medledger.crypto.canonical import b64e
+    from medledger.node.recovery import fingerprint
+    eph = keys.new_identity(patient, "recovery")
+    keys.save_keystore(out, eph, _password("MEDLEDGER_KEY_PASSWORD", "a password for it"),
+                       exclusive=True)
+    pub = b64e(eph.enc_public)
+    console.print(f"request key -> {out}\npublic key (for `recovery request --enc-pub`): "
+                  f"{pub}\nfingerprint (read it to your guardians): [bold]{fingerprint(pub)}[/]")
+
+
 @recovery_app.command("finish")
 @handle_errors
 def recovery_finish(node: NodeOpt, patient: Annotated[str, typer.Option(help="Your id.")],
                     request: Annotated[str, typer.Option(help="Request id.")],
-                    code: Annotated[str, typer.Option(help="The recovery code you were "
-                                                           "given.")],
+                    code: Annotated[str | None, typer.Option(
+                        help="The recovery code you were given (a node-held request).")]
+                    = None,
+                    request_key: Annotated[Path | None, typer.Option(
+                        help="Your request key from `recovery keygen` (recovers here, on "
+                             "your machine).")] = None,
                     out: Annotated[Path | None, typer.Option(
                         help="Save your key file here.")] = None) -> None:
     """Recover your key once enough guardians approved; choose a new password."""
+    if (code is None) == (request_key is None):
+        raise InvalidInput("give either --code (the node holds the request key) or "
+                           "--request-key (you do)")
+    if request_key is not None:
+        _finish_locally(node, patient, request, request_key, out)
+        return
     password = _password("MEDLEDGER_KEY_PASSWORD", "your new password")
     with Client(node) as c:
         doc = c.post("/auth/recover", {"id": patient, "request": request, "code": code,
@@ -346,3 +374,31 @@ def recovery_finish(node: NodeOpt, patient: Annotated[str, typer.Option(help="Yo
             _save_keystore(c, doc["access_token"], out)
     console.print(f"[green]recovered[/] the key of {patient}"
                   + (f"; key file -> {out}" if out else ""))
+
+
+def _finish_locally(node: str, patient: str, request: str, request_key: Path,
+                    out: Path | None) -> None:
+    from medledger.crypto import keys
+    from medledger.crypto.canonical import b64d
+    from medledger.node.recovery import recover_identity
+    eph = keys.load_keystore(request_key, _password("MEDLEDGER_REQUEST_KEY_PASSWORD",
+                                                    "request key password"))
+    target = out or Path(f"{patient}.key.json")
+    with Client(node) as c:
+        doc = c.get(f"/recovery/requests/{request}/shares", auth=False)
+        req = doc["request"]
+        if req["patient"] != patient:
+            raise InvalidInput(f"request {request} is for {req['patient']}, not {patient}")
+        if len(req["approvals"]) < req["threshold"]:
+            raise InvalidInput(f"{len(req['approvals'])} of {req['threshold']} guardian "
+                               "approvals so far")
+        actor = c.get(f"/recovery/public/{patient}", auth=False)
+        identity = recover_identity(req, {g: b64d(v, field="share")
+                                          for g, v in doc["shares"].items()},
+                                    eph.enc_private, actor)
+        keys.save_keystore(target, identity, _password("MEDLEDGER_KEY_PASSWORD",
+                                                       "your new password"))
+        c.identity = identity
+        c.submit_tx("recovery.complete", {"id": request})
+    console.print(f"[green]recovered[/] the key of {patient} on this machine; key file -> "
+                  f"{target}")
