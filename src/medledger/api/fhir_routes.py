@@ -101,7 +101,13 @@ async def metadata(request: Request) -> Response:
                                 {"name": "everything", "definition":
                                  "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
                                 {"name": "summary", "definition":
-                                 "http://hl7.org/fhir/uv/ips/OperationDefinition/summary"}]}],
+                                 "http://hl7.org/fhir/uv/ips/OperationDefinition/summary"},
+                                # patient rights (api/rights_routes.py, docs/PRIVACY.md)
+                                {"name": "erase", "definition":
+                                 "http://medledger.example/OperationDefinition/Patient-erase"},
+                                {"name": "disclosures", "definition":
+                                 "http://medledger.example/OperationDefinition/"
+                                 "Patient-disclosures"}]}],
     })
 
 

@@ -42,6 +42,8 @@ READS = frozenset({"read", "vread", "history", "search", "everything", "summary"
 KIND_NAMES = {"other-organisation": "read by another organisation",
               "share-link": "share link opened", "break-glass": "emergency access",
               "export": "export"}
+PURPOSES = {"TREAT": "treatment", "ETREAT": "emergency treatment",
+            "PATRQT": "at the patient's request"}
 EXT = "http://medledger.example/fhir/StructureDefinition/"
 
 
@@ -178,7 +180,8 @@ def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, s
              new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("helvetica", size=9)
     lines = [f"Patient: {patient}    Provided by: {org}    Generated: {generated[:19]} UTC",
-             f"Period: {period[0][:10]} to {period[1][:10]} (45 CFR 164.528: disclosures "
+             f"Period: {period[0][:19].replace('T', ' ')} up to {period[1][:19].replace('T', ' ')}"
+             " UTC (45 CFR 164.528: disclosures "
              "other than for treatment by your own care providers)",
              f"{len(entries)} disclosures. Every entry is an audit event anchored on the "
              "ledger; check each with `medledger audit prove`."]
@@ -194,7 +197,8 @@ def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, s
             row.cell(h)
         for e in entries:
             what = ", ".join(e["what"][:6]) + (" ..." if len(e["what"]) > 6 else "")
-            why = " - ".join(x for x in (e["purpose"], e["reason"]) if x)
+            why = " - ".join(x for x in (PURPOSES.get(e["purpose"], e["purpose"]),
+                                         e["reason"]) if x)
             who = e["recipient"] + (f" ({e['role']}, {e['recipient_org']})"
                                     if e["recipient_org"] not in ("", "external") else "")
             row = table.row()
