@@ -52,7 +52,7 @@ from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import shares
 from medledger.node.audit import Auditor
-from medledger.node.auth import Authenticator, Session, scope_allows
+from medledger.node.auth import Authenticator, Session
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
@@ -103,9 +103,17 @@ class Prepared(NamedTuple):
 
 @dataclass(frozen=True)
 class Withheld:
-    ref: str
+    ref: str  # "" when the caller may not learn which record (counted, not named)
     category: str
     reason: str
+
+
+def withheld_notice(meta: dict[str, Any], decision: policy.Decision) -> Withheld:
+    """What a searcher learns about a matching record they may not read: the one place
+    that decides it (``policy.withheld_view``: named only to those who may see the
+    patient; everyone else gets a count and a generic message)."""
+    view = policy.withheld_view(meta, decision)
+    return Withheld(*view) if view else Withheld("", "", policy.WITHHELD_GENERIC)
 
 
 class SearchResult(NamedTuple):
@@ -118,6 +126,7 @@ def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+LOGIN_FAILED = "wrong password, or no such user at this node"
 ANCHOR_MAX_BYTES = 512 * 1024
 STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
 # Resource types outside every patient compartment: directory records (ADR 5).
@@ -182,18 +191,23 @@ class Node:
             raise error_for(committed.code, committed.log)
         return committed
 
-    def _actor(self, session: Session) -> dict[str, Any]:
-        entry = st.actor(self.store, session.actor_id)
+    def _caller(self, session: Session) -> policy.Caller:
+        """The session's principal as the ledger has it now, with the token's scopes:
+        what every ``core.policy`` decision is asked about."""
+        entry = st.principal(self.store, session.actor_id)
         if entry is None:
-            if session.kind == "org":
-                return {"id": session.actor_id, "kind": "org", "org": session.actor_id}
             raise Unauthenticated(f"{session.actor_id} is no longer registered")
-        return entry
+        return policy.Caller(entry, session.scopes)
 
-    def _need_scope(self, session: Session, rtype: str, interaction: str) -> None:
-        if not scope_allows(session.scopes, rtype, interaction):
-            raise Forbidden(f"token scopes ({' '.join(sorted(session.scopes))}) do not allow "
-                            f"'{interaction}' on {rtype}")
+    def _allowed(self, session: Session, decision: policy.Decision, subtype: str,
+                 patient: str | None, entity: Iterable[str] = ()) -> policy.Decision:
+        """``decision`` if it allows; else audit the denial (in the patient's log, with the
+        full reason) and raise it — naming the rule only to a caller who may see the
+        patient (``Decision.disclose``), a generic refusal to anyone else."""
+        if decision.allowed:
+            return decision
+        raise self._deny(session, subtype, patient, list(entity), decision.reason,
+                         shown=decision.reason if decision.disclose else policy.NOT_VISIBLE)
 
     def _audit(self, session: Session, subtype: str, patient: str | None, entity: list[str],
                outcome: str = "0", **kw: Any) -> dict[str, Any]:
@@ -204,10 +218,10 @@ class Node:
         return ev
 
     def _deny(self, session: Session, subtype: str, patient: str | None, entity: list[str],
-              reason: str) -> Forbidden:
+              reason: str, shown: str | None = None) -> Forbidden:
         self._audit(session, subtype, patient, entity, outcome="4", reason=reason,
                     basis="denied")
-        return Forbidden(reason)
+        return Forbidden(reason if shown is None else shown)
 
     def readers_for(self, patient: str | None) -> dict[str, bytes]:
         """Who a new version's data key is wrapped to: the member orgs and the patient
@@ -260,8 +274,8 @@ class Node:
     async def rewrap_for(self, session: Session, target: str, chunk: int = 1000) -> int:
         """Wrap the data key of every record version this node can open to ``target``, an
         organisation that joined after they were sealed. Returns how many were wrapped."""
-        if session.kind != "org" or session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may re-wrap its keys")
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "re-wrap its keys"), "admin", None)
         org = st.org(self.store, target)
         if org is None or org["status"] != "active":
             raise InvalidInput(f"{target} is not an active member organisation")
@@ -299,8 +313,8 @@ class Node:
     # ------------------------------------------------------------ identities
     async def register_practitioner(self, session: Session, actor_id: str, role: str,
                                     password: str) -> keys.Identity:
-        if session.kind != "org" or session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may register its practitioners")
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "register its practitioners"), "admin", None)
         if role not in policy.ROLES:
             raise InvalidInput(f"role must be one of {', '.join(policy.ROLES)}")
         identity = keys.new_identity(actor_id, "practitioner", {"role": role})
@@ -317,11 +331,13 @@ class Node:
         return body
 
     def login(self, actor_id: str, password: str) -> tuple[str, Session]:
-        path = self.home.user_keystore(actor_id)
-        if not path.exists():
-            raise Unauthenticated(f"{actor_id} is not enrolled at this node; use your key file "
-                                  "(SMART backend services) instead")
-        return self.auth.login(keys.load_keystore(path, password))
+        """Password login (the portal): one answer for an unknown id, a wrong password and
+        a deactivated or re-keyed user (no enrolment oracle)."""
+        path = self.home.user_keystore(actor_id)  # a malformed id is a 400, not a guess
+        try:
+            return self.auth.login(keys.load_keystore(path, password))
+        except (Unauthenticated, InvalidInput):
+            raise Unauthenticated(LOGIN_FAILED) from None
 
     # ------------------------------------------------------------ patients and $match
     def known_patients(self) -> list[dict[str, Any]]:
@@ -337,22 +353,29 @@ class Node:
 
     def match_patients(self, session: Session, resource: dict[str, Any], only_certain: bool,
                        count: int | None) -> list[tuple[dict[str, Any], match.MatchResult]]:
-        if session.kind != "practitioner":
-            raise Forbidden("only practitioners may search the patient index")
-        self._need_scope(session, "Patient", "s")
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_match(caller), "match", None)
         candidate = parse_resource(resource, "Patient")
         found = match.find_matches(candidate, self.known_patients(), only_certain, count)
         visible = []
         for p, r in found:  # only patients whose demographics this practitioner may read
             meta = st.record_head(self.store, "Patient", str(p["id"]))
-            if meta is not None and self._decide(session, meta, None).allowed:
+            if meta is None:
+                continue
+            decision = policy.decide_record(self.store, caller, meta, self.now_s)
+            if decision.allowed:
                 visible.append((dict(p), r))
-                self._audit(session, "match", str(p["id"]), [_ref(meta)],
-                            detail=f"$match candidate ({r.grade})")
+            self._audit(session, "match", str(p["id"]), [_ref(meta)],
+                        outcome="0" if decision.allowed else "4",
+                        detail=f"$match candidate ({r.grade})"
+                        + ("" if decision.allowed else ": withheld from the caller"))
         return visible
 
-    def _duplicate_check(self, resource: dict[str, Any]) -> tuple[str | None, str]:
-        """Raise ``Conflict`` on a certain match not linked by the client; flag probables."""
+    def _duplicate_check(self, session: Session, resource: dict[str, Any]
+                         ) -> tuple[str | None, str]:
+        """Raise ``Conflict`` on a certain match not linked by the client; flag probables.
+        Each match is told the registrar as ``duplicate_notice`` allows, and audited in
+        the matched patient's access log."""
         linked = {str(link.get("other", {}).get("reference", "")).removeprefix("Patient/")
                   for link in resource.get("link", [])}
         warning = None
@@ -360,12 +383,31 @@ class Node:
             if existing.get("id") == resource.get("id") or existing.get("id") in linked:
                 continue
             if result.grade == "certain":
-                raise Conflict(f"this patient is already registered as Patient/{existing['id']} "
-                               "(certain match); link to it with Patient.link or update it "
-                               "instead")
+                raise Conflict(self.duplicate_notice(session, str(existing["id"]), "certain"))
             if result.grade == "probable" and warning is None:
-                warning = str(existing["id"])
-        return warning, "" if warning is None else f"probable duplicate of Patient/{warning}"
+                warning = self.duplicate_notice(session, str(existing["id"]), "probable")
+        return warning, warning or ""
+
+    def duplicate_notice(self, session: Session, existing: str, grade: str) -> str:
+        """What a registrar is told about an already registered patient its new one matches:
+        the id only if it may see that patient, else that one exists. Audited in that
+        patient's log either way (a registration is a probe)."""
+        caller = self._caller(session)
+        visible = policy.may_see_patient(self.store, caller.actor, existing, self.now_s)
+        self._audit(session, "register", existing, [f"Patient/{existing}"],
+                    outcome="4" if grade == "certain" else "0",
+                    detail=f"registration matched this patient ({grade} match); "
+                    + ("id shown to the registrar" if visible else "id not shown"))
+        if grade == "probable":
+            return ("probable duplicate of Patient/" + existing if visible else
+                    "probable duplicate of a patient registered in the network (not visible "
+                    "to you; ask the patient, or their provider, to link the records)")
+        if visible:
+            return (f"this patient is already registered as Patient/{existing} (certain "
+                    "match); link to it with Patient.link or update it instead")
+        return ("a patient with these demographics is already registered in the network "
+                "(certain match) and is not visible to you; ask the patient for a consent, "
+                "or their provider to link the records, instead of registering them again")
 
     async def _patient_ops(self, resource: dict[str, Any], password: str | None
                            ) -> tuple[list[dict[str, Any]], keys.Identity, str]:
@@ -386,17 +428,10 @@ class Node:
     def _writer_of(self, session: Session) -> tuple[dict[str, Any], policy.Role]:
         """(writer entry, role) a write is judged by: a practitioner of this node's
         organisation, or the organisation itself (bulk import)."""
-        if session.kind == "org" and session.actor_id == self.org.id:
-            return policy.org_writer(self.org.id), policy.SYSTEM
-        if session.kind == "practitioner" and session.org == self.org.id:
-            actor = self._actor(session)
-            role = policy.ROLES.get(str(actor.get("role")))
-            if role is not None:
-                return actor, role
-        if session.kind == "patient":
-            raise Forbidden("patients contribute data through their provider in this version")
-        raise Forbidden(f"{session.actor_id} writes through the node of its own organisation "
-                        f"({session.org}); this node co-signs only {self.org.id}'s writes")
+        writer = policy.decide_writer(self._caller(session), self.org.id)
+        if not writer.decision.allowed or writer.entry is None or writer.role is None:
+            raise Forbidden(writer.decision.reason)
+        return writer.entry, writer.role
 
     def _record_kind(self, resource: dict[str, Any], patient: str | None
                      ) -> tuple[str | None, str, list[str]]:
@@ -512,20 +547,21 @@ class Node:
                            if_match: int | None = None, password: str | None = None,
                            break_glass: str | None = None) -> Stored:
         """Create (``rid`` None) or update a record; identical content makes no new version."""
-        self._need_scope(session, rtype, "c" if rid is None else "u")
+        new = rid is None or st.record_head(self.store, rtype, rid) is None
+        self._allowed(session, policy.decide_write_scope(self._caller(session), rtype, new),
+                      "create" if new else "update", None)
         self._writer_of(session)
         resource = await self.validate(data, rtype)
         if rid is not None and resource.get("id") not in (None, rid):
             raise InvalidInput(f"resource id {resource.get('id')!r} does not match the URL id "
                                f"{rid!r}")
-        new = rid is None or st.record_head(self.store, rtype, rid) is None
         rid = rid or str(uuid.uuid4())
         ops: list[dict[str, Any]] = []
         warning, detail, patient_key, secret = None, "", None, None
         if rtype == "Patient" and new:
             resource["id"] = rid
             self._authorise_registration(session)
-            warning, detail = self._duplicate_check(resource)
+            warning, detail = self._duplicate_check(session, resource)
             ops, identity, secret = await self._patient_ops(resource, password)
             patient_key = identity.enc_public
         try:
@@ -572,15 +608,14 @@ class Node:
     def _authorise_registration(self, session: Session) -> None:
         """Registering a patient: this node's organisation, or its staff who may write
         demographics."""
-        writer, role = self._writer_of(session)
-        if not policy.may_write(role, "demographics"):
-            raise self._deny(session, "register", None, [],
-                             f"{writer['id']} ({role.name}) may not register patients")
+        self._allowed(session, policy.decide_registration(self._caller(session), self.org.id),
+                      "register", None)
 
     async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
         """Load a FHIR transaction Bundle atomically (one ``batch`` tx, or a staged import
         when it is larger than a tx) or reject it whole."""
-        self._need_scope(session, "*", "c")
+        self._allowed(session, policy.decide_write_scope(self._caller(session), "*", True),
+                      "transaction", None)
         self._writer_of(session)
         plan = await self._off_loop(fbundle.plan_transaction, data, _new_uuid)
         ops: list[dict[str, Any]] = []
@@ -593,7 +628,7 @@ class Node:
                         self.store, "Patient", entry.resource_id) is None:
                     self._authorise_registration(session)
                     try:
-                        self._duplicate_check(dict(entry.resource))
+                        self._duplicate_check(session, dict(entry.resource))
                     except Conflict as err:
                         raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
                     reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
@@ -651,25 +686,23 @@ class Node:
     # ------------------------------------------------------------ reads
     def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
                 ) -> policy.Decision:
-        if session.kind == "org":
-            return policy.Decision(False, "denied", "organisation credentials manage the node; "
-                                   "clinical reads need a practitioner or the patient")
-        return policy.decide_read(self.store, self._actor(session), meta["patient"],
-                                  meta["category"], meta["labels"], self.now_s, break_glass)
+        """May this session read this record version (scopes, role, consent, care)?"""
+        return policy.decide_record(self.store, self._caller(session), meta, self.now_s,
+                                    break_glass)
 
     async def read(self, session: Session, rtype: str, rid: str, version: int | None = None,
                    break_glass: str | None = None) -> Stored:
-        self._need_scope(session, rtype, "r")
+        self._allowed(session, policy.decide_interaction(self._caller(session), rtype, "r"),
+                      "read" if version is None else "vread", None)
         self._check_serving()
         meta = (st.record_head(self.store, rtype, rid) if version is None
                 else st.record_version(self.store, rtype, rid, version))
         if meta is None:
             raise NotFound(f"{rtype}/{rid}" + (f" version {version}" if version else "")
                            + " does not exist")
-        decision = self._decide(session, meta, break_glass)
         subtype = "read" if version is None else "vread"
-        if not decision.allowed:
-            raise self._deny(session, subtype, meta["patient"], [_ref(meta)], decision.reason)
+        decision = self._allowed(session, self._decide(session, meta, break_glass), subtype,
+                                 meta["patient"], [_ref(meta)])
         await self.ensure_blobs([meta])
         resource = self.decrypt(meta)
         self._audit(session, subtype, meta["patient"], [_ref(meta)], basis=decision.basis,
@@ -680,28 +713,19 @@ class Node:
 
     async def history(self, session: Session, rtype: str, rid: str,
                       break_glass: str | None = None) -> list[Stored]:
-        self._need_scope(session, rtype, "r")
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_interaction(caller, rtype, "r"), "history", None)
         self._check_serving()
         versions = st.record_versions(self.store, rtype, rid)
         if not versions:
             raise NotFound(f"{rtype}/{rid} does not exist")
         head = versions[-1]
-        decision = self._decide(session, head, break_glass)
-        if not decision.allowed:
-            raise self._deny(session, "history", head["patient"], [f"{rtype}/{rid}"],
-                             decision.reason)
-        # each version is judged on its own: a record whose category or labels changed
-        # must not reveal an older, more sensitive version through its history
-        shown, hidden, erased = [], 0, 0
-        for m in reversed(versions):
-            if st.erased(m):
-                erased += 1
-            elif m is head or self._decide(session, m, break_glass).allowed:
-                shown.append(m)
-            else:
-                hidden += 1
-        await self.ensure_blobs(shown)
-        out = [Stored(self.decrypt(m), m) for m in shown]
+        view = policy.decide_history(self.store, caller, versions, self.now_s, break_glass)
+        decision = self._allowed(session, view.decision, "history", head["patient"],
+                                 [f"{rtype}/{rid}"])
+        hidden, erased = view.hidden, view.erased
+        await self.ensure_blobs(view.shown)
+        out = [Stored(self.decrypt(m), m) for m in view.shown]
         self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
                     basis=decision.basis, break_glass=decision.break_glass,
                     reason=break_glass or "", purpose="ETREAT" if decision.break_glass
@@ -714,8 +738,6 @@ class Node:
     async def search(self, session: Session, rtype: str, params: dict[str, str],
                      break_glass: str | None = None, subtype: str = "search") -> SearchResult:
         """FHIR search over the records the caller may see; denied ones are reported withheld."""
-        if rtype != "*":
-            self._need_scope(session, rtype, "s")
         self._check_serving()
         unknown = set(params) - SEARCH_PARAMS
         if unknown:
@@ -726,10 +748,10 @@ class Node:
         patient = params.get("patient") or params.get("subject")
         if patient:
             patient = patient.rsplit("/", 1)[-1]
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_search(caller, rtype, patient or None), subtype,
+                      patient or None)
         if session.kind == "patient":
-            if patient and patient != session.actor_id:
-                raise self._deny(session, subtype, patient, [],
-                                 "patients may search only their own records")
             patient = session.actor_id
         if break_glass is not None and not patient:
             raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
@@ -739,12 +761,14 @@ class Node:
         decisions: dict[str, int] = {}
         bg = False
         allowed: list[tuple[dict[str, Any], policy.Decision]] = []
+        denied: list[dict[str, Any]] = []
         for meta in metas:
             if (categories and meta["category"] not in categories) or st.erased(meta):
                 continue
-            decision = self._decide(session, meta, break_glass)
+            decision = policy.decide_record(self.store, caller, meta, self.now_s, break_glass)
             if not decision.allowed:
-                withheld.append(Withheld(_ref(meta), meta["category"], decision.reason))
+                withheld.append(withheld_notice(meta, decision))
+                denied.append(meta)
                 continue
             allowed.append((meta, decision))
         await self.ensure_blobs(m for m, _ in allowed)
@@ -770,11 +794,11 @@ class Node:
                         basis=",".join(sorted(decisions)), break_glass=bg,
                         purpose="ETREAT" if bg else _purpose(session),
                         reason=break_glass or "", detail=detail)
-        else:  # a type-wide search: every patient whose records it returned sees it
-            by_patient: dict[str, list[str]] = {}
-            for stored in found:
-                if stored.meta["patient"] is not None:
-                    by_patient.setdefault(stored.meta["patient"], []).append(_ref(stored.meta))
+        else:  # a type-wide search: every patient whose records it returned or withheld
+            by_patient: dict[str, list[str]] = {}  # sees it (a withheld notice is a probe)
+            for m in [s.meta for s in found] + denied:
+                if m["patient"] is not None:
+                    by_patient.setdefault(m["patient"], []).append(_ref(m))
             for pid, refs in sorted(by_patient.items()):
                 self._audit(session, subtype, pid, refs[:50], basis=",".join(sorted(decisions)),
                             purpose=_purpose(session), detail=detail)
@@ -796,6 +820,8 @@ class Node:
 
     async def everything(self, session: Session, patient: str, break_glass: str | None = None
                          ) -> SearchResult:
+        self._allowed(session, policy.decide_everything(self._caller(session), patient),
+                      "everything", patient)
         if st.actor(self.store, patient) is None:
             raise NotFound(f"Patient/{patient} does not exist")
         return await self.search(session, "*", {"patient": patient}, break_glass, "everything")
@@ -813,9 +839,8 @@ class Node:
     async def export_sealed(self, session: Session, patient: str) -> list[dict[str, Any]]:
         """Every (not erased) record version of a patient with its sealed blob, for
         client-side decryption with the patient's own key (any node serves it)."""
-        if session.kind != "patient" or session.actor_id != patient:
-            raise self._deny(session, "export", patient, [],
-                             "only the patient may export their sealed records")
+        self._allowed(session, policy.decide_export(self._caller(session), patient), "export",
+                      patient)
         metas = [m for t, i in st.patient_records(self.store, patient)
                  for m in st.record_versions(self.store, t, i) if not st.erased(m)]
         await self.ensure_blobs(metas)
@@ -824,10 +849,15 @@ class Node:
         return out
 
     # ------------------------------------------------------------ consent
-    def _patient_identity(self, session: Session, patient: str) -> keys.Identity:
-        if session.kind != "patient" or session.actor_id != patient:
-            raise self._deny(session, "consent", patient, [],
-                             f"only patient {patient} may change their consents")
+    def _patient_identity(self, session: Session, patient: str,
+                          decision: policy.Decision | None = None,
+                          subtype: str = "consent") -> keys.Identity:
+        """The patient's key held by their password session, once ``decision`` (default:
+        only that patient, ``policy.decide_patient_self``) allowed the act."""
+        if decision is None:
+            decision = policy.decide_patient_self(self._caller(session), patient,
+                                                  "sign with their key")
+        self._allowed(session, decision, subtype, patient)
         if session.identity is None:
             raise Forbidden("this session holds no patient key: log in with your password, or "
                             "sign the consent tx yourself and POST it to /ledger/tx")
@@ -835,7 +865,8 @@ class Node:
 
     async def put_consent(self, session: Session, rule: dict[str, Any]) -> dict[str, Any]:
         patient = str(rule.get("patient", ""))
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_consent_change(self._caller(session), patient))
         rule = {**rule, "id": rule.get("id") or str(uuid.uuid4())}
         await self.submit(identity, "consent.put", rule)
         stored = st.get_json(self.store, f"consent/{patient}/{rule['id']}")
@@ -845,7 +876,9 @@ class Node:
         return stored
 
     async def revoke_consent(self, session: Session, patient: str, cid: str) -> dict[str, Any]:
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_consent_change(self._caller(session), patient),
+            "consent-revoke")
         await self.submit(identity, "consent.revoke", {"patient": patient, "id": cid})
         self._audit(session, "consent-revoke", patient, [f"Consent/{cid}"])
         stored = st.get_json(self.store, f"consent/{patient}/{cid}")
@@ -855,17 +888,9 @@ class Node:
     def consents(self, session: Session, patient: str) -> list[dict[str, Any]]:
         """A patient's consent rules: for the patient, and for practitioners of an
         organisation caring for them (the rules themselves can reveal sensitive facts)."""
-        if session.kind == "patient" and session.actor_id != patient:
-            raise self._deny(session, "consent-read", patient, [],
-                             "patients may see only their own consents")
-        if session.kind == "practitioner":
-            self._need_scope(session, "Consent", "r")
-            if not st.has_care(self.store, patient, session.org):
-                raise self._deny(session, "consent-read", patient, [],
-                                 f"organisation {session.org} has no care relationship with "
-                                 "this patient")
-        if session.kind == "org" and session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may read consents here")
+        self._allowed(session, policy.decide_consent_read(self.store, self._caller(session),
+                                                          patient, self.org.id),
+                      "consent-read", patient)
         rules = st.consents(self.store, patient)
         self._audit(session, "consent-read", patient, [f"Consent/{r['id']}" for r in rules])
         return rules
@@ -873,11 +898,8 @@ class Node:
     # ------------------------------------------------------------ audit
     def audit_log(self, session: Session, patient: str, since: str = "", count: int = 100
                   ) -> list[tuple[dict[str, Any], int | None]]:
-        if not (session.kind == "patient" and session.actor_id == patient) and not (
-                session.kind == "org" and session.actor_id == self.org.id):
-            raise self._deny(session, "audit-read", patient, [],
-                             "only the patient (or a node's organisation) may read the "
-                             "patient's access log")
+        self._allowed(session, policy.decide_audit_read(self._caller(session), patient,
+                                                        self.org.id), "audit-read", patient)
         if not 1 <= count <= 1000:
             raise InvalidInput("_count must be between 1 and 1000")
         rows = self.store.audit_for_patient(patient, since, count)
@@ -956,7 +978,9 @@ class Node:
                            recipient: str = "") -> tuple[str, dict[str, Any]]:
         """A share link made here with the patient's session key (the portal)."""
         patient = session.actor_id
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_share_create(self._caller(session), patient,
+                                                         patient), "share-create")
         if exp is not None and exp <= self.now_s:
             raise InvalidInput("the share's expiry must be in the future")
         shares.check_share_text(passcode, label, recipient)
@@ -978,10 +1002,11 @@ class Node:
         """Keep a share's payload here (JWE, passcode verifier, sealed label/recipient),
         then submit its ``share.create`` tx signed by the patient (portal or CLI)."""
         tx = decode_tx(raw_tx)
-        if tx.kind != "share.create" or session.kind != "patient" or \
-                tx.signer != session.actor_id:
-            raise self._deny(session, "share-create", session.actor_id, [],
-                             "a share link is published by its patient, signed with their key")
+        if tx.kind != "share.create":
+            raise InvalidInput(f"expected a share.create tx, not {tx.kind}")
+        self._allowed(session, policy.decide_share_create(
+            self._caller(session), str(tx.body.get("patient")), tx.signer), "share-create",
+            session.actor_id if session.kind == "patient" else None)
         shares.check_share_text(passcode, label, recipient)
         body = tx.body
         if body.get("node") != self.org.id:
@@ -1024,7 +1049,9 @@ class Node:
         grant = st.share(self.store, share_id)
         if grant is None:
             raise NotFound(f"no share {share_id}")
-        identity = self._patient_identity(session, grant["patient"])
+        identity = self._patient_identity(
+            session, grant["patient"], policy.decide_share_manage(self._caller(session), grant),
+            "share-revoke")
         await self.submit(identity, "share.revoke", {"id": share_id})
         self._audit(session, "share-revoke", grant["patient"], [], detail=share_id[:8])
         revoked = st.share(self.store, share_id)
@@ -1032,8 +1059,9 @@ class Node:
         return self._share_view(revoked)
 
     def shares(self, session: Session) -> list[dict[str, Any]]:
-        if session.kind != "patient":
-            raise Forbidden("only patients have share links")
+        decision = policy.decide_share_list(self._caller(session))
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
         return [self._share_view(g) for g in st.shares_of(self.store, session.actor_id)]
 
     async def open_share(self, share_id: str, recipient: str, passcode: str | None
@@ -1098,9 +1126,9 @@ class Node:
     def serve_blobs(self, session: Session, hashes: list[str]) -> dict[str, bytes]:
         """Sealed blobs for a member organisation's node (replication, ADR 4)."""
         self._check_serving()
-        org = st.org(self.store, session.actor_id) if session.kind == "org" else None
-        if org is None or org["status"] != "active" or session.actor_id == self.org.id:
-            raise Forbidden("sealed blobs are served to other member organisations' nodes only")
+        decision = policy.decide_blob_serving(self._caller(session), self.org.id)
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
         return self.replica.serve(hashes)
 
     # ------------------------------------------------------------ erasure
