@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-from medledger.core import policy
+from medledger.core import policy, proofs
 from medledger.core import state as st
 from medledger.core.machine import MAX_BATCH_OPS
 from medledger.core.tx import decode_tx, make_tx
@@ -55,7 +55,7 @@ from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
-from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
+from medledger.node.records import open_any, rewrap_key, seal_record
 from medledger.node.replica import Replicator
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
@@ -158,13 +158,18 @@ class Node:
         self.submitter: Submitter | None = None
         self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
                                   clock, store.use_assertion)
-        self.auditor = Auditor(store, org.id, clock, org.enc_private)
+        self.auditor = Auditor(store, org.id, clock, org.secret_root)
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
         self.integrity_failure: str | None = None
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
+        # locks a rotated organisation identity into keystore bytes (``open_node`` passes
+        # one that holds the keystore password); None: keys cannot be rotated here
+        self.seal_org: Callable[[keys.Identity], bytes] | None = None
+        self._jobs: set[asyncio.Task[Any]] = set()
+        app.on_commit.append(self.on_commit_keys)
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -250,10 +255,11 @@ class Node:
         await self.replica.ensure(metas)
 
     def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Open a version as this node's organisation (callers decide policy first)."""
+        """Open a version as this node's organisation (callers decide policy first), with
+        its current key or one it held before a rotation."""
         blob = self.blob_of(meta)
         if self.org.id in meta["readers"]:
-            return open_as(self.chain, meta, blob, self.org.id, self.org.enc_private)
+            return open_any(self.chain, meta, blob, self.org.id, self.org.enc_privates)
         # sealed before this organisation joined: a member may have re-wrapped the key
         failure: MedledgerError = Forbidden(
             f"{meta['type']}/{meta['id']} v{meta['v']} was sealed before {self.org.id} joined "
@@ -266,7 +272,8 @@ class Node:
                                       "not been replicated to this node yet")
                 continue
             try:
-                return open_blob(self.chain, meta, blob, self.org.enc_private, wrapped)
+                return open_any(self.chain, meta, blob, self.org.id, self.org.enc_privates,
+                                [wrapped])
             except MedledgerError as err:  # a bad wrap by one member: try the next
                 failure = err
         raise failure
@@ -289,8 +296,7 @@ class Node:
             if any(True for _ in self.store.scan(
                     f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{target}/")):
                 continue
-            wrapped = rewrap_key(self.blob_of(meta), self.org.id, self.org.enc_private,
-                                 target_pub)
+            wrapped = self._rewrap(meta, target_pub)
             self.blobs.put([(blob_hash(wrapped), wrapped)],
                            pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{target}")
             items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
@@ -298,6 +304,17 @@ class Node:
         for part in iter_chunks(items, chunk):
             await self.submit(self.org, "record.rewrap", {"items": part})
         return len(items)
+
+    def _rewrap(self, meta: dict[str, Any], target_pub: bytes) -> bytes:
+        """A version's data key (held inside its blob for this organisation) wrapped to
+        another X25519 key; tried with every key this organisation has held."""
+        failure: MedledgerError = Forbidden(f"{meta['type']}/{meta['id']} cannot be opened")
+        for private in self.org.enc_privates:
+            try:
+                return rewrap_key(self.blob_of(meta), self.org.id, private, target_pub)
+            except Forbidden as err:
+                failure = err
+        raise failure
 
     async def validate(self, data: Any, rtype: str) -> dict[str, Any]:
         """FHIR validation (the costliest step of a write: ~0.6 ms) on the worker pool."""
@@ -844,9 +861,16 @@ class Node:
         metas = [m for t, i in st.patient_records(self.store, patient)
                  for m in st.record_versions(self.store, t, i) if not st.erased(m)]
         await self.ensure_blobs(metas)
-        out = [{"meta": m, "blob": b64e(self.blob_of(m))} for m in metas]
+        out = [{"meta": m, "blob": b64e(self.blob_of(m)),
+                "rewrapped": self._rewrapped_to(m, patient)} for m in metas]
         self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
         return out
+
+    def _rewrapped_to(self, meta: dict[str, Any], reader: str) -> list[str]:
+        """The version's data key re-wrapped to ``reader`` later (e.g. after their key
+        rotation), as held here."""
+        hashes = st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"], reader)
+        return [b64e(k) for h in hashes if (k := self.blobs.get(h)) is not None]
 
     # ------------------------------------------------------------ consent
     def _patient_identity(self, session: Session, patient: str,
@@ -913,15 +937,24 @@ class Node:
 
     def _epoch_key(self, node: str, epoch: str) -> bytes | None:
         if node == self.org.id:
-            return freetext.epoch_key(self.org.enc_private, epoch)
+            return freetext.epoch_key(self.org.secret_root, epoch)
         cached = self._epoch_keys.get((node, epoch))
         if cached is None:
             wrapped = (st.get_json(self.store, f"akey/{node}/{epoch}") or {}).get(self.org.id)
             if wrapped is None:
                 return None
-            cached = envelope.unwrap_key(b64d(wrapped), self.org.enc_private)
+            cached = self._unwrap_any(b64d(wrapped))
             self._epoch_keys[(node, epoch)] = cached
         return cached
+
+    def _unwrap_any(self, wrapped: bytes) -> bytes:
+        """A key wrapped to this organisation, with any key it has held (rotations)."""
+        for private in self.org.enc_privates[:-1]:
+            try:
+                return envelope.unwrap_key(wrapped, private)
+            except Forbidden:
+                continue
+        return envelope.unwrap_key(wrapped, self.org.enc_privates[-1])
 
     async def anchor_pending(self) -> int:
         """Anchor this node's unanchored audit events on the ledger (one tx)."""
@@ -949,7 +982,7 @@ class Node:
         for epoch in sorted(epochs):
             if self.store.get(f"akey/{self.org.id}/{epoch}") is not None:
                 continue
-            key = freetext.epoch_key(self.org.enc_private, epoch)
+            key = freetext.epoch_key(self.org.secret_root, epoch)
             out[epoch] = {o["id"]: b64e(envelope.wrap_key(key, b64d(o["enc_pub"])))
                           for o in members}
         return out
@@ -967,11 +1000,11 @@ class Node:
     # ------------------------------------------------------------ share links
     @property
     def _passcode_key(self) -> bytes:
-        return derive_key(self.org.enc_private, "shl passcode verifier v1")
+        return derive_key(self.org.secret_root, "shl passcode verifier v1")
 
     @property
     def _local_text_key(self) -> bytes:
-        return derive_key(self.org.enc_private, "node-local free text v1")
+        return derive_key(self.org.secret_root, "node-local free text v1")
 
     async def create_share(self, session: Session, selection: dict[str, Any],
                            exp: int | None, passcode: str | None, label: str,
@@ -1131,6 +1164,118 @@ class Node:
             raise Forbidden(decision.reason)
         return self.replica.serve(hashes)
 
+    # ------------------------------------------------------------ revocation
+    async def deactivate(self, session: Session, actor_id: str, reason: str
+                         ) -> dict[str, Any]:
+        """Remove a practitioner of this organisation (left, key stolen, ...): this
+        organisation signs ``actor.deactivate``; from the next block its key signs
+        nothing and every node refuses its tokens at the next request."""
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "remove its practitioners"), "admin", None)
+        target = st.actor(self.store, actor_id)
+        if target is None or target["org"] != self.org.id:
+            raise NotFound(f"{actor_id} is not registered by {self.org.id}")
+        await self.submit(self.org, "actor.deactivate", {"id": actor_id, "reason": reason})
+        entry = st.actor(self.store, actor_id)
+        assert entry is not None
+        self._audit(session, "deactivate", actor_id if entry["kind"] == "patient" else None,
+                    [f"{'Patient' if entry['kind'] == 'patient' else 'Practitioner'}/"
+                     f"{actor_id}"], detail=f"deactivated ({reason})")
+        return entry
+
+    async def rotate_org_keys(self, session: Session) -> dict[str, Any]:
+        """New signing and encryption keys for this organisation (``key.rotate`` signed
+        with the old ones). The keystore keeps the old encryption keys, so what was sealed
+        to them still opens; the new keystore is written before the tx is submitted and
+        takes the old one's place once the rotation is committed."""
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "rotate its keys"), "admin", None)
+        if self.seal_org is None:
+            raise Unavailable("this node was opened without its keystore password; restart it "
+                              "with `medledger node start` to rotate its keys")
+        new = keys.rotated(self.org)
+        pending = self.home.org_keystore.with_name("org.next.json")
+        _write_private(pending, self.seal_org(new))
+        try:
+            await self.submit(self.org, "key.rotate", {
+                "id": self.org.id, "sign_pub": b64e(new.sign_public),
+                "enc_pub": b64e(new.enc_public)})
+        except MedledgerError:
+            pending.unlink(missing_ok=True)
+            raise
+        pending.replace(self.home.org_keystore)
+        self.org = new
+        self._audit(session, "key-rotate", None, [f"Organization/{new.id}"],
+                    detail="organisation keys rotated")
+        entry = st.org(self.store, new.id)
+        assert entry is not None
+        return {"id": new.id, "keys_v": entry.get("keys_v", 0), "sign_pub": entry["sign_pub"],
+                "enc_pub": entry["enc_pub"]}
+
+    def replace_keystore(self, session: Session, data: bytes) -> None:
+        """A user who rotated their key (``medledger key rotate``) replaces the copy of
+        their keystore this node holds for password logins. The token proves the new key;
+        the keystore stays locked with the user's password (never seen here)."""
+        path = self.home.user_keystore(session.actor_id)
+        if session.kind == "org" or not path.exists():
+            raise NotFound("this node holds no keystore for you")
+        doc = loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != keys.KEYSTORE_VERSION or \
+                doc.get("id") != session.actor_id or not {"kdf", "nonce", "ciphertext"} <= set(doc):
+            raise InvalidInput("expected your own medledger keystore (JSON, as written by "
+                               "`medledger key rotate`)")
+        _write_private(path, data)
+        self._audit(session, "key-rotate", session.actor_id if session.kind == "patient"
+                    else None, [], detail="keystore held at this node replaced")
+
+    def on_commit_keys(self, applied: Any, txs: tuple[bytes, ...]) -> None:
+        """Commit listener: when a patient's keys were rotated, re-wrap (in the background)
+        the data keys of the record versions this organisation wrote for them to their new
+        key, so the new key opens their records from any node."""
+        for key, raw in applied.writes.items():
+            if not key.startswith("keyhist/") or raw is None:
+                continue
+            actor = st.actor(self.store, key.split("/")[1])
+            if actor is not None and actor["kind"] == "patient":
+                self._background(self.rewrap_for_patient(actor["id"],
+                                                         int(loads(raw)["until_ns"])))
+
+    def _background(self, job: Any) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(job)
+        except RuntimeError:  # no loop (offline tools): nothing runs in the background
+            job.close()
+            return
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def rewrap_for_patient(self, patient: str, before_ns: int, chunk: int = 1000) -> int:
+        """Wrap to ``patient``'s current key the data keys of every version this
+        organisation wrote for them before ``before_ns`` (their key rotation)."""
+        entry = st.actor(self.store, patient)
+        if entry is None:
+            return 0
+        target = b64d(entry["enc_pub"])
+        metas = [m for t, i in st.patient_records(self.store, patient)
+                 for m in st.record_versions(self.store, t, i)
+                 if m["org"] == self.org.id and m["time_ns"] < before_ns and not st.erased(m)
+                 and self.org.id in m["readers"]]
+        items = []
+        try:
+            await self.ensure_blobs(metas)
+            for meta in metas:
+                wrapped = self._rewrap(meta, target)
+                self.blobs.put([(blob_hash(wrapped), wrapped)],
+                               pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{patient}")
+                items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
+                              "reader": patient, "key": blob_hash(wrapped)})
+            for part in iter_chunks(items, chunk):
+                await self.submit(self.org, "record.rewrap", {"items": part})
+        except MedledgerError as err:
+            log.warning("re-wrapping %s's records to their new key failed: %s", patient, err)
+            return 0
+        return len(items)
+
     # ------------------------------------------------------------ erasure
     async def erase(self, session: Session, patient: str, scope: dict[str, Any],
                     basis: str) -> dict[str, Any]:
@@ -1153,16 +1298,88 @@ class Node:
                     detail=f"{entry['versions']} versions erased ({basis})")
         return entry
 
-    # ------------------------------------------------------------ ledger
+    # ------------------------------------------------------------ ledger (members only)
     def _check_serving(self) -> None:
         if self.integrity_failure:
             raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+
+    def _ledger_decision(self, decision: policy.Decision) -> None:
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
+
+    def ledger_block(self, session: Session, height: int) -> dict[str, Any]:
+        """A block: its header and txs (hash, code, log) for members; its header for any
+        other active principal (to cross-check a proof's header at a second node)."""
+        decision = policy.decide_block(self._caller(session))
+        self._ledger_decision(decision)
+        header = self.store.block(height) if 0 < height <= self.store.height else None
+        if header is None:
+            raise NotFound(f"no block at height {height}")
+        if decision.basis != "member":
+            return {"header": header}
+        return {"header": header, "txs": [{"hash": h.hex(), "code": c, "log": lg}
+                                          for _, h, _, c, lg in self.store.block_txs(height)]}
+
+    def ledger_tx_proof(self, session: Session, tx_hash: bytes) -> dict[str, Any]:
+        """A tx with its inclusion proof: members; a patient for a tx about them alone."""
+        caller = self._caller(session)
+        if not policy.is_member(caller) and caller.kind != "patient":
+            raise Forbidden(policy.MEMBERS_ONLY)  # before the lookup: no existence oracle
+        found = self.store.tx(tx_hash)
+        if found is None:
+            raise NotFound(f"no tx {tx_hash.hex()}")
+        height, idx, raw = found[0], found[1], found[2]
+        try:
+            tx = decode_tx(raw)
+            kind, signer, body = tx.kind, tx.signer, tx.body
+        except MedledgerError:  # a refused, malformed tx: about nobody in particular
+            kind, signer, body = "", "", {}
+        self._ledger_decision(policy.decide_tx_proof(self.store, caller, kind, signer, body))
+        header = self.store.block(height)
+        assert header is not None
+        leaves = [r for _, _, r, _, _ in self.store.block_txs(height)]
+        return proofs.make_proof("tx", header, leaves, idx)
+
+    def ledger_audit_proof(self, session: Session, event_id: str) -> dict[str, Any]:
+        """An anchored audit event with its proof: members, and the patient it is about."""
+        caller = self._caller(session)
+        if not policy.is_member(caller) and caller.kind != "patient":
+            raise Forbidden(policy.MEMBERS_ONLY)
+        found = self.store.audit_event(event_id)
+        if found is None:
+            raise NotFound(f"audit event {event_id} is not anchored yet (or does not exist)")
+        height, leaf, event = found
+        self._ledger_decision(policy.decide_audit_proof(caller, loads(event)))
+        header = self.store.block(height)
+        assert header is not None
+        return proofs.make_proof("audit", header, self.store.audit_leaves(height), leaf)
+
+    def ledger_orgs(self, session: Session | None) -> list[dict[str, Any]]:
+        """The organisations: in full for members, their public view for anyone else."""
+        member = session is not None and policy.is_member(self._caller(session))
+        return [policy.org_view(loads(v), member) for _, v in self.store.scan("org/")]
+
+    async def submit_client_tx(self, session: Session, raw: bytes) -> Any:
+        """``POST /ledger/tx``: a tx its signer signed client-side, submitted by the signer
+        (or relayed by a member organisation), so a refusal reaches only them."""
+        tx = decode_tx(raw)
+        self._ledger_decision(policy.decide_tx_submission(self._caller(session), tx.signer,
+                                                          tx.kind))
+        return await self.submit_raw(raw)
 
 
 class WrongPasscode(Unauthenticated):
     def __init__(self, remaining: int, message: str = "wrong passcode") -> None:
         super().__init__(f"{message}; {remaining} attempts left")
         self.remaining = remaining
+
+
+def _write_private(path: Any, data: bytes) -> None:
+    """Write a keystore atomically, readable by this user only."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
 
 
 def _new_uuid() -> str:

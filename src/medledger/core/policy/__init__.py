@@ -32,6 +32,7 @@ from medledger.core.policy.admin import (
 )
 from medledger.core.policy.consent import matching_consents
 from medledger.core.policy.ledger import (
+    MEMBERS_ONLY,
     decide_audit_proof,
     decide_blob_serving,
     decide_block,
@@ -88,7 +89,8 @@ from medledger.core.policy.write import (
 
 __all__ = [
     "ALL", "BREAK_GLASS_MIN_REASON", "CATEGORIES", "DEFAULT_SCOPES", "DIRECTORY", "LABEL_NAMES",
-    "NOT_VISIBLE", "ORG_READS", "ROLES", "SENSITIVE_LABELS", "SYSTEM", "WITHHELD_GENERIC",
+    "MEMBERS_ONLY", "NOT_VISIBLE", "ORG_READS", "ROLES", "SENSITIVE_LABELS", "SYSTEM",
+    "WITHHELD_GENERIC",
     "Caller", "Decision", "HistoryView", "Role", "Writer", "decide_audit_proof",
     "decide_audit_read", "decide_blob_serving", "decide_block", "decide_consent_change",
     "decide_consent_read", "decide_everything", "decide_export", "decide_history",

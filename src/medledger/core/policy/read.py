@@ -45,8 +45,8 @@ from medledger.core.policy.scopes import scope_denial
 ORG_READS = ("organisation credentials manage the node; clinical reads need a practitioner "
              "or the patient")
 NOT_VISIBLE = "access denied: you have no access to this patient's records"
-WITHHELD_GENERIC = ("withheld: this caller has no access to the patient these records "
-                    "belong to")
+WITHHELD_GENERIC = ("withheld: not visible to this caller (patient consent, role or token "
+                    "scopes)")
 
 
 def decide_read(state: st.StateReader, actor: dict[str, Any], patient: str | None,
