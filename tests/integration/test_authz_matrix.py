@@ -225,7 +225,7 @@ def counted_only(patient: str) -> Check:
     def check(w: World, resp: httpx.Response) -> None:
         notes = _withheld(resp)
         assert notes and all("withheld" in n for n in notes), resp.text[:400]
-        for rid in w.ids[patient]:
+        for rid in w.ids[patient] - {w.refs[patient]}:  # (the caller named the patient)
             assert rid not in resp.text
         for word in ("mental-health", "PSY", "vital-signs", "labelled"):
             assert word not in " ".join(notes), notes
@@ -233,10 +233,10 @@ def counted_only(patient: str) -> Check:
 
 
 def nothing_of(patient: str) -> Check:
-    """No id of ``patient``'s records (nor theirs) in the answer; no category or label in
-    what it says about records it withholds."""
+    """No id of ``patient``'s records in the answer; no category or label in what it says
+    about records it withholds."""
     def check(w: World, resp: httpx.Response) -> None:
-        for rid in w.ids[patient]:
+        for rid in w.ids[patient] - {w.refs[patient]}:
             assert rid not in resp.text, rid
         said = resp.text if resp.status_code >= 400 else " ".join(_withheld(resp))
         for word in ("mental-health", "PSY", "vital-signs", "labelled"):
