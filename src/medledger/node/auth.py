@@ -109,6 +109,9 @@ class Authenticator:
         principal = st.principal(self.state, identity.id)
         if principal is None or b64d(principal["sign_pub"]) != identity.sign_public:
             raise Unauthenticated(f"{identity.id} is not registered with this key")
+        problem = standing_problem(principal, identity.id, _keys_v(principal))
+        if problem is not None:
+            raise Unauthenticated(problem)
         return self._open_session(principal, parse_scopes(scope, _kind(principal)), identity)
 
     def _open_session(self, principal: dict[str, object], scopes: frozenset[str],
@@ -117,8 +120,7 @@ class Authenticator:
         org = str(principal["id"]) if kind == "org" else str(principal["org"])
         role = principal.get("role")
         session = Session(str(principal["id"]), kind, str(role) if role else None, org, scopes,
-                          self.clock() + self.ttl_s, identity,
-                          int(str(principal.get("keys_v", 0))))
+                          self.clock() + self.ttl_s, identity, _keys_v(principal))
         token = b64e(os.urandom(32))
         self.sessions[token] = session
         return token, session
@@ -132,7 +134,8 @@ class Authenticator:
         if session.expires_s <= self.clock():
             del self.sessions[token]
             raise Unauthenticated("bearer token has expired; request a new one at /auth/token")
-        problem = standing_problem(st.principal(self.state, session.actor_id), session)
+        problem = standing_problem(st.principal(self.state, session.actor_id), session.actor_id,
+                                   session.keys_v)
         if problem is not None:  # deactivated, left, or re-keyed since: refused at once
             del self.sessions[token]
             raise Unauthenticated(problem)
@@ -162,20 +165,23 @@ class _MemoryJti:
         return True
 
 
-def standing_problem(principal: dict[str, Any] | None, session: Session) -> str | None:
-    """Why a session's principal may no longer act (checked on every request): gone,
-    deactivated, no longer an active member, or its keys rotated after the token was
-    issued. None while it is in good standing."""
-    who = session.actor_id
+def standing_problem(principal: dict[str, Any] | None, who: str, keys_v: int) -> str | None:
+    """Why ``who`` may no longer act (checked on every request): gone, deactivated, no
+    longer an active member, or its keys rotated since its token was issued (under key
+    version ``keys_v``). None while it is in good standing."""
     if principal is None:
         return f"{who} is no longer registered"
     if principal.get("kind") == "org" and principal.get("status") != "active":
         return f"organisation {who} is no longer an active member"
     if not st.is_active(principal):
         return f"{who} was deactivated; its tokens no longer work"
-    if int(str(principal.get("keys_v", 0))) != session.keys_v:
+    if _keys_v(principal) != keys_v:
         return f"the keys of {who} were rotated; authenticate again with the new key"
     return None
+
+
+def _keys_v(principal: dict[str, Any]) -> int:
+    return int(principal.get("keys_v") or 0)
 
 
 def _kind(principal: dict[str, object]) -> str:
