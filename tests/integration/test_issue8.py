@@ -269,10 +269,10 @@ def test_4_writes_follow_the_read_policy(node: NodeHandle) -> None:
 # ---------------------------------------------------------------- 5. oracles
 
 def test_5_put_is_no_content_oracle(node: NodeHandle) -> None:
-    phq = _resource(SEED_PSY, "44261-6")
-    url = f"{node.url}/fhir/Observation/{phq['id']}"
+    url = f"{node.url}/fhir/Observation/{_resource(SEED_PSY, '44261-6')['id']}"
+    phq = httpx.get(url, headers=_bearer(node, "dr-freud")).json()  # exactly what is stored
     nurse = _bearer(node, "nurse-joy")
-    right = httpx.put(url, content=orjson.dumps(phq), headers=nurse)
+    right = httpx.put(url, content=orjson.dumps(phq), headers=nurse)  # the right guess
     wrong = httpx.put(url, content=orjson.dumps({**phq, "status": "amended"}), headers=nurse)
     assert right.status_code == wrong.status_code == 403
     assert outcome_text(right) == outcome_text(wrong)
