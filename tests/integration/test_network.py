@@ -93,14 +93,25 @@ class Harness:
         return self.member_get(i, f"/ledger/blocks/{height}")["header"]  # type: ignore[no-any-return]
 
     def member_headers(self, i: int) -> dict[str, str]:
-        """A bearer token of node ``i``'s own organisation: the raw ledger is members-only."""
+        """A bearer token of node ``i``'s own organisation: the raw ledger is members-only
+        (tokens live in a node's memory: a restarted node needs a new one)."""
         if i not in self._tokens:
             with Client(self.urls[i], self.orgs[i]) as c:
                 self._tokens[i] = c.token()
         return {"Authorization": f"Bearer {self._tokens[i]}"}
 
+    def member_request(self, method: str, i: int, path: str, **kw: Any) -> httpx.Response:
+        extra = kw.pop("headers", {})
+        for _ in range(2):
+            resp = httpx.request(method, self.urls[i] + path, timeout=30,
+                                 headers={**extra, **self.member_headers(i)}, **kw)
+            if resp.status_code != 401:
+                break
+            self._tokens.pop(i, None)
+        return resp
+
     def member_get(self, i: int, path: str) -> Any:
-        return httpx.get(self.urls[i] + path, headers=self.member_headers(i), timeout=5).json()
+        return self.member_request("GET", i, path).json()
 
     def rpc(self, i: int, method: str, **params: Any) -> Any:
         body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
@@ -110,9 +121,8 @@ class Harness:
         return doc["result"]
 
     def post_raw(self, i: int, raw: bytes) -> tuple[int, str]:
-        resp = httpx.post(self.urls[i] + "/ledger/tx", content=raw, timeout=30,
-                          headers={"Content-Type": "application/octet-stream",
-                                   **self.member_headers(i)})
+        resp = self.member_request("POST", i, "/ledger/tx", content=raw,
+                                   headers={"Content-Type": "application/octet-stream"})
         doc = resp.json()
         if resp.status_code == 200:
             return 200, str(doc["code"])
