@@ -95,8 +95,8 @@ class Harness:
     def member_headers(self, i: int) -> dict[str, str]:
         """A bearer token of node ``i``'s own organisation: the raw ledger is members-only
         (tokens live in a node's memory: a restarted node needs a new one)."""
-        if i not in self._tokens:
-            with Client(self.urls[i], self.orgs[i]) as c:
+        if i not in self._tokens:  # its own organisation (any member's would do)
+            with Client(self.urls[i], self.orgs[min(i, len(self.orgs) - 1)]) as c:
                 self._tokens[i] = c.token()
         return {"Authorization": f"Bearer {self._tokens[i]}"}
 
