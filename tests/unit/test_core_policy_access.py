@@ -291,3 +291,21 @@ def test_parse_scopes_refuses_what_the_kind_may_not_hold() -> None:
     from medledger.errors import Forbidden
     with pytest.raises(Forbidden):
         policy.parse_scopes("system/*.cruds", "patient")
+
+
+@pytest.mark.parametrize(("grant", "allowed", "basis"), [
+    ({"revoked": False, "exp": NOW + 1, "passcode": True, "attempts_left": 1}, True,
+     "share:s1"),
+    ({"revoked": False, "exp": None, "passcode": False, "attempts_left": None}, True,
+     "share:s1"),
+    ({"revoked": True, "exp": NOW + 1, "passcode": False, "attempts_left": None}, False,
+     "revoked"),
+    ({"revoked": True, "revoked_reason": "erased", "exp": None, "passcode": False,
+      "attempts_left": None}, False, "revoked"),
+    ({"revoked": False, "exp": NOW, "passcode": False, "attempts_left": None}, False,
+     "expired"),
+    ({"revoked": False, "exp": None, "passcode": True, "attempts_left": 0}, False, "locked"),
+])
+def test_decide_share_open(grant: dict[str, Any], allowed: bool, basis: str) -> None:
+    d = policy.decide_share_open({"id": "s1", **grant}, NOW)
+    assert (d.allowed, d.basis) == (allowed, basis)

@@ -1116,14 +1116,7 @@ class Node:
                                     basis=f"share:{share_id[:8]}", detail=recipient)
             self.auditor.record(ev)
 
-        if grant["revoked"]:
-            audit("4", "share link was revoked" if grant.get("revoked_reason") != "erased"
-                  else "shared records were erased")
-            raise Gone("this share link was revoked")
-        if grant["exp"] is not None and grant["exp"] <= self.now_s:
-            self.blobs.drop_shares([share_id])
-            audit("4", "share link expired")
-            raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
+        self._share_open_or_gone(grant, audit)
         stored = self.blobs.share(share_id)
         if stored is None or not stored[0]:
             audit("4", "share payload no longer held")
@@ -1141,13 +1134,25 @@ class Node:
         return {"files": [{"contentType": "application/fhir+json",
                            "embedded": jwe.decode("ascii")}]}
 
+    def _share_open_or_gone(self, grant: dict[str, Any],
+                            audit: Callable[[str, str], None]) -> None:
+        """Refuse (audited, 410) a link the ledger says is revoked, expired or locked; an
+        expired link's payload is dropped here at once."""
+        decision = policy.decide_share_open(grant, self.now_s)
+        if decision.allowed:
+            return
+        audit("4", decision.reason)
+        if decision.basis == "expired":
+            self.blobs.drop_shares([grant["id"]])
+            raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
+        raise Gone("this share link is locked after too many wrong passcodes"
+                   if decision.basis == "locked" else "this share link was revoked")
+
     async def _check_passcode(self, share_id: str, passcode: str, verifier: bytes | None,
                               audit: Callable[[str, str], None]) -> None:
         grant = st.share(self.store, share_id)  # re-read under the lock: counts committed
         assert grant is not None
-        if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
-            audit("4", "share link locked after too many wrong passcodes")
-            raise Gone("this share link is locked after too many wrong passcodes")
+        self._share_open_or_gone(grant, audit)
         expected = shares.passcode_verifier(self._passcode_key, share_id, passcode)
         if verifier is None or not hmac.compare_digest(expected, verifier):
             await self.submit(self.org, "share.attempt", {"id": share_id})

@@ -29,6 +29,7 @@ from medledger.core.policy.admin import (
     decide_share_create,
     decide_share_list,
     decide_share_manage,
+    decide_share_open,
 )
 from medledger.core.policy.consent import matching_consents
 from medledger.core.policy.ledger import (
@@ -96,7 +97,8 @@ __all__ = [
     "decide_consent_read", "decide_everything", "decide_export", "decide_history",
     "decide_interaction", "decide_match", "decide_node_admin", "decide_patient_self",
     "decide_read", "decide_record", "decide_registration", "decide_search", "decide_share_create",
-    "decide_share_list", "decide_share_manage", "decide_tx_proof", "decide_tx_submission",
+    "decide_share_list", "decide_share_manage",
+    "decide_share_open", "decide_tx_proof", "decide_tx_submission",
     "decide_write", "decide_write_scope", "decide_writer", "is_member", "matching_consents",
     "may_see_patient", "may_write", "org_view", "org_writer", "parse_scopes", "role_covers",
     "scope_allows", "scope_denial", "tx_subjects", "withheld_view", "writer_role",

@@ -90,6 +90,22 @@ def decide_share_manage(caller: Caller, grant: dict[str, Any]) -> Decision:
     return decide_patient_self(caller, str(grant["patient"]), "manage their share links")
 
 
+def decide_share_open(grant: dict[str, Any], now_s: int) -> Decision:
+    """May a SMART Health Link be followed now, as far as the ledger says? Not once revoked
+    (by its patient, or because a shared record was erased), expired, or locked after
+    too many wrong passcodes. The issuing node then checks the passcode itself (it alone
+    holds the verifier); the basis names why a link is closed."""
+    if grant["revoked"]:
+        return deny("shared records were erased" if grant.get("revoked_reason") == "erased"
+                    else "share link was revoked", basis="revoked")
+    if grant["exp"] is not None and grant["exp"] <= now_s:
+        return deny("share link expired", basis="expired")
+    if grant["passcode"] and grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
+        return deny("share link locked after too many wrong passcodes", basis="locked")
+    return allow(f"share:{str(grant['id'])[:8]}",
+                 "passcode to check" if grant["passcode"] else "open link")
+
+
 def decide_match(caller: Caller) -> Decision:
     """``Patient/$match``: practitioners with a token that may search patients; each
     candidate is then shown only if they may read that patient (``decide_record``)."""
