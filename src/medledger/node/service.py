@@ -214,6 +214,13 @@ class Node:
         raise self._deny(session, subtype, patient, list(entity), decision.reason,
                          shown=decision.reason if decision.disclose else policy.NOT_VISIBLE)
 
+    def _need_scope(self, session: Session, rtype: str, interaction: str,
+                    subtype: str = "search") -> None:
+        """The token must allow ``interaction`` on ``rtype`` (``policy.decide_interaction``;
+        kept for callers outside this module, e.g. the search package)."""
+        self._allowed(session, policy.decide_interaction(self._caller(session), rtype,
+                                                         interaction), subtype, None)
+
     def _audit(self, session: Session, subtype: str, patient: str | None, entity: list[str],
                outcome: str = "0", **kw: Any) -> dict[str, Any]:
         ev = self.auditor.event(subtype, agent=session.actor_id, agent_org=session.org,
