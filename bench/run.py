@@ -100,7 +100,7 @@ def embedded(work: Path, res: dict[str, Any], figs: set[str], n_write: int) -> N
             res["write"]["fhir_validation_us_per_resource"] = validation_cost_us()
             step("figure 1: HTTP POST /ledger/tx (pre-signed), 64 concurrent clients")
             res["write"]["http_presigned"] = http.presigned_writes(
-                node.url, [r for _, r in presigned], 64)
+                node.url, http.token(node.url, lab.org), [r for _, r in presigned], 64)
             records += [rid for rid, _ in presigned]
         if "read" in figs:
             step("figure 3: HTTP GET /fhir/Observation/{id}, 32 concurrent clients")

@@ -20,7 +20,7 @@ from medledger.crypto.canonical import b64d
 from medledger.crypto.keys import Identity
 from medledger.errors import MedledgerError, Unavailable
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
-from medledger.node.records import open_as
+from medledger.node.records import open_any
 
 
 class NodeError(MedledgerError):
@@ -121,13 +121,18 @@ class Client:
                        os.urandom(16).hex())
 
     def submit_tx(self, kind: str, body: dict[str, Any]) -> Any:
-        """Sign ``body`` with our own key and submit it."""
+        """Sign ``body`` with our own key and submit it (with our own bearer token: the
+        node takes raw txs from their signer, or a member organisation relaying them)."""
         tx = self.sign_tx(kind, body)
-        return self.request("POST", "/ledger/tx", tx.raw, auth=False,
+        return self.submit_raw(tx.raw)
+
+    def submit_raw(self, raw: bytes) -> Any:
+        return self.request("POST", "/ledger/tx", raw,
                             headers={"Content-Type": "application/octet-stream"}).json()
 
     def export_heads(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        """Fetch our sealed records; decrypt each record's newest version with our own key.
+        """Fetch our sealed records; decrypt each record's newest version with our own key
+        (the current one, one held before a rotation, or a key re-wrapped to us since).
 
         Returns (resource, ledger metadata) pairs."""
         assert self.identity is not None
@@ -137,9 +142,10 @@ class Client:
             key = (item["meta"]["type"], item["meta"]["id"])
             if key not in heads or heads[key]["meta"]["v"] < item["meta"]["v"]:
                 heads[key] = item
-        return [(open_as(doc["chain"], item["meta"], b64d(item["blob"], field="blob"),
-                         self.identity.id, self.identity.enc_private), item["meta"])
-                for item in heads.values()]
+        return [(open_any(doc["chain"], item["meta"], b64d(item["blob"], field="blob"),
+                          self.identity.id, self.identity.enc_privates,
+                          [b64d(k, field="rewrapped") for k in item.get("rewrapped") or []]),
+                 item["meta"]) for item in heads.values()]
 
     def export_records(self) -> list[dict[str, Any]]:
         """Our complete record (newest versions), decrypted client-side."""

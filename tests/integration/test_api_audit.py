@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import NodeHandle, load_patient, running_node
+from helpers import ORG_ID, NodeHandle, load_patient, running_node
 
 from medledger.core.machine import header_hash
 from medledger.core.proofs import verify_proof
@@ -144,9 +144,10 @@ def test_events_are_anchored_and_provable(node: NodeHandle) -> None:
     anchored = _wait_anchored(node, marker["id"], timeout=3)
     assert time.time() - start < 3
     height = _ext(anchored, "anchored-height")
-    proof = httpx.get(f"{node.url}/ledger/proof/audit/{marker['id']}").json()
+    member = node.client(ORG_ID)  # the raw ledger is for member organisations
+    proof = member.get(f"/ledger/proof/audit/{marker['id']}")
     assert proof["header"]["height"] == height and proof["kind"] == "audit"
-    block = httpx.get(f"{node.url}/ledger/blocks/{height}").json()
+    block = member.get(f"/ledger/blocks/{height}")
     trusted = header_hash(block["header"]).hex()
     assert verify_proof(proof, trusted)
     leaf = base64.urlsafe_b64decode(proof["leaf"] + "=" * (-len(proof["leaf"]) % 4))
@@ -168,14 +169,21 @@ def test_events_are_anchored_and_provable(node: NodeHandle) -> None:
     assert not verify_proof(proof, "11" * 32)
 
     tx_hash = block["txs"][0]["hash"]
-    tx_proof = httpx.get(f"{node.url}/ledger/proof/tx/{tx_hash}").json()
+    tx_proof = member.get(f"/ledger/proof/tx/{tx_hash}")
     assert tx_proof["kind"] == "tx" and verify_proof(tx_proof, trusted)
     bad = copy.deepcopy(tx_proof)
     bad["path"] = ["00" * 32] + bad["path"][1:] if bad["path"] else ["00" * 32]
     assert not verify_proof(bad)
-    assert httpx.get(f"{node.url}/ledger/proof/tx/{'ab' * 32}").status_code == 404
-    assert httpx.get(f"{node.url}/ledger/proof/tx/not-hex").status_code == 400
-    assert httpx.get(f"{node.url}/ledger/proof/audit/no-such-event").status_code == 404
+    hdr = {"Authorization": f"Bearer {member.token()}"}
+    assert member.http.get(f"/ledger/proof/tx/{'ab' * 32}", headers=hdr).status_code == 404
+    assert member.http.get("/ledger/proof/tx/not-hex", headers=hdr).status_code == 400
+    assert member.http.get("/ledger/proof/audit/no-such-event", headers=hdr).status_code == 404
+    # the patient gets the proof of their own event, nobody else's; outsiders nothing
+    with node.client(node.user_identity(node.patients[0])) as patient:
+        assert verify_proof(patient.get(f"/ledger/proof/audit/{marker['id']}"), trusted)
+    assert httpx.get(f"{node.url}/ledger/proof/audit/{marker['id']}").status_code == 401
+    assert httpx.get(f"{node.url}/ledger/blocks/{height}").status_code == 401
+    member.close()
 
 
 def test_read_audit_survives_kill_9(node: NodeHandle) -> None:

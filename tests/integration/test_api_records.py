@@ -275,7 +275,8 @@ def test_patient_reads_own_records_only(node: NodeHandle) -> None:
         assert h.get(f"/fhir/Patient/{mine}").status_code == 200
         own = h.get(f"/fhir/Patient/{mine}/$everything").json()
         assert len(_ids(own)) > 10
-        assert_outcome(h.get(f"/fhir/Patient/{theirs}"), 403, "own records")
+        # another patient's record: refused without saying anything about it
+        assert_outcome(h.get(f"/fhir/Patient/{theirs}"), 403, "no access")
         assert_outcome(h.get(f"/fhir/Observation?patient={theirs}"), 403, "own records")
 
 

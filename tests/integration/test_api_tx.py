@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from helpers import NodeHandle, assert_outcome, load_patient, running_node
+from helpers import ORG_ID, NodeHandle, assert_outcome, load_patient, running_node
 
 from medledger.core.tx import make_tx
 from medledger.crypto import keys
@@ -40,16 +40,40 @@ def _consent_tx(node: NodeHandle, who: keys.Identity, chain: str | None = None) 
                    os.urandom(16).hex()).raw
 
 
-def _post(node: NodeHandle, raw: bytes) -> httpx.Response:
-    return httpx.post(node.url + "/ledger/tx", content=raw,
-                      headers={"Content-Type": "application/octet-stream"})
+def _token(node: NodeHandle, who: keys.Identity | str) -> str:
+    with node.client(who) as c:
+        return c.token()
+
+
+def _post(node: NodeHandle, raw: bytes, who: keys.Identity | str | None = ORG_ID
+          ) -> httpx.Response:
+    """POST raw bytes with ``who``'s bearer token (default: the node's organisation, a
+    member relaying a client's tx); ``None``: no token."""
+    headers = {"Content-Type": "application/octet-stream"}
+    if who is not None:
+        headers["Authorization"] = f"Bearer {_token(node, who)}"
+    return httpx.post(node.url + "/ledger/tx", content=raw, headers=headers)
 
 
 def test_signed_tx_commits(node: NodeHandle, patient: keys.Identity) -> None:
-    resp = _post(node, _consent_tx(node, patient))
+    resp = _post(node, _consent_tx(node, patient), patient)  # the signer submits it
     assert resp.status_code == 200, resp.text
     doc = resp.json()
     assert doc["code"] == 0 and doc["height"] > 0 and len(doc["hash"]) == 64
+
+
+def test_submission_needs_the_signer_or_a_member(node: NodeHandle,
+                                                 patient: keys.Identity) -> None:
+    """The refusal of a raw tx (its log can name state) reaches only whoever could sign it:
+    no token is a 401, another principal's token a 403; a share link goes through its
+    issuing node (which keeps its payload), never as a raw tx."""
+    assert_outcome(_post(node, _consent_tx(node, patient), None), 401, "bearer token")
+    ghost = keys.new_identity("ghost-patient", "patient")
+    assert_outcome(_post(node, _consent_tx(node, ghost), "dr-house"), 403, "signed by someone")
+    assert_outcome(_post(node, _consent_tx(node, patient), "nurse-joy"), 403, "not by nurse-joy")
+    share = make_tx(patient.id, patient.signer(), _chain(node), "share.create",
+                    {"id": "s" * 32}, os.urandom(16).hex()).raw
+    assert_outcome(_post(node, share, patient), 403, "/api/shares/publish")
 
 
 def test_bad_signature(node: NodeHandle, patient: keys.Identity) -> None:
@@ -99,4 +123,5 @@ def test_consent_signed_by_someone_else(node: NodeHandle, patient: keys.Identity
     body = {"id": "c-by-nurse", "patient": patient.id, "decision": "permit"}
     raw = make_tx(nurse.id, nurse.signer(), _chain(node), "consent.put", body,
                   os.urandom(16).hex()).raw
-    assert_outcome(_post(node, raw), 403, "must be signed by that patient", "nurse-joy")
+    assert_outcome(_post(node, raw, "nurse-joy"), 403, "must be signed by that patient",
+                   "nurse-joy")

@@ -70,7 +70,8 @@ def test_non_member_cannot_propose(node: NodeHandle, tmp_path: Path) -> None:
     outsider = _joiner(node, tmp_path, "org-outsider", "Nobody's Clinic")
     res = run_cli("org", "propose", "--home", str(outsider), "--node", node.url,
                   str(tmp_path / "org-outsider.json"))
-    assert res.returncode == 1 and "unknown signer" in res.stderr
+    # not a member: it cannot even authenticate to submit (the ledger is members-only)
+    assert res.returncode == 1 and "not registered" in res.stderr
     assert "org-outsider" not in _orgs(node)
 
 

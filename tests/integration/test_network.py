@@ -66,6 +66,7 @@ class Harness:
         self.orgs = [network.org_identity(m, PW) for m in net.members]
         self.doctors: list[keys.Identity] = []
         self.patients: list[str] = []
+        self._tokens: dict[int, str] = {}
 
     @property
     def urls(self) -> list[str]:
@@ -89,7 +90,28 @@ class Harness:
         return [self.status(i)["height"] for i in (nodes or range(len(self.urls)))]
 
     def header(self, i: int, height: int) -> dict[str, Any]:
-        return httpx.get(f"{self.urls[i]}/ledger/blocks/{height}", timeout=5).json()["header"]  # type: ignore[no-any-return]
+        return self.member_get(i, f"/ledger/blocks/{height}")["header"]  # type: ignore[no-any-return]
+
+    def member_headers(self, i: int) -> dict[str, str]:
+        """A bearer token of node ``i``'s own organisation: the raw ledger is members-only
+        (tokens live in a node's memory: a restarted node needs a new one)."""
+        if i not in self._tokens:  # its own organisation (any member's would do)
+            with Client(self.urls[i], self.orgs[min(i, len(self.orgs) - 1)]) as c:
+                self._tokens[i] = c.token()
+        return {"Authorization": f"Bearer {self._tokens[i]}"}
+
+    def member_request(self, method: str, i: int, path: str, **kw: Any) -> httpx.Response:
+        extra = kw.pop("headers", {})
+        for _ in range(2):
+            resp = httpx.request(method, self.urls[i] + path, timeout=30,
+                                 headers={**extra, **self.member_headers(i)}, **kw)
+            if resp.status_code != 401:
+                break
+            self._tokens.pop(i, None)
+        return resp
+
+    def member_get(self, i: int, path: str) -> Any:
+        return self.member_request("GET", i, path).json()
 
     def rpc(self, i: int, method: str, **params: Any) -> Any:
         body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
@@ -99,8 +121,8 @@ class Harness:
         return doc["result"]
 
     def post_raw(self, i: int, raw: bytes) -> tuple[int, str]:
-        resp = httpx.post(self.urls[i] + "/ledger/tx", content=raw, timeout=30,
-                          headers={"Content-Type": "application/octet-stream"})
+        resp = self.member_request("POST", i, "/ledger/tx", content=raw,
+                                   headers={"Content-Type": "application/octet-stream"})
         doc = resp.json()
         if resp.status_code == 200:
             return 200, str(doc["code"])
@@ -250,7 +272,7 @@ def test_any_node_accepts_writes_and_every_node_agrees(tn: Harness) -> None:
     views = [{k: h for k, h in anchored(j, pid0).items() if h <= top} for j in range(4)]
     assert views[0] and all(v == views[0] for v in views[1:])
     some_event = next(iter(views[0]))
-    proofs = [httpx.get(f"{u}/ledger/proof/audit/{some_event}").json() for u in tn.urls]
+    proofs = [tn.member_get(j, f"/ledger/proof/audit/{some_event}") for j in range(4)]
     assert all(p == proofs[0] for p in proofs[1:])
 
     # Same app hash at the same height, on every node and in CometBFT's own headers.

@@ -131,3 +131,27 @@ def test_save_and_load_keystore(tmp_path: Path, ident: keys.Identity) -> None:
 def test_load_missing_keystore(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="cannot read keystore"):
         keys.load_keystore(tmp_path / "absent.json", PASSWORD)
+
+
+def test_rotated_identity_keeps_earlier_encryption_keys(ident: keys.Identity) -> None:
+    once = keys.rotated(ident)
+    twice = keys.rotated(once)
+    assert (once.id, once.kind, once.meta) == (ident.id, ident.kind, ident.meta)
+    assert once.sign_seed != ident.sign_seed and once.enc_private != ident.enc_private
+    assert twice.enc_privates == (twice.enc_private, once.enc_private, ident.enc_private)
+    assert ident.secret_root == once.secret_root == twice.secret_root == ident.enc_private
+    assert "previous" not in ident.to_json()  # unrotated keystores are byte-for-byte as before
+    back = keys.unlock(keys.lock(twice, PASSWORD, n=N), PASSWORD)
+    assert back == twice and back.previous == twice.previous
+
+
+def test_keystore_without_previous_keys_still_opens(ident: keys.Identity, locked: bytes) -> None:
+    """A keystore written before rotations existed (same version, no ``previous``)."""
+    opened = keys.unlock(locked, PASSWORD)
+    assert opened.previous == () and opened.enc_privates == (ident.enc_private,)
+
+
+def test_bad_previous_key_is_refused(ident: keys.Identity) -> None:
+    doc = {**ident.to_json(), "previous": ["not-a-key"]}
+    with pytest.raises(InvalidInput):
+        keys.Identity.from_json(doc)

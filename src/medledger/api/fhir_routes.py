@@ -15,6 +15,7 @@ from medledger.api.common import (
     session_of,
 )
 from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
+from medledger.core import policy
 from medledger.core.machine import RESOURCE_TYPE_RE
 from medledger.errors import InvalidInput, MedledgerError
 from medledger.fhir import match
@@ -64,7 +65,11 @@ def _searchset(request: Request, result: SearchResult) -> Response:
     if withheld:
         issues = [{"severity": "information", "code": "suppressed",
                    "diagnostics": f"{w.ref} ({w.category}) withheld: {w.reason}"}
-                  for w in withheld]
+                  for w in withheld if w.ref]
+        unnamed = sum(1 for w in withheld if not w.ref)  # counted, never named (no oracle)
+        if unnamed:
+            issues.append({"severity": "information", "code": "suppressed",
+                           "diagnostics": f"{unnamed} records {policy.WITHHELD_GENERIC}"})
         bundle.setdefault("entry", []).append({
             "resource": {"resourceType": "OperationOutcome", "issue": issues},
             "search": {"mode": "outcome"}})

@@ -1,4 +1,9 @@
-"""Auth, admin and ledger routes: tokens, enrolment, status, blocks, proofs, raw txs, export."""
+"""Auth, admin and ledger routes: tokens (issue, revoke), enrolment and removal, key
+rotation, status, blocks, proofs, raw txs, export.
+
+The ledger is members-only (``core.policy.ledger``): every ``/ledger/*`` route but
+``/ledger/status`` needs a bearer token, and what it shows depends on who holds it.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from medledger.api.common import fhir_json, json_body, node_of, session_of
-from medledger.core import proofs
 from medledger.core.machine import HASH_RE
-from medledger.crypto.canonical import b64e, loads
-from medledger.errors import InvalidInput, NotFound
-from medledger.node.auth import ASSERTION_TYPE
+from medledger.crypto.canonical import b64e
+from medledger.errors import InvalidInput, Unauthenticated
+from medledger.node.auth import ASSERTION_TYPE, Session
 
 router = APIRouter()
 
@@ -57,6 +61,20 @@ async def login(request: Request) -> Response:
     return resp
 
 
+@router.post("/auth/revoke")
+async def revoke(request: Request) -> Response:
+    """OAuth 2.0 token revocation (RFC 7009): ``token=<bearer token>``, form-encoded. The
+    token itself is the credential; the answer is 200 whether or not it was live (an
+    unknown token is not an error, and the answer reveals nothing about it)."""
+    node = node_of(request)
+    form = await request.form()
+    token = form.get("token")
+    if not isinstance(token, str) or not token:
+        raise InvalidInput("token revocation needs token=<the bearer token> (form-encoded)")
+    node.auth.revoke(token)
+    return Response(b"", status_code=200, headers={"Cache-Control": "no-store"})
+
+
 @router.post("/auth/logout")
 async def logout(request: Request) -> Response:
     node = node_of(request)
@@ -91,6 +109,25 @@ async def add_practitioner(request: Request) -> Response:
                       "keystore": orjson.loads(keystore)}, 201)
 
 
+@router.post("/admin/practitioners/{actor_id}/remove")
+async def remove_practitioner(request: Request, actor_id: str) -> Response:
+    """Deactivate a practitioner of this organisation (``actor.deactivate``)."""
+    node, session = node_of(request), session_of(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("reason"), str):
+        raise InvalidInput("expected {\"reason\": \"left\" | \"key-compromised\" | ...}")
+    entry = await node.deactivate(session, actor_id, body["reason"])
+    return fhir_json({"id": entry["id"], "status": entry["status"],
+                      "reason": entry.get("deactivated_reason")})
+
+
+@router.post("/admin/keys/rotate")
+async def rotate_org_keys(request: Request) -> Response:
+    """Rotate this organisation's keys (``key.rotate``); old encryption keys are kept."""
+    node, session = node_of(request), session_of(request)
+    return fhir_json(await node.rotate_org_keys(session))
+
+
 @router.post("/admin/rewrap")
 async def rewrap(request: Request) -> Response:
     """Re-wrap this node's record keys to an organisation that joined later."""
@@ -114,56 +151,45 @@ async def status(request: Request) -> Response:
 
 @router.get("/ledger/orgs")
 async def orgs(request: Request) -> Response:
-    """Member organisations (public keys, status, approvals): public ledger state."""
+    """The organisations: all of each entry for members; their id, name, keys, status and
+    approvals for anyone else (a joining organisation watches its approvals)."""
     node = node_of(request)
-    return fhir_json([loads(v) for _, v in node.store.scan("org/")])
+    try:
+        session: Session | None = session_of(request)
+    except Unauthenticated:
+        session = None
+    return fhir_json(node.ledger_orgs(session))
 
 
 @router.get("/ledger/blocks/{height}")
 async def block(request: Request, height: int) -> Response:
-    node = node_of(request)
-    header = node.store.block(height)
-    if header is None:
-        raise NotFound(f"no block at height {height}")
-    txs = node.store.block_txs(height)
-    return fhir_json({"header": header,
-                      "txs": [{"hash": h.hex(), "code": c, "log": lg} for _, h, _, c, lg in txs]})
+    node, session = node_of(request), session_of(request)
+    return fhir_json(node.ledger_block(session, height))
 
 
 @router.get("/ledger/proof/tx/{tx_hash}")
 async def tx_proof(request: Request, tx_hash: str) -> Response:
-    node = node_of(request)
+    node, session = node_of(request), session_of(request)
     try:
-        found = node.store.tx(bytes.fromhex(tx_hash))
+        digest = bytes.fromhex(tx_hash)
     except ValueError as exc:
         raise InvalidInput("tx hash must be hex") from exc
-    if found is None:
-        raise NotFound(f"no tx {tx_hash}")
-    height, idx = found[0], found[1]
-    header = node.store.block(height)
-    assert header is not None
-    leaves = [raw for _, _, raw, _, _ in node.store.block_txs(height)]
-    return fhir_json(proofs.make_proof("tx", header, leaves, idx))
+    return fhir_json(node.ledger_tx_proof(session, digest))
 
 
 @router.get("/ledger/proof/audit/{event_id}")
 async def audit_proof(request: Request, event_id: str) -> Response:
-    node = node_of(request)
-    found = node.store.audit_event(event_id)
-    if found is None:
-        raise NotFound(f"audit event {event_id} is not anchored yet (or does not exist)")
-    height, leaf, _ = found
-    header = node.store.block(height)
-    assert header is not None
-    return fhir_json(proofs.make_proof("audit", header, node.store.audit_leaves(height), leaf))
+    node, session = node_of(request), session_of(request)
+    return fhir_json(node.ledger_audit_proof(session, event_id))
 
 
 @router.post("/ledger/tx")
 async def submit_tx(request: Request) -> Response:
-    """Submit a tx signed by the client itself (e.g. a patient's consent from the CLI)."""
-    node = node_of(request)
+    """Submit a tx signed by the client itself (e.g. a patient's consent from the CLI),
+    with the signer's bearer token (or a member organisation's, relaying it)."""
+    node, session = node_of(request), session_of(request)
     raw = await request.body()
-    committed = await node.submit_raw(raw)
+    committed = await node.submit_client_tx(session, raw)
     return fhir_json({"code": committed.code, "height": committed.height,
                       "hash": committed.tx_hash.hex(), "data": committed.data.decode()})
 

@@ -138,6 +138,15 @@ async def my_keystore(request: Request) -> Response:
         "Content-Disposition": f'attachment; filename="{session.actor_id}.key.json"'})
 
 
+@router.put("/api/keystore")
+async def replace_keystore(request: Request) -> Response:
+    """Replace the key file this node holds for you after `medledger key rotate` (with a
+    token of the new key)."""
+    node, session = node_of(request), session_of(request)
+    node.replace_keystore(session, await request.body())
+    return _json({"id": session.actor_id, "replaced": True})
+
+
 @router.get("/api/vocabulary")
 async def vocabulary() -> Response:
     """Policy vocabulary the portal's forms offer: categories, sensitivity labels, limits."""

@@ -144,6 +144,24 @@ def practitioner_add(home: HomeOpt, id: Annotated[str, typer.Option(help="Practi
     console.print(f"[green]registered[/] {id} ({role}) at {config.org_id}; keystore -> {target}")
 
 
+@prac_app.command("remove")
+@handle_errors
+def practitioner_remove(home: HomeOpt, id: Annotated[str, typer.Option(
+                            help="Practitioner id.")],
+                        reason: Annotated[str, typer.Option(
+                            help="left, key-compromised, deceased, duplicate or other")]
+                        = "left") -> None:
+    """Deactivate a practitioner of this organisation: their key signs nothing more and
+    their tokens stop working at once, on every node (node must be running)."""
+    from medledger.node.home import Home
+    h = Home(home)
+    config = h.load_config()
+    org = h.unlock_org(_password("MEDLEDGER_PASSWORD", "organisation keystore password"))
+    with Client(config.base_url, org) as c:
+        doc = c.post(f"/admin/practitioners/{id}/remove", {"reason": reason})
+    console.print(f"[green]removed[/] {doc['id']} ({doc['reason']}): now {doc['status']}")
+
+
 # ---------------------------------------------------------------- records
 
 @record_app.command("put")
@@ -283,6 +301,7 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
 
 
 from medledger.cli import demo as _demo  # noqa: E402,F401  (registers `demo`)
+from medledger.cli import keys as _keys  # noqa: E402
 from medledger.cli import net as _net  # noqa: E402
 from medledger.cli import org as _org  # noqa: E402
 from medledger.cli import rights as _rights  # noqa: E402,F401  (registers rights commands)
@@ -290,6 +309,7 @@ from medledger.cli import share as _share  # noqa: E402,F401  (registers `share 
 
 app.add_typer(_net.net_app, name="net")
 app.add_typer(_org.org_app, name="org")
+app.add_typer(_keys.key_app, name="key")
 
 
 def main() -> None:

@@ -120,6 +120,6 @@ def list_orgs(node: NodeOpt, as_json: Annotated[bool, typer.Option("--json")] = 
     table = Table("id", "name", "status", "approvals", "validator")
     for o in orgs:
         table.add_row(o["id"], o["name"], o["status"], ",".join(o.get("approvals") or []),
-                      "yes" if o.get("validator_pub") else "no")
+                      "yes" if o.get("validator_pub") or o.get("validator") else "no")
     console.print(table)
 

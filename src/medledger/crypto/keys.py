@@ -4,6 +4,11 @@ An identity is an id, a kind (organisation, practitioner, patient), an Ed25519
 signing seed and an X25519 private key. Keystores hold them encrypted with
 AES-256-GCM under a key derived from a password with scrypt; nothing private
 ever goes on the ledger.
+
+After a ``key.rotate`` an identity keeps its earlier X25519 private keys
+(``previous``, newest first): data keys sealed before the rotation are wrapped to
+them. The field is optional inside the encrypted payload, so keystores written
+before it existed open unchanged (same keystore version).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Identity:
     sign_seed: bytes = field(repr=False)
     enc_private: bytes = field(repr=False)
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    previous: tuple[bytes, ...] = field(default=(), repr=False)  # older enc keys, newest first
 
     @property
     def sign_public(self) -> bytes:
@@ -45,14 +51,28 @@ class Identity:
     def signer(self) -> Signer:
         return Signer(self.sign_seed)
 
+    @property
+    def enc_privates(self) -> tuple[bytes, ...]:
+        """Every X25519 private key this identity has held, the current one first."""
+        return (self.enc_private, *self.previous)
+
+    @property
+    def secret_root(self) -> bytes:
+        """The first X25519 key it ever held: the root of secrets derived for purely local
+        use (they must survive a rotation; see docs/adr/0001)."""
+        return self.previous[-1] if self.previous else self.enc_private
+
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc = {
             "id": self.id,
             "kind": self.kind,
             "sign_seed": b64e(self.sign_seed),
             "enc_private": b64e(self.enc_private),
             "meta": self.meta,
         }
+        if self.previous:
+            doc["previous"] = [b64e(k) for k in self.previous]
+        return doc
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Identity:
@@ -63,6 +83,8 @@ class Identity:
                 sign_seed=b64d(data["sign_seed"], field="sign_seed", size=32),
                 enc_private=b64d(data["enc_private"], field="enc_private", size=32),
                 meta=dict(data.get("meta") or {}),
+                previous=tuple(b64d(k, field="previous", size=32)
+                               for k in data.get("previous") or ()),
             )
         except KeyError as exc:
             raise InvalidInput(f"identity is missing {exc.args[0]!r}") from exc
@@ -70,6 +92,13 @@ class Identity:
 
 def new_identity(id: str, kind: str, meta: dict[str, Any] | None = None) -> Identity:
     return Identity(id, kind, os.urandom(32), bytes(PrivateKey.generate()), dict(meta or {}))
+
+
+def rotated(identity: Identity) -> Identity:
+    """The same identity with fresh signing and encryption keys; the encryption key it
+    replaces joins ``previous`` (what was sealed to it must still open)."""
+    return Identity(identity.id, identity.kind, os.urandom(32), bytes(PrivateKey.generate()),
+                    dict(identity.meta), (identity.enc_private, *identity.previous))
 
 
 def _kdf(password: str, salt: bytes, n: int) -> bytes:
@@ -136,8 +165,3 @@ def load_keystore(path: Path, password: str) -> Identity:
     except OSError as exc:
         raise InvalidInput(f"cannot read keystore {path}: {exc.strerror}") from exc
     return unlock(data, password)
-
-
-def passcode_hash(passcode: str, salt: bytes, n: int = 2**14) -> bytes:
-    """Slow salted hash of a share-link passcode (scrypt), stored on the ledger."""
-    return Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(passcode.encode("utf-8"))

@@ -16,23 +16,23 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from medledger.core import state as st
+from medledger.core.policy.scopes import (  # noqa: F401  (re-exported: callers import here)
+    DEFAULT_SCOPES,
+    parse_scopes,
+    scope_allows,
+)
 from medledger.crypto.canonical import b64d, b64e
 from medledger.crypto.keys import Identity
-from medledger.errors import Forbidden, InvalidInput, Unauthenticated
+from medledger.errors import InvalidInput, Unauthenticated
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
-DEFAULT_SCOPES = {
-    "patient": "patient/*.rs patient/Consent.cruds",
-    "practitioner": "user/*.cruds",
-    "org": "system/*.cruds",
-}
-INTERACTIONS = "cruds"
 
 
 @dataclass
@@ -44,6 +44,7 @@ class Session:
     scopes: frozenset[str]
     expires_s: float
     identity: Identity | None = field(default=None, repr=False)
+    keys_v: int = 0  # the key version the token was issued under (``key.rotate``)
 
 
 def make_assertion(identity: Identity, token_url: str, now: float | None = None) -> str:
@@ -53,44 +54,6 @@ def make_assertion(identity: Identity, token_url: str, now: float | None = None)
     claims = {"iss": identity.id, "sub": identity.id, "aud": token_url, "iat": int(now),
               "exp": int(now) + 240, "jti": uuid.uuid4().hex}
     return jwt.encode(claims, key, algorithm="EdDSA", headers={"kid": identity.id})
-
-
-def parse_scopes(requested: str | None, kind: str) -> frozenset[str]:
-    allowed = set(DEFAULT_SCOPES[kind].split())
-    if not requested:
-        return frozenset(allowed)
-    asked = set(requested.split())
-    granted = {s for s in asked if _scope_within(s, allowed)}
-    if not granted:
-        raise Forbidden(f"none of the requested scopes ({requested}) is allowed for a {kind}; "
-                        f"allowed: {DEFAULT_SCOPES[kind]}")
-    return frozenset(granted)
-
-
-def _scope_within(scope: str, allowed: set[str]) -> bool:
-    try:
-        ctx, rest = scope.split("/", 1)
-        rtype, perms = rest.split(".", 1)
-    except ValueError:
-        return False
-    for a in allowed:
-        actx, arest = a.split("/", 1)
-        atype, aperms = arest.split(".", 1)
-        if actx == ctx and atype in ("*", rtype) and set(perms) <= set(aperms):
-            return True
-    return False
-
-
-def scope_allows(scopes: frozenset[str], rtype: str, interaction: str) -> bool:
-    for s in scopes:
-        try:
-            _, rest = s.split("/", 1)
-            stype, perms = rest.split(".", 1)
-        except ValueError:
-            continue
-        if stype in ("*", rtype) and interaction in perms:
-            return True
-    return False
 
 
 class Authenticator:
@@ -123,6 +86,8 @@ class Authenticator:
             raise Unauthenticated(f"unknown client {actor_id!r}: not registered on the ledger")
         if principal.get("kind") == "org" and principal.get("status") != "active":
             raise Unauthenticated(f"organisation {actor_id} is not an active member yet")
+        if not st.is_active(principal):
+            raise Unauthenticated(f"{actor_id} was deactivated; it gets no tokens")
         pub = Ed25519PublicKey.from_public_bytes(b64d(principal["sign_pub"]))
         try:
             claims = jwt.decode(assertion, pub, algorithms=["EdDSA"], audience=self.token_url,
@@ -144,6 +109,9 @@ class Authenticator:
         principal = st.principal(self.state, identity.id)
         if principal is None or b64d(principal["sign_pub"]) != identity.sign_public:
             raise Unauthenticated(f"{identity.id} is not registered with this key")
+        problem = standing_problem(principal, identity.id, _keys_v(principal))
+        if problem is not None:
+            raise Unauthenticated(problem)
         return self._open_session(principal, parse_scopes(scope, _kind(principal)), identity)
 
     def _open_session(self, principal: dict[str, object], scopes: frozenset[str],
@@ -152,7 +120,7 @@ class Authenticator:
         org = str(principal["id"]) if kind == "org" else str(principal["org"])
         role = principal.get("role")
         session = Session(str(principal["id"]), kind, str(role) if role else None, org, scopes,
-                          self.clock() + self.ttl_s, identity)
+                          self.clock() + self.ttl_s, identity, _keys_v(principal))
         token = b64e(os.urandom(32))
         self.sessions[token] = session
         return token, session
@@ -166,7 +134,16 @@ class Authenticator:
         if session.expires_s <= self.clock():
             del self.sessions[token]
             raise Unauthenticated("bearer token has expired; request a new one at /auth/token")
+        problem = standing_problem(st.principal(self.state, session.actor_id), session.actor_id,
+                                   session.keys_v)
+        if problem is not None:  # deactivated, left, or re-keyed since: refused at once
+            del self.sessions[token]
+            raise Unauthenticated(problem)
         return session
+
+    def revoke(self, token: str) -> bool:
+        """Revoke a bearer token (RFC 7009); False if it was not a live token here."""
+        return self.sessions.pop(token, None) is not None
 
     def logout(self, token: str) -> None:
         self.sessions.pop(token, None)
@@ -186,6 +163,25 @@ class _MemoryJti:
             return False
         self.seen[jti] = exp
         return True
+
+
+def standing_problem(principal: dict[str, Any] | None, who: str, keys_v: int) -> str | None:
+    """Why ``who`` may no longer act (checked on every request): gone, deactivated, no
+    longer an active member, or its keys rotated since its token was issued (under key
+    version ``keys_v``). None while it is in good standing."""
+    if principal is None:
+        return f"{who} is no longer registered"
+    if principal.get("kind") == "org" and principal.get("status") != "active":
+        return f"organisation {who} is no longer an active member"
+    if not st.is_active(principal):
+        return f"{who} was deactivated; its tokens no longer work"
+    if _keys_v(principal) != keys_v:
+        return f"the keys of {who} were rotated; authenticate again with the new key"
+    return None
+
+
+def _keys_v(principal: dict[str, Any]) -> int:
+    return int(principal.get("keys_v") or 0)
 
 
 def _kind(principal: dict[str, object]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from medledger.crypto import envelope
@@ -111,3 +111,20 @@ def rewrap_key(blob: bytes, reader_id: str, reader_private: bytes,
     if wrapped is None:
         raise Forbidden(f"the data key is not wrapped to {reader_id}")
     return envelope.wrap_key(envelope.unwrap_key(wrapped, reader_private), new_reader_public)
+
+
+def open_any(chain: str, meta: Mapping[str, Any], blob: bytes, reader_id: str,
+             privates: Sequence[bytes], rewrapped: Sequence[bytes] = ()) -> dict[str, Any]:
+    """Decrypt as ``reader_id`` holding any of ``privates`` (a rotated identity keeps its
+    earlier keys): the key wrapped inside the blob first, then keys re-wrapped to the
+    reader later (``record.rewrap``). Raises the last failure if none opens it."""
+    failure: Exception = Forbidden(f"{meta['type']}/{meta['id']} version {meta['v']}: its "
+                                   f"data key is not wrapped to {reader_id}")
+    inside = wrapped_key(blob, reader_id)
+    for wrapped in ([inside] if inside is not None else []) + list(rewrapped):
+        for private in privates:
+            try:
+                return open_blob(chain, meta, blob, private, wrapped)
+            except Forbidden as err:  # not this key: try the next
+                failure = err
+    raise failure

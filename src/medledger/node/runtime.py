@@ -15,6 +15,9 @@ from multiprocessing import get_context
 from typing import Any
 
 from medledger.consensus.solo import SoloProducer
+from medledger.core import state as st
+from medledger.crypto import keys
+from medledger.crypto.canonical import b64e, loads
 from medledger.errors import InvalidInput, Unauthenticated
 from medledger.node.home import Home
 from medledger.node.ledger_app import LedgerApp
@@ -38,8 +41,30 @@ def open_node(home_path: str, password: str) -> Node:
     if org.id != config.org_id:
         raise InvalidInput(f"keystore is for {org.id}, config says {config.org_id}")
     store = SqliteStore(home.db_path)
+    org = settle_org_rotation(home, store, org, password)
     app = LedgerApp(store, config.chain)
-    return Node(home, config, store, app, org)
+    node = Node(home, config, store, app, org)
+    n = int(loads(home.org_keystore.read_bytes())["kdf"]["n"])
+    node.seal_org = lambda identity: keys.lock(identity, password, n)
+    return node
+
+
+def settle_org_rotation(home: Home, store: SqliteStore, org: keys.Identity,
+                        password: str) -> keys.Identity:
+    """A key rotation interrupted between its commit and the keystore swap: adopt the
+    pending keystore if the ledger has its keys, else drop it."""
+    pending = home.org_keystore.with_name("org.next.json")
+    if not pending.exists():
+        return org
+    new = keys.load_keystore(pending, password)
+    entry = st.org(store, org.id)
+    if entry is not None and entry["sign_pub"] == b64e(new.sign_public):
+        pending.replace(home.org_keystore)
+        log.warning("adopted the rotated keys of %s (rotation committed before a restart)",
+                    org.id)
+        return new
+    pending.unlink()
+    return org
 
 
 class NodeRuntime:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, Protocol
 
-from medledger.core import policy
+from medledger.core import policy, proofs
 from medledger.core import state as st
 from medledger.core.machine import MAX_BATCH_OPS
 from medledger.core.tx import decode_tx, make_tx
@@ -52,10 +52,10 @@ from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import onboarding, recovery, shares
 from medledger.node.audit import Auditor
-from medledger.node.auth import Authenticator, Session, scope_allows
+from medledger.node.auth import Authenticator, Session
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
-from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
+from medledger.node.records import open_any, rewrap_key, seal_record
 from medledger.node.replica import Replicator
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
@@ -103,9 +103,17 @@ class Prepared(NamedTuple):
 
 @dataclass(frozen=True)
 class Withheld:
-    ref: str
+    ref: str  # "" when the caller may not learn which record (counted, not named)
     category: str
     reason: str
+
+
+def withheld_notice(meta: dict[str, Any], decision: policy.Decision) -> Withheld:
+    """What a searcher learns about a matching record they may not read: the one place
+    that decides it (``policy.withheld_view``: named only to those who may see the
+    patient; everyone else gets a count and a generic message)."""
+    view = policy.withheld_view(meta, decision)
+    return Withheld(*view) if view else Withheld("", "", policy.WITHHELD_GENERIC)
 
 
 class SearchResult(NamedTuple):
@@ -118,6 +126,7 @@ def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+LOGIN_FAILED = "wrong password, or no such user at this node"
 ANCHOR_MAX_BYTES = 512 * 1024
 STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
 # Resource types outside every patient compartment: directory records (ADR 5).
@@ -150,7 +159,7 @@ class Node:
         self.submitter: Submitter | None = None
         self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
                                   clock, store.use_assertion)
-        self.auditor = Auditor(store, org.id, clock, org.enc_private)
+        self.auditor = Auditor(store, org.id, clock, org.secret_root)
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
@@ -158,6 +167,11 @@ class Node:
         self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
+        # locks a rotated organisation identity into keystore bytes (``open_node`` passes
+        # one that holds the keystore password); None: keys cannot be rotated here
+        self.seal_org: Callable[[keys.Identity], bytes] | None = None
+        self._jobs: set[asyncio.Task[Any]] = set()
+        app.on_commit.append(self.on_commit_keys)
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -184,18 +198,30 @@ class Node:
             raise error_for(committed.code, committed.log)
         return committed
 
-    def _actor(self, session: Session) -> dict[str, Any]:
-        entry = st.actor(self.store, session.actor_id)
+    def _caller(self, session: Session) -> policy.Caller:
+        """The session's principal as the ledger has it now, with the token's scopes:
+        what every ``core.policy`` decision is asked about."""
+        entry = st.principal(self.store, session.actor_id)
         if entry is None:
-            if session.kind == "org":
-                return {"id": session.actor_id, "kind": "org", "org": session.actor_id}
             raise Unauthenticated(f"{session.actor_id} is no longer registered")
-        return entry
+        return policy.Caller(entry, session.scopes)
 
-    def _need_scope(self, session: Session, rtype: str, interaction: str) -> None:
-        if not scope_allows(session.scopes, rtype, interaction):
-            raise Forbidden(f"token scopes ({' '.join(sorted(session.scopes))}) do not allow "
-                            f"'{interaction}' on {rtype}")
+    def _allowed(self, session: Session, decision: policy.Decision, subtype: str,
+                 patient: str | None, entity: Iterable[str] = ()) -> policy.Decision:
+        """``decision`` if it allows; else audit the denial (in the patient's log, with the
+        full reason) and raise it — naming the rule only to a caller who may see the
+        patient (``Decision.disclose``), a generic refusal to anyone else."""
+        if decision.allowed:
+            return decision
+        raise self._deny(session, subtype, patient, list(entity), decision.reason,
+                         shown=decision.reason if decision.disclose else policy.NOT_VISIBLE)
+
+    def _need_scope(self, session: Session, rtype: str, interaction: str,
+                    subtype: str = "search") -> None:
+        """The token must allow ``interaction`` on ``rtype`` (``policy.decide_interaction``;
+        kept for callers outside this module, e.g. the search package)."""
+        self._allowed(session, policy.decide_interaction(self._caller(session), rtype,
+                                                         interaction), subtype, None)
 
     def _audit(self, session: Session, subtype: str, patient: str | None, entity: list[str],
                outcome: str = "0", **kw: Any) -> dict[str, Any]:
@@ -206,10 +232,10 @@ class Node:
         return ev
 
     def _deny(self, session: Session, subtype: str, patient: str | None, entity: list[str],
-              reason: str) -> Forbidden:
+              reason: str, shown: str | None = None) -> Forbidden:
         self._audit(session, subtype, patient, entity, outcome="4", reason=reason,
                     basis="denied")
-        return Forbidden(reason)
+        return Forbidden(reason if shown is None else shown)
 
     def readers_for(self, patient: str | None) -> dict[str, bytes]:
         """Who a new version's data key is wrapped to: the member orgs and the patient
@@ -238,10 +264,11 @@ class Node:
         await self.replica.ensure(metas)
 
     def decrypt(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Open a version as this node's organisation (callers decide policy first)."""
+        """Open a version as this node's organisation (callers decide policy first), with
+        its current key or one it held before a rotation."""
         blob = self.blob_of(meta)
         if self.org.id in meta["readers"]:
-            return open_as(self.chain, meta, blob, self.org.id, self.org.enc_private)
+            return open_any(self.chain, meta, blob, self.org.id, self.org.enc_privates)
         # sealed before this organisation joined: a member may have re-wrapped the key
         failure: MedledgerError = Forbidden(
             f"{meta['type']}/{meta['id']} v{meta['v']} was sealed before {self.org.id} joined "
@@ -254,7 +281,8 @@ class Node:
                                       "not been replicated to this node yet")
                 continue
             try:
-                return open_blob(self.chain, meta, blob, self.org.enc_private, wrapped)
+                return open_any(self.chain, meta, blob, self.org.id, self.org.enc_privates,
+                                [wrapped])
             except MedledgerError as err:  # a bad wrap by one member: try the next
                 failure = err
         raise failure
@@ -262,8 +290,8 @@ class Node:
     async def rewrap_for(self, session: Session, target: str, chunk: int = 1000) -> int:
         """Wrap the data key of every record version this node can open to ``target``, an
         organisation that joined after they were sealed. Returns how many were wrapped."""
-        if session.kind != "org" or session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may re-wrap its keys")
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "re-wrap its keys"), "admin", None)
         org = st.org(self.store, target)
         if org is None or org["status"] != "active":
             raise InvalidInput(f"{target} is not an active member organisation")
@@ -277,8 +305,7 @@ class Node:
             if any(True for _ in self.store.scan(
                     f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{target}/")):
                 continue
-            wrapped = rewrap_key(self.blob_of(meta), self.org.id, self.org.enc_private,
-                                 target_pub)
+            wrapped = self._rewrap(meta, target_pub)
             self.blobs.put([(blob_hash(wrapped), wrapped)],
                            pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{target}")
             items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
@@ -286,6 +313,17 @@ class Node:
         for part in iter_chunks(items, chunk):
             await self.submit(self.org, "record.rewrap", {"items": part})
         return len(items)
+
+    def _rewrap(self, meta: dict[str, Any], target_pub: bytes) -> bytes:
+        """A version's data key (held inside its blob for this organisation) wrapped to
+        another X25519 key; tried with every key this organisation has held."""
+        failure: MedledgerError = Forbidden(f"{meta['type']}/{meta['id']} cannot be opened")
+        for private in self.org.enc_privates:
+            try:
+                return rewrap_key(self.blob_of(meta), self.org.id, private, target_pub)
+            except Forbidden as err:
+                failure = err
+        raise failure
 
     async def validate(self, data: Any, rtype: str) -> dict[str, Any]:
         """FHIR validation (the costliest step of a write: ~0.6 ms) on the worker pool."""
@@ -301,8 +339,8 @@ class Node:
     # ------------------------------------------------------------ identities
     async def register_practitioner(self, session: Session, actor_id: str, role: str,
                                     password: str) -> keys.Identity:
-        if session.kind != "org" or session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may register its practitioners")
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "register its practitioners"), "admin", None)
         if role not in policy.ROLES:
             raise InvalidInput(f"role must be one of {', '.join(policy.ROLES)}")
         identity = keys.new_identity(actor_id, "practitioner", {"role": role})
@@ -319,11 +357,13 @@ class Node:
         return body
 
     def login(self, actor_id: str, password: str) -> tuple[str, Session]:
-        path = self.home.user_keystore(actor_id)
-        if not path.exists():
-            raise Unauthenticated(f"{actor_id} is not enrolled at this node; use your key file "
-                                  "(SMART backend services) instead")
-        return self.auth.login(keys.load_keystore(path, password))
+        """Password login (the portal): one answer for an unknown id, a wrong password and
+        a deactivated or re-keyed user (no enrolment oracle)."""
+        path = self.home.user_keystore(actor_id)  # a malformed id is a 400, not a guess
+        try:
+            return self.auth.login(keys.load_keystore(path, password))
+        except (Unauthenticated, InvalidInput):
+            raise Unauthenticated(LOGIN_FAILED) from None
 
     # ------------------------------------------------------------ patients and $match
     def known_patients(self) -> list[dict[str, Any]]:
@@ -339,22 +379,29 @@ class Node:
 
     def match_patients(self, session: Session, resource: dict[str, Any], only_certain: bool,
                        count: int | None) -> list[tuple[dict[str, Any], match.MatchResult]]:
-        if session.kind != "practitioner":
-            raise Forbidden("only practitioners may search the patient index")
-        self._need_scope(session, "Patient", "s")
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_match(caller), "match", None)
         candidate = parse_resource(resource, "Patient")
         found = match.find_matches(candidate, self.known_patients(), only_certain, count)
         visible = []
         for p, r in found:  # only patients whose demographics this practitioner may read
             meta = st.record_head(self.store, "Patient", str(p["id"]))
-            if meta is not None and self._decide(session, meta, None).allowed:
+            if meta is None:
+                continue
+            decision = policy.decide_record(self.store, caller, meta, self.now_s)
+            if decision.allowed:
                 visible.append((dict(p), r))
-                self._audit(session, "match", str(p["id"]), [_ref(meta)],
-                            detail=f"$match candidate ({r.grade})")
+            self._audit(session, "match", str(p["id"]), [_ref(meta)],
+                        outcome="0" if decision.allowed else "4",
+                        detail=f"$match candidate ({r.grade})"
+                        + ("" if decision.allowed else ": withheld from the caller"))
         return visible
 
-    def _duplicate_check(self, resource: dict[str, Any]) -> tuple[str | None, str]:
-        """Raise ``Conflict`` on a certain match not linked by the client; flag probables."""
+    def _duplicate_check(self, session: Session, resource: dict[str, Any]
+                         ) -> tuple[str | None, str]:
+        """Raise ``Conflict`` on a certain match not linked by the client; flag probables.
+        Each match is told the registrar as ``duplicate_notice`` allows, and audited in
+        the matched patient's access log."""
         linked = {str(link.get("other", {}).get("reference", "")).removeprefix("Patient/")
                   for link in resource.get("link", [])}
         warning = None
@@ -362,12 +409,31 @@ class Node:
             if existing.get("id") == resource.get("id") or existing.get("id") in linked:
                 continue
             if result.grade == "certain":
-                raise Conflict(f"this patient is already registered as Patient/{existing['id']} "
-                               "(certain match); link to it with Patient.link or update it "
-                               "instead")
+                raise Conflict(self.duplicate_notice(session, str(existing["id"]), "certain"))
             if result.grade == "probable" and warning is None:
-                warning = str(existing["id"])
-        return warning, "" if warning is None else f"probable duplicate of Patient/{warning}"
+                warning = self.duplicate_notice(session, str(existing["id"]), "probable")
+        return warning, warning or ""
+
+    def duplicate_notice(self, session: Session, existing: str, grade: str) -> str:
+        """What a registrar is told about an already registered patient its new one matches:
+        the id only if it may see that patient, else that one exists. Audited in that
+        patient's log either way (a registration is a probe)."""
+        caller = self._caller(session)
+        visible = policy.may_see_patient(self.store, caller.actor, existing, self.now_s)
+        self._audit(session, "register", existing, [f"Patient/{existing}"],
+                    outcome="4" if grade == "certain" else "0",
+                    detail=f"registration matched this patient ({grade} match); "
+                    + ("id shown to the registrar" if visible else "id not shown"))
+        if grade == "probable":
+            return ("probable duplicate of Patient/" + existing if visible else
+                    "probable duplicate of a patient registered in the network (not visible "
+                    "to you; ask the patient, or their provider, to link the records)")
+        if visible:
+            return (f"this patient is already registered as Patient/{existing} (certain "
+                    "match); link to it with Patient.link or update it instead")
+        return ("a patient with these demographics is already registered in the network "
+                "(certain match) and is not visible to you; ask the patient for a consent, "
+                "or their provider to link the records, instead of registering them again")
 
     async def _patient_ops(self, resource: dict[str, Any], password: str | None
                            ) -> tuple[list[dict[str, Any]], keys.Identity, str]:
@@ -391,17 +457,10 @@ class Node:
     def _writer_of(self, session: Session) -> tuple[dict[str, Any], policy.Role]:
         """(writer entry, role) a write is judged by: a practitioner of this node's
         organisation, or the organisation itself (bulk import)."""
-        if session.kind == "org" and session.actor_id == self.org.id:
-            return policy.org_writer(self.org.id), policy.SYSTEM
-        if session.kind == "practitioner" and session.org == self.org.id:
-            actor = self._actor(session)
-            role = policy.ROLES.get(str(actor.get("role")))
-            if role is not None:
-                return actor, role
-        if session.kind == "patient":
-            raise Forbidden("patients contribute data through their provider in this version")
-        raise Forbidden(f"{session.actor_id} writes through the node of its own organisation "
-                        f"({session.org}); this node co-signs only {self.org.id}'s writes")
+        writer = policy.decide_writer(self._caller(session), self.org.id)
+        if not writer.decision.allowed or writer.entry is None or writer.role is None:
+            raise Forbidden(writer.decision.reason)
+        return writer.entry, writer.role
 
     def _record_kind(self, resource: dict[str, Any], patient: str | None
                      ) -> tuple[str | None, str, list[str]]:
@@ -517,20 +576,21 @@ class Node:
                            if_match: int | None = None, password: str | None = None,
                            break_glass: str | None = None) -> Stored:
         """Create (``rid`` None) or update a record; identical content makes no new version."""
-        self._need_scope(session, rtype, "c" if rid is None else "u")
+        new = rid is None or st.record_head(self.store, rtype, rid) is None
+        self._allowed(session, policy.decide_write_scope(self._caller(session), rtype, new),
+                      "create" if new else "update", None)
         self._writer_of(session)
         resource = await self.validate(data, rtype)
         if rid is not None and resource.get("id") not in (None, rid):
             raise InvalidInput(f"resource id {resource.get('id')!r} does not match the URL id "
                                f"{rid!r}")
-        new = rid is None or st.record_head(self.store, rtype, rid) is None
         rid = rid or str(uuid.uuid4())
         ops: list[dict[str, Any]] = []
         warning, detail, patient_key, secret = None, "", None, None
         if rtype == "Patient" and new:
             resource["id"] = rid
             self._authorise_registration(session)
-            warning, detail = self._duplicate_check(resource)
+            warning, detail = self._duplicate_check(session, resource)
             ops, identity, secret = await self._patient_ops(resource, password)
             patient_key = identity.enc_public
         try:
@@ -577,15 +637,14 @@ class Node:
     def _authorise_registration(self, session: Session) -> None:
         """Registering a patient: this node's organisation, or its staff who may write
         demographics."""
-        writer, role = self._writer_of(session)
-        if not policy.may_write(role, "demographics"):
-            raise self._deny(session, "register", None, [],
-                             f"{writer['id']} ({role.name}) may not register patients")
+        self._allowed(session, policy.decide_registration(self._caller(session), self.org.id),
+                      "register", None)
 
     async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
         """Load a FHIR transaction Bundle atomically (one ``batch`` tx, or a staged import
         when it is larger than a tx) or reject it whole."""
-        self._need_scope(session, "*", "c")
+        self._allowed(session, policy.decide_write_scope(self._caller(session), "*", True),
+                      "transaction", None)
         self._writer_of(session)
         plan = await self._off_loop(fbundle.plan_transaction, data, _new_uuid)
         ops: list[dict[str, Any]] = []
@@ -598,7 +657,7 @@ class Node:
                         self.store, "Patient", entry.resource_id) is None:
                     self._authorise_registration(session)
                     try:
-                        self._duplicate_check(dict(entry.resource))
+                        self._duplicate_check(session, dict(entry.resource))
                     except Conflict as err:
                         raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
                     reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
@@ -656,25 +715,23 @@ class Node:
     # ------------------------------------------------------------ reads
     def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
                 ) -> policy.Decision:
-        if session.kind == "org":
-            return policy.Decision(False, "denied", "organisation credentials manage the node; "
-                                   "clinical reads need a practitioner or the patient")
-        return policy.decide_read(self.store, self._actor(session), meta["patient"],
-                                  meta["category"], meta["labels"], self.now_s, break_glass)
+        """May this session read this record version (scopes, role, consent, care)?"""
+        return policy.decide_record(self.store, self._caller(session), meta, self.now_s,
+                                    break_glass)
 
     async def read(self, session: Session, rtype: str, rid: str, version: int | None = None,
                    break_glass: str | None = None) -> Stored:
-        self._need_scope(session, rtype, "r")
+        self._allowed(session, policy.decide_interaction(self._caller(session), rtype, "r"),
+                      "read" if version is None else "vread", None)
         self._check_serving()
         meta = (st.record_head(self.store, rtype, rid) if version is None
                 else st.record_version(self.store, rtype, rid, version))
         if meta is None:
             raise NotFound(f"{rtype}/{rid}" + (f" version {version}" if version else "")
                            + " does not exist")
-        decision = self._decide(session, meta, break_glass)
         subtype = "read" if version is None else "vread"
-        if not decision.allowed:
-            raise self._deny(session, subtype, meta["patient"], [_ref(meta)], decision.reason)
+        decision = self._allowed(session, self._decide(session, meta, break_glass), subtype,
+                                 meta["patient"], [_ref(meta)])
         await self.ensure_blobs([meta])
         resource = self.decrypt(meta)
         self._audit(session, subtype, meta["patient"], [_ref(meta)], basis=decision.basis,
@@ -685,28 +742,19 @@ class Node:
 
     async def history(self, session: Session, rtype: str, rid: str,
                       break_glass: str | None = None) -> list[Stored]:
-        self._need_scope(session, rtype, "r")
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_interaction(caller, rtype, "r"), "history", None)
         self._check_serving()
         versions = st.record_versions(self.store, rtype, rid)
         if not versions:
             raise NotFound(f"{rtype}/{rid} does not exist")
         head = versions[-1]
-        decision = self._decide(session, head, break_glass)
-        if not decision.allowed:
-            raise self._deny(session, "history", head["patient"], [f"{rtype}/{rid}"],
-                             decision.reason)
-        # each version is judged on its own: a record whose category or labels changed
-        # must not reveal an older, more sensitive version through its history
-        shown, hidden, erased = [], 0, 0
-        for m in reversed(versions):
-            if st.erased(m):
-                erased += 1
-            elif m is head or self._decide(session, m, break_glass).allowed:
-                shown.append(m)
-            else:
-                hidden += 1
-        await self.ensure_blobs(shown)
-        out = [Stored(self.decrypt(m), m) for m in shown]
+        view = policy.decide_history(self.store, caller, versions, self.now_s, break_glass)
+        decision = self._allowed(session, view.decision, "history", head["patient"],
+                                 [f"{rtype}/{rid}"])
+        hidden, erased = view.hidden, view.erased
+        await self.ensure_blobs(view.shown)
+        out = [Stored(self.decrypt(m), m) for m in view.shown]
         self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
                     basis=decision.basis, break_glass=decision.break_glass,
                     reason=break_glass or "", purpose="ETREAT" if decision.break_glass
@@ -719,8 +767,6 @@ class Node:
     async def search(self, session: Session, rtype: str, params: dict[str, str],
                      break_glass: str | None = None, subtype: str = "search") -> SearchResult:
         """FHIR search over the records the caller may see; denied ones are reported withheld."""
-        if rtype != "*":
-            self._need_scope(session, rtype, "s")
         self._check_serving()
         unknown = set(params) - SEARCH_PARAMS
         if unknown:
@@ -731,10 +777,10 @@ class Node:
         patient = params.get("patient") or params.get("subject")
         if patient:
             patient = patient.rsplit("/", 1)[-1]
+        caller = self._caller(session)
+        self._allowed(session, policy.decide_search(caller, rtype, patient or None), subtype,
+                      patient or None)
         if session.kind == "patient":
-            if patient and patient != session.actor_id:
-                raise self._deny(session, subtype, patient, [],
-                                 "patients may search only their own records")
             patient = session.actor_id
         if break_glass is not None and not patient:
             raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
@@ -744,12 +790,14 @@ class Node:
         decisions: dict[str, int] = {}
         bg = False
         allowed: list[tuple[dict[str, Any], policy.Decision]] = []
+        denied: list[dict[str, Any]] = []
         for meta in metas:
             if (categories and meta["category"] not in categories) or st.erased(meta):
                 continue
-            decision = self._decide(session, meta, break_glass)
+            decision = policy.decide_record(self.store, caller, meta, self.now_s, break_glass)
             if not decision.allowed:
-                withheld.append(Withheld(_ref(meta), meta["category"], decision.reason))
+                withheld.append(withheld_notice(meta, decision))
+                denied.append(meta)
                 continue
             allowed.append((meta, decision))
         await self.ensure_blobs(m for m, _ in allowed)
@@ -775,11 +823,11 @@ class Node:
                         basis=",".join(sorted(decisions)), break_glass=bg,
                         purpose="ETREAT" if bg else _purpose(session),
                         reason=break_glass or "", detail=detail)
-        else:  # a type-wide search: every patient whose records it returned sees it
-            by_patient: dict[str, list[str]] = {}
-            for stored in found:
-                if stored.meta["patient"] is not None:
-                    by_patient.setdefault(stored.meta["patient"], []).append(_ref(stored.meta))
+        else:  # a type-wide search: every patient whose records it returned or withheld
+            by_patient: dict[str, list[str]] = {}  # sees it (a withheld notice is a probe)
+            for m in [s.meta for s in found] + denied:
+                if m["patient"] is not None:
+                    by_patient.setdefault(m["patient"], []).append(_ref(m))
             for pid, refs in sorted(by_patient.items()):
                 self._audit(session, subtype, pid, refs[:50], basis=",".join(sorted(decisions)),
                             purpose=_purpose(session), detail=detail)
@@ -801,6 +849,8 @@ class Node:
 
     async def everything(self, session: Session, patient: str, break_glass: str | None = None
                          ) -> SearchResult:
+        self._allowed(session, policy.decide_everything(self._caller(session), patient),
+                      "everything", patient)
         if st.actor(self.store, patient) is None:
             raise NotFound(f"Patient/{patient} does not exist")
         return await self.search(session, "*", {"patient": patient}, break_glass, "everything")
@@ -818,21 +868,32 @@ class Node:
     async def export_sealed(self, session: Session, patient: str) -> list[dict[str, Any]]:
         """Every (not erased) record version of a patient with its sealed blob, for
         client-side decryption with the patient's own key (any node serves it)."""
-        if session.kind != "patient" or session.actor_id != patient:
-            raise self._deny(session, "export", patient, [],
-                             "only the patient may export their sealed records")
+        self._allowed(session, policy.decide_export(self._caller(session), patient), "export",
+                      patient)
         metas = [m for t, i in st.patient_records(self.store, patient)
                  for m in st.record_versions(self.store, t, i) if not st.erased(m)]
         await self.ensure_blobs(metas)
-        out = [{"meta": m, "blob": b64e(self.blob_of(m))} for m in metas]
+        out = [{"meta": m, "blob": b64e(self.blob_of(m)),
+                "rewrapped": self._rewrapped_to(m, patient)} for m in metas]
         self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
         return out
 
+    def _rewrapped_to(self, meta: dict[str, Any], reader: str) -> list[str]:
+        """The version's data key re-wrapped to ``reader`` later (e.g. after their key
+        rotation), as held here."""
+        hashes = st.rewrapped_keys(self.store, meta["type"], meta["id"], meta["v"], reader)
+        return [b64e(k) for h in hashes if (k := self.blobs.get(h)) is not None]
+
     # ------------------------------------------------------------ consent
-    def _patient_identity(self, session: Session, patient: str) -> keys.Identity:
-        if session.kind != "patient" or session.actor_id != patient:
-            raise self._deny(session, "consent", patient, [],
-                             f"only patient {patient} may change their consents")
+    def _patient_identity(self, session: Session, patient: str,
+                          decision: policy.Decision | None = None,
+                          subtype: str = "consent") -> keys.Identity:
+        """The patient's key held by their password session, once ``decision`` (default:
+        only that patient, ``policy.decide_patient_self``) allowed the act."""
+        if decision is None:
+            decision = policy.decide_patient_self(self._caller(session), patient,
+                                                  "sign with their key")
+        self._allowed(session, decision, subtype, patient)
         if session.identity is None:
             raise Forbidden("this session holds no patient key: log in with your password, or "
                             "sign the consent tx yourself and POST it to /ledger/tx")
@@ -840,7 +901,8 @@ class Node:
 
     async def put_consent(self, session: Session, rule: dict[str, Any]) -> dict[str, Any]:
         patient = str(rule.get("patient", ""))
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_consent_change(self._caller(session), patient))
         rule = {**rule, "id": rule.get("id") or str(uuid.uuid4())}
         await self.submit(identity, "consent.put", rule)
         stored = st.get_json(self.store, f"consent/{patient}/{rule['id']}")
@@ -850,7 +912,9 @@ class Node:
         return stored
 
     async def revoke_consent(self, session: Session, patient: str, cid: str) -> dict[str, Any]:
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_consent_change(self._caller(session), patient),
+            "consent-revoke")
         await self.submit(identity, "consent.revoke", {"patient": patient, "id": cid})
         self._audit(session, "consent-revoke", patient, [f"Consent/{cid}"])
         stored = st.get_json(self.store, f"consent/{patient}/{cid}")
@@ -860,17 +924,9 @@ class Node:
     def consents(self, session: Session, patient: str) -> list[dict[str, Any]]:
         """A patient's consent rules: for the patient, and for practitioners of an
         organisation caring for them (the rules themselves can reveal sensitive facts)."""
-        if session.kind == "patient" and session.actor_id != patient:
-            raise self._deny(session, "consent-read", patient, [],
-                             "patients may see only their own consents")
-        if session.kind == "practitioner":
-            self._need_scope(session, "Consent", "r")
-            if not st.has_care(self.store, patient, session.org):
-                raise self._deny(session, "consent-read", patient, [],
-                                 f"organisation {session.org} has no care relationship with "
-                                 "this patient")
-        if session.kind == "org" and session.actor_id != self.org.id:
-            raise Forbidden("only this node's organisation may read consents here")
+        self._allowed(session, policy.decide_consent_read(self.store, self._caller(session),
+                                                          patient, self.org.id),
+                      "consent-read", patient)
         rules = st.consents(self.store, patient)
         self._audit(session, "consent-read", patient, [f"Consent/{r['id']}" for r in rules])
         return rules
@@ -878,11 +934,8 @@ class Node:
     # ------------------------------------------------------------ audit
     def audit_log(self, session: Session, patient: str, since: str = "", count: int = 100
                   ) -> list[tuple[dict[str, Any], int | None]]:
-        if not (session.kind == "patient" and session.actor_id == patient) and not (
-                session.kind == "org" and session.actor_id == self.org.id):
-            raise self._deny(session, "audit-read", patient, [],
-                             "only the patient (or a node's organisation) may read the "
-                             "patient's access log")
+        self._allowed(session, policy.decide_audit_read(self._caller(session), patient,
+                                                        self.org.id), "audit-read", patient)
         if not 1 <= count <= 1000:
             raise InvalidInput("_count must be between 1 and 1000")
         rows = self.store.audit_for_patient(patient, since, count)
@@ -896,15 +949,24 @@ class Node:
 
     def _epoch_key(self, node: str, epoch: str) -> bytes | None:
         if node == self.org.id:
-            return freetext.epoch_key(self.org.enc_private, epoch)
+            return freetext.epoch_key(self.org.secret_root, epoch)
         cached = self._epoch_keys.get((node, epoch))
         if cached is None:
             wrapped = (st.get_json(self.store, f"akey/{node}/{epoch}") or {}).get(self.org.id)
             if wrapped is None:
                 return None
-            cached = envelope.unwrap_key(b64d(wrapped), self.org.enc_private)
+            cached = self._unwrap_any(b64d(wrapped))
             self._epoch_keys[(node, epoch)] = cached
         return cached
+
+    def _unwrap_any(self, wrapped: bytes) -> bytes:
+        """A key wrapped to this organisation, with any key it has held (rotations)."""
+        for private in self.org.enc_privates[:-1]:
+            try:
+                return envelope.unwrap_key(wrapped, private)
+            except Forbidden:
+                continue
+        return envelope.unwrap_key(wrapped, self.org.enc_privates[-1])
 
     async def anchor_pending(self) -> int:
         """Anchor this node's unanchored audit events on the ledger (one tx)."""
@@ -932,7 +994,7 @@ class Node:
         for epoch in sorted(epochs):
             if self.store.get(f"akey/{self.org.id}/{epoch}") is not None:
                 continue
-            key = freetext.epoch_key(self.org.enc_private, epoch)
+            key = freetext.epoch_key(self.org.secret_root, epoch)
             out[epoch] = {o["id"]: b64e(envelope.wrap_key(key, b64d(o["enc_pub"])))
                           for o in members}
         return out
@@ -950,18 +1012,20 @@ class Node:
     # ------------------------------------------------------------ share links
     @property
     def _passcode_key(self) -> bytes:
-        return derive_key(self.org.enc_private, "shl passcode verifier v1")
+        return derive_key(self.org.secret_root, "shl passcode verifier v1")
 
     @property
     def _local_text_key(self) -> bytes:
-        return derive_key(self.org.enc_private, "node-local free text v1")
+        return derive_key(self.org.secret_root, "node-local free text v1")
 
     async def create_share(self, session: Session, selection: dict[str, Any],
                            exp: int | None, passcode: str | None, label: str,
                            recipient: str = "") -> tuple[str, dict[str, Any]]:
         """A share link made here with the patient's session key (the portal)."""
         patient = session.actor_id
-        identity = self._patient_identity(session, patient)
+        identity = self._patient_identity(
+            session, patient, policy.decide_share_create(self._caller(session), patient,
+                                                         patient), "share-create")
         if exp is not None and exp <= self.now_s:
             raise InvalidInput("the share's expiry must be in the future")
         shares.check_share_text(passcode, label, recipient)
@@ -983,10 +1047,11 @@ class Node:
         """Keep a share's payload here (JWE, passcode verifier, sealed label/recipient),
         then submit its ``share.create`` tx signed by the patient (portal or CLI)."""
         tx = decode_tx(raw_tx)
-        if tx.kind != "share.create" or session.kind != "patient" or \
-                tx.signer != session.actor_id:
-            raise self._deny(session, "share-create", session.actor_id, [],
-                             "a share link is published by its patient, signed with their key")
+        if tx.kind != "share.create":
+            raise InvalidInput(f"expected a share.create tx, not {tx.kind}")
+        self._allowed(session, policy.decide_share_create(
+            self._caller(session), str(tx.body.get("patient")), tx.signer), "share-create",
+            session.actor_id if session.kind == "patient" else None)
         shares.check_share_text(passcode, label, recipient)
         body = tx.body
         if body.get("node") != self.org.id:
@@ -1029,7 +1094,9 @@ class Node:
         grant = st.share(self.store, share_id)
         if grant is None:
             raise NotFound(f"no share {share_id}")
-        identity = self._patient_identity(session, grant["patient"])
+        identity = self._patient_identity(
+            session, grant["patient"], policy.decide_share_manage(self._caller(session), grant),
+            "share-revoke")
         await self.submit(identity, "share.revoke", {"id": share_id})
         self._audit(session, "share-revoke", grant["patient"], [], detail=share_id[:8])
         revoked = st.share(self.store, share_id)
@@ -1037,8 +1104,9 @@ class Node:
         return self._share_view(revoked)
 
     def shares(self, session: Session) -> list[dict[str, Any]]:
-        if session.kind != "patient":
-            raise Forbidden("only patients have share links")
+        decision = policy.decide_share_list(self._caller(session))
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
         return [self._share_view(g) for g in st.shares_of(self.store, session.actor_id)]
 
     async def open_share(self, share_id: str, recipient: str, passcode: str | None
@@ -1060,14 +1128,7 @@ class Node:
                                     basis=f"share:{share_id[:8]}", detail=recipient)
             self.auditor.record(ev)
 
-        if grant["revoked"]:
-            audit("4", "share link was revoked" if grant.get("revoked_reason") != "erased"
-                  else "shared records were erased")
-            raise Gone("this share link was revoked")
-        if grant["exp"] is not None and grant["exp"] <= self.now_s:
-            self.blobs.drop_shares([share_id])
-            audit("4", "share link expired")
-            raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
+        self._share_open_or_gone(grant, audit)
         stored = self.blobs.share(share_id)
         if stored is None or not stored[0]:
             audit("4", "share payload no longer held")
@@ -1085,13 +1146,25 @@ class Node:
         return {"files": [{"contentType": "application/fhir+json",
                            "embedded": jwe.decode("ascii")}]}
 
+    def _share_open_or_gone(self, grant: dict[str, Any],
+                            audit: Callable[[str, str], None]) -> None:
+        """Refuse (audited, 410) a link the ledger says is revoked, expired or locked; an
+        expired link's payload is dropped here at once."""
+        decision = policy.decide_share_open(grant, self.now_s)
+        if decision.allowed:
+            return
+        audit("4", decision.reason)
+        if decision.basis == "expired":
+            self.blobs.drop_shares([grant["id"]])
+            raise Gone(f"this share link expired at {iso(grant['exp'] * 10**9)}")
+        raise Gone("this share link is locked after too many wrong passcodes"
+                   if decision.basis == "locked" else "this share link was revoked")
+
     async def _check_passcode(self, share_id: str, passcode: str, verifier: bytes | None,
                               audit: Callable[[str, str], None]) -> None:
         grant = st.share(self.store, share_id)  # re-read under the lock: counts committed
         assert grant is not None
-        if grant["attempts_left"] is not None and grant["attempts_left"] <= 0:
-            audit("4", "share link locked after too many wrong passcodes")
-            raise Gone("this share link is locked after too many wrong passcodes")
+        self._share_open_or_gone(grant, audit)
         expected = shares.passcode_verifier(self._passcode_key, share_id, passcode)
         if verifier is None or not hmac.compare_digest(expected, verifier):
             await self.submit(self.org, "share.attempt", {"id": share_id})
@@ -1103,10 +1176,122 @@ class Node:
     def serve_blobs(self, session: Session, hashes: list[str]) -> dict[str, bytes]:
         """Sealed blobs for a member organisation's node (replication, ADR 4)."""
         self._check_serving()
-        org = st.org(self.store, session.actor_id) if session.kind == "org" else None
-        if org is None or org["status"] != "active" or session.actor_id == self.org.id:
-            raise Forbidden("sealed blobs are served to other member organisations' nodes only")
+        decision = policy.decide_blob_serving(self._caller(session), self.org.id)
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
         return self.replica.serve(hashes)
+
+    # ------------------------------------------------------------ revocation
+    async def deactivate(self, session: Session, actor_id: str, reason: str
+                         ) -> dict[str, Any]:
+        """Remove a practitioner of this organisation (left, key stolen, ...): this
+        organisation signs ``actor.deactivate``; from the next block its key signs
+        nothing and every node refuses its tokens at the next request."""
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "remove its practitioners"), "admin", None)
+        target = st.actor(self.store, actor_id)
+        if target is None or target["org"] != self.org.id:
+            raise NotFound(f"{actor_id} is not registered by {self.org.id}")
+        await self.submit(self.org, "actor.deactivate", {"id": actor_id, "reason": reason})
+        entry = st.actor(self.store, actor_id)
+        assert entry is not None
+        self._audit(session, "deactivate", actor_id if entry["kind"] == "patient" else None,
+                    [f"{'Patient' if entry['kind'] == 'patient' else 'Practitioner'}/"
+                     f"{actor_id}"], detail=f"deactivated ({reason})")
+        return entry
+
+    async def rotate_org_keys(self, session: Session) -> dict[str, Any]:
+        """New signing and encryption keys for this organisation (``key.rotate`` signed
+        with the old ones). The keystore keeps the old encryption keys, so what was sealed
+        to them still opens; the new keystore is written before the tx is submitted and
+        takes the old one's place once the rotation is committed."""
+        self._allowed(session, policy.decide_node_admin(
+            self._caller(session), self.org.id, "rotate its keys"), "admin", None)
+        if self.seal_org is None:
+            raise Unavailable("this node was opened without its keystore password; restart it "
+                              "with `medledger node start` to rotate its keys")
+        new = keys.rotated(self.org)
+        pending = self.home.org_keystore.with_name("org.next.json")
+        _write_private(pending, self.seal_org(new))
+        try:
+            await self.submit(self.org, "key.rotate", {
+                "id": self.org.id, "sign_pub": b64e(new.sign_public),
+                "enc_pub": b64e(new.enc_public)})
+        except MedledgerError:
+            pending.unlink(missing_ok=True)
+            raise
+        pending.replace(self.home.org_keystore)
+        self.org = new
+        self._audit(session, "key-rotate", None, [f"Organization/{new.id}"],
+                    detail="organisation keys rotated")
+        entry = st.org(self.store, new.id)
+        assert entry is not None
+        return {"id": new.id, "keys_v": entry.get("keys_v", 0), "sign_pub": entry["sign_pub"],
+                "enc_pub": entry["enc_pub"]}
+
+    def replace_keystore(self, session: Session, data: bytes) -> None:
+        """A user who rotated their key (``medledger key rotate``) replaces the copy of
+        their keystore this node holds for password logins. The token proves the new key;
+        the keystore stays locked with the user's password (never seen here)."""
+        path = self.home.user_keystore(session.actor_id)
+        if session.kind == "org" or not path.exists():
+            raise NotFound("this node holds no keystore for you")
+        doc = loads(data)
+        if not isinstance(doc, dict) or doc.get("version") != keys.KEYSTORE_VERSION or \
+                doc.get("id") != session.actor_id or not {"kdf", "nonce", "ciphertext"} <= set(doc):
+            raise InvalidInput("expected your own medledger keystore (JSON, as written by "
+                               "`medledger key rotate`)")
+        _write_private(path, data)
+        self._audit(session, "key-rotate", session.actor_id if session.kind == "patient"
+                    else None, [], detail="keystore held at this node replaced")
+
+    def on_commit_keys(self, applied: Any, txs: tuple[bytes, ...]) -> None:
+        """Commit listener: when a patient's keys were rotated, re-wrap (in the background)
+        the data keys of the record versions this organisation wrote for them to their new
+        key, so the new key opens their records from any node."""
+        for key, raw in applied.writes.items():
+            if not key.startswith("keyhist/") or raw is None:
+                continue
+            actor = st.actor(self.store, key.split("/")[1])
+            if actor is not None and actor["kind"] == "patient":
+                self._background(self.rewrap_for_patient(actor["id"],
+                                                         int(loads(raw)["until_ns"])))
+
+    def _background(self, job: Any) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(job)
+        except RuntimeError:  # no loop (offline tools): nothing runs in the background
+            job.close()
+            return
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def rewrap_for_patient(self, patient: str, before_ns: int, chunk: int = 1000) -> int:
+        """Wrap to ``patient``'s current key the data keys of every version this
+        organisation wrote for them before ``before_ns`` (their key rotation)."""
+        entry = st.actor(self.store, patient)
+        if entry is None:
+            return 0
+        target = b64d(entry["enc_pub"])
+        metas = [m for t, i in st.patient_records(self.store, patient)
+                 for m in st.record_versions(self.store, t, i)
+                 if m["org"] == self.org.id and m["time_ns"] < before_ns and not st.erased(m)
+                 and self.org.id in m["readers"]]
+        items = []
+        try:
+            await self.ensure_blobs(metas)
+            for meta in metas:
+                wrapped = self._rewrap(meta, target)
+                self.blobs.put([(blob_hash(wrapped), wrapped)],
+                               pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{patient}")
+                items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
+                              "reader": patient, "key": blob_hash(wrapped)})
+            for part in iter_chunks(items, chunk):
+                await self.submit(self.org, "record.rewrap", {"items": part})
+        except MedledgerError as err:
+            log.warning("re-wrapping %s's records to their new key failed: %s", patient, err)
+            return 0
+        return len(items)
 
     # ------------------------------------------------------------ erasure
     async def erase(self, session: Session, patient: str, scope: dict[str, Any],
@@ -1130,18 +1315,90 @@ class Node:
                     detail=f"{entry['versions']} versions erased ({basis})")
         return entry
 
-    # ------------------------------------------------------------ ledger
+    # ------------------------------------------------------------ ledger (members only)
     def _check_serving(self) -> None:
         if self.integrity_failure:
             raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
         if self.catching_up:
             raise Unavailable(f"not serving content yet: {self.catching_up}")
 
+    def _ledger_decision(self, decision: policy.Decision) -> None:
+        if not decision.allowed:
+            raise Forbidden(decision.reason)
+
+    def ledger_block(self, session: Session, height: int) -> dict[str, Any]:
+        """A block: its header and txs (hash, code, log) for members; its header for any
+        other active principal (to cross-check a proof's header at a second node)."""
+        decision = policy.decide_block(self._caller(session))
+        self._ledger_decision(decision)
+        header = self.store.block(height) if 0 < height <= self.store.height else None
+        if header is None:
+            raise NotFound(f"no block at height {height}")
+        if decision.basis != "member":
+            return {"header": header}
+        return {"header": header, "txs": [{"hash": h.hex(), "code": c, "log": lg}
+                                          for _, h, _, c, lg in self.store.block_txs(height)]}
+
+    def ledger_tx_proof(self, session: Session, tx_hash: bytes) -> dict[str, Any]:
+        """A tx with its inclusion proof: members; a patient for a tx about them alone."""
+        caller = self._caller(session)
+        if not policy.is_member(caller) and caller.kind != "patient":
+            raise Forbidden(policy.MEMBERS_ONLY)  # before the lookup: no existence oracle
+        found = self.store.tx(tx_hash)
+        if found is None:
+            raise NotFound(f"no tx {tx_hash.hex()}")
+        height, idx, raw = found[0], found[1], found[2]
+        try:
+            tx = decode_tx(raw)
+            kind, signer, body = tx.kind, tx.signer, tx.body
+        except MedledgerError:  # a refused, malformed tx: about nobody in particular
+            kind, signer, body = "", "", {}
+        self._ledger_decision(policy.decide_tx_proof(self.store, caller, kind, signer, body))
+        header = self.store.block(height)
+        assert header is not None
+        leaves = [r for _, _, r, _, _ in self.store.block_txs(height)]
+        return proofs.make_proof("tx", header, leaves, idx)
+
+    def ledger_audit_proof(self, session: Session, event_id: str) -> dict[str, Any]:
+        """An anchored audit event with its proof: members, and the patient it is about."""
+        caller = self._caller(session)
+        if not policy.is_member(caller) and caller.kind != "patient":
+            raise Forbidden(policy.MEMBERS_ONLY)
+        found = self.store.audit_event(event_id)
+        if found is None:
+            raise NotFound(f"audit event {event_id} is not anchored yet (or does not exist)")
+        height, leaf, event = found
+        self._ledger_decision(policy.decide_audit_proof(caller, loads(event)))
+        header = self.store.block(height)
+        assert header is not None
+        return proofs.make_proof("audit", header, self.store.audit_leaves(height), leaf)
+
+    def ledger_orgs(self, session: Session | None) -> list[dict[str, Any]]:
+        """The organisations: in full for members, their public view for anyone else."""
+        member = session is not None and policy.is_member(self._caller(session))
+        return [policy.org_view(loads(v), member) for _, v in self.store.scan("org/")]
+
+    async def submit_client_tx(self, session: Session, raw: bytes) -> Any:
+        """``POST /ledger/tx``: a tx its signer signed client-side, submitted by the signer
+        (or relayed by a member organisation), so a refusal reaches only them."""
+        tx = decode_tx(raw)
+        self._ledger_decision(policy.decide_tx_submission(self._caller(session), tx.signer,
+                                                          tx.kind))
+        return await self.submit_raw(raw)
+
 
 class WrongPasscode(Unauthenticated):
     def __init__(self, remaining: int, message: str = "wrong passcode") -> None:
         super().__init__(f"{message}; {remaining} attempts left")
         self.remaining = remaining
+
+
+def _write_private(path: Any, data: bytes) -> None:
+    """Write a keystore atomically, readable by this user only."""
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
 
 
 def _new_uuid() -> str:
