@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from medledger.core import policy
 from medledger.core import state as st
 from medledger.core.machine import MAX_BATCH_OPS
 from medledger.core.tx import decode_tx, make_tx
-from medledger.crypto import envelope, freetext, keys
+from medledger.crypto import envelope, freetext, keys, localseal
 from medledger.crypto.canonical import b64d, b64e, canonical, loads, sha256
 from medledger.crypto.kdf import derive_key
 from medledger.errors import (
@@ -52,7 +53,7 @@ from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import shares
 from medledger.node.audit import Auditor
-from medledger.node.auth import Authenticator, Session, scope_allows
+from medledger.node.auth import LOGIN_FAILED, Authenticator, LoginGuard, Session, scope_allows
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
@@ -147,9 +148,12 @@ class Node:
         app.on_commit.append(self.replica.on_commit)
         self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
-        self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
-                                  clock, store.use_assertion)
+        self.auth = Authenticator(store, lambda: self.config.base_url + "/auth/token",
+                                  config.token_ttl_s, clock, store.use_assertion)
+        # seals the chain head and the local audit log (checked by node/startcheck.py)
+        store.set_seal_key(localseal.derive_seal_key(org.sign_seed, config.chain))
         self.auditor = Auditor(store, org.id, clock, org.enc_private)
+        self.login_guard = LoginGuard(clock, workers=int(config.extra.get("login_workers", 1)))
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
@@ -316,12 +320,19 @@ class Node:
             body["role"] = role
         return body
 
-    def login(self, actor_id: str, password: str) -> tuple[str, Session]:
-        path = self.home.user_keystore(actor_id)
-        if not path.exists():
-            raise Unauthenticated(f"{actor_id} is not enrolled at this node; use your key file "
-                                  "(SMART backend services) instead")
-        return self.auth.login(keys.load_keystore(path, password))
+    async def login(self, actor_id: str, password: str, client: str = "") -> tuple[str, Session]:
+        """Password login (the portal): throttled per id and per client address, scrypt on
+        the bounded login pool, one answer for an unknown id and a wrong password."""
+        path = self.home.user_keystore(actor_id)  # a malformed id is a 400, not a guess
+        self.login_guard.admit(actor_id, client)
+        try:
+            identity = await self.login_guard.hash_off_loop(_unlock_or_decoy, path, password)
+            token, session = self.auth.login(identity)
+        except (Unauthenticated, InvalidInput):
+            raise Unauthenticated(LOGIN_FAILED, hint="a user without a password at this node "
+                                  "signs in with their key file") from None
+        self.login_guard.succeeded(actor_id, client)
+        return token, session
 
     # ------------------------------------------------------------ patients and $match
     def known_patients(self) -> list[dict[str, Any]]:
@@ -1129,6 +1140,22 @@ class Node:
     def _check_serving(self) -> None:
         if self.integrity_failure:
             raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+
+
+_DECOY: list[bytes] = []
+
+
+def _unlock_or_decoy(path: Path, password: str) -> keys.Identity:
+    """Unlock a user keystore; for an id not enrolled here, spend the same scrypt work on a
+    decoy keystore and fail the same way (no enrolment oracle, by answer or by timing)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        if not _DECOY:
+            _DECOY.append(keys.lock(keys.new_identity("decoy", "patient"), os.urandom(16).hex()))
+        keys.unlock(_DECOY[0], password)
+        raise Unauthenticated(LOGIN_FAILED) from None
+    return keys.unlock(data, password)
 
 
 class WrongPasscode(Unauthenticated):
