@@ -291,8 +291,10 @@ def test_port_override_keeps_token_login_working(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def fresh_node(tmp_path: Path) -> Iterator[NodeHandle]:
-    """Its own node: the throttle test locks out 127.0.0.1 for a while."""
-    with running_node(tmp_path / "home", staff=False) as n:
+    """Its own node: the throttle test locks out 127.0.0.1 for a while (the first lock-out
+    lasts a minute here, so a slow machine cannot outlast it between two requests)."""
+    with running_node(tmp_path / "home", staff=False,
+                      extra={"login_first_backoff_s": 60}) as n:
         register_staff(n)
         yield n
 

@@ -243,9 +243,9 @@ class LoginGuard:
 
     * **Throttling with back-off**, per login id and per client address: the first
       ``free_per_id`` (``free_per_client``) failures are free; each further one doubles
-      a lock-out (1 s, 2 s, 4 s ... at most ``max_backoff_s``) during which every attempt
-      is refused with ``TooManyRequests`` (HTTP 429 + Retry-After) *before* any password
-      hashing. An attempt is charged as a failure when admitted and refunded on
+      a lock-out (``first_backoff_s``, 2x, 4x ... at most ``max_backoff_s``) during which
+      every attempt is refused with ``TooManyRequests`` (HTTP 429 + Retry-After) *before*
+      any password hashing. An attempt is charged as a failure when admitted and refunded on
       success, so concurrent guesses cannot all pass before one is counted. Failures are
       forgotten ``window_s`` after the last one.
     * **Bounded hashing off the event loop**: scrypt runs on ``workers`` threads
@@ -256,10 +256,11 @@ class LoginGuard:
 
     def __init__(self, clock: Callable[[], float] = time.time, *, free_per_id: int = 5,
                  free_per_client: int = 20, max_backoff_s: int = 900, window_s: int = 900,
-                 workers: int = 1, max_waiting: int = 32) -> None:
+                 workers: int = 1, max_waiting: int = 32, first_backoff_s: float = 1) -> None:
         self.clock = clock
         self.free = {"id": free_per_id, "client": free_per_client}
         self.max_backoff_s = max_backoff_s
+        self.first_backoff_s = first_backoff_s
         self.window_s = window_s
         self._failures: dict[tuple[str, str], _Failures] = {}
         self._pool: ThreadPoolExecutor | None = None
@@ -285,7 +286,8 @@ class LoginGuard:
             entry.last_s = now
             over = entry.count - self.free[key[0]]
             if over > 0:
-                entry.blocked_until_s = now + min(2 ** (over - 1), self.max_backoff_s)
+                entry.blocked_until_s = now + min(self.first_backoff_s * 2 ** (over - 1),
+                                                  self.max_backoff_s)
 
     def succeeded(self, actor_id: str, client: str) -> None:
         """Refund the charged attempt; the id starts afresh (the address does not: one good

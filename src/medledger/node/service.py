@@ -153,7 +153,9 @@ class Node:
         # seals the chain head and the local audit log (checked by node/startcheck.py)
         store.set_seal_key(localseal.derive_seal_key(org.sign_seed, config.chain))
         self.auditor = Auditor(store, org.id, clock, org.enc_private)
-        self.login_guard = LoginGuard(clock, workers=int(config.extra.get("login_workers", 1)))
+        self.login_guard = LoginGuard(
+            clock, workers=int(config.extra.get("login_workers", 1)),
+            first_backoff_s=float(config.extra.get("login_first_backoff_s", 1)))
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
