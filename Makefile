@@ -46,6 +46,7 @@ test-browser: install chromium
 
 bench: install
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.flood
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,26 @@ def verify(db: str) -> None:
     took = time.perf_counter() - t0
     print(json.dumps({"seconds": took, "blocks": report.blocks, "txs": report.txs,
                       "bytes": report.bytes, "state_keys": report.state_keys,
+                      "peak_rss_mib": peak_rss_mib()}))
+
+
+def startcheck(home: str, workers: str) -> None:
+    """The node's start check (``node/startcheck.py``) over a home, as ``node start`` runs it."""
+    from medledger.crypto import localseal
+    from medledger.node.home import Home
+    from medledger.node.startcheck import check_store
+    from medledger.storage.sqlite import SqliteStore
+    h = Home(home)
+    config = h.load_config()
+    org = h.unlock_org(os.environ.get("MEDLEDGER_PASSWORD", "bench-password"))
+    store = SqliteStore(h.db_path)
+    store.set_seal_key(localseal.derive_seal_key(org.sign_seed, config.chain))
+    t0 = time.perf_counter()
+    report = check_store(store, config.chain, None if workers == "auto" else int(workers))
+    took = time.perf_counter() - t0
+    print(json.dumps({"seconds": took, "blocks": report.blocks, "txs": report.txs,
+                      "bytes": report.tx_bytes, "audit_events": report.audit_events,
+                      "state_entries": report.state_entries, "workers": workers,
                       "peak_rss_mib": peak_rss_mib()}))
 
 
@@ -48,6 +69,8 @@ def main() -> None:
     cmd = sys.argv[1]
     if cmd == "verify":
         verify(sys.argv[2])
+    elif cmd == "startcheck":
+        startcheck(sys.argv[2], sys.argv[3])
     elif cmd == "abci":
         asyncio.run(abci(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     else:

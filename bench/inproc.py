@@ -137,6 +137,13 @@ def verify_child(db_path: Path) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def startcheck_child(home: Path, workers: str = "auto") -> dict[str, Any]:
+    """Run the node's start check over ``home`` in a fresh process; returns its report."""
+    out = subprocess.run([sys.executable, "-m", "bench.child", "startcheck", str(home),
+                          workers], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
 # ------------------------------------------------------------------ figure 5
 
 def _event(rng: random.Random, patient: str, recorded: str, node: str) -> bytes:

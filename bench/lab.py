@@ -20,7 +20,7 @@ from typing import Any
 
 from medledger.consensus.app import TxResult
 from medledger.core.tx import make_tx
-from medledger.crypto import keys
+from medledger.crypto import keys, localseal
 from medledger.crypto.canonical import b64e, canonical
 from medledger.fhir.labels import classify
 from medledger.fhir.synthetic import synthetic_observation
@@ -132,6 +132,8 @@ class Lab:
     def open(self) -> None:
         self.store = SqliteStore(self.home.db_path)
         self.blobs = BlobStore(self.home.blobs_path)
+        # sealed like a node's own store, so a node started on this home passes its start check
+        self.store.set_seal_key(localseal.derive_seal_key(self.org.sign_seed, self.chain))
         self.app = LedgerApp(self.store, self.chain)
 
     def close(self) -> None:

@@ -126,6 +126,9 @@ def verify_fig(work: Path, res: dict[str, Any], n: int, full: bool) -> None:
     res["verify"] = {"full_size": full, "chain": built, **rep, "tx_per_s": tx_s, "mb_per_s": mb_s,
                      "ratio_to_raw_ed25519_verify": tx_s / c["ed25519_verify_per_s"],
                      "ratio_to_raw_sha256": mb_s / c["sha256_mb_per_s"]}
+    step("figure 4b: the node's start check (node/startcheck.py), inline and process pool")
+    res["startcheck"] = {"inline": inproc.startcheck_child(lab.home.path, "0"),
+                         "pool": inproc.startcheck_child(lab.home.path, "auto")}
     step(f"memory: a node process holding {n:,} records, serving reads")
     port = free_port()
     cfg = lab.home.load_config()
@@ -222,6 +225,12 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         row("mem", f"peak RSS, node holding {m['records']:,} records ({k})", m["peak_rss_mib"],
             "MiB", "< 1 GiB at 1M", m["peak_rss_mib"] < 1024)
     if v:
+        sc = res.get("startcheck")
+        if sc:
+            for how in ("inline", "pool"):
+                row("4b", f"start check over {sc[how]['txs']:,} txs ({how})",
+                    sc[how]["seconds"], "s", "vs verify", None, v["seconds"],
+                    "full verify (replay)")
         row("mem", f"peak RSS of verify over {v['txs']:,} txs", v["peak_rss_mib"], "MiB", "",
             None)
     return rows

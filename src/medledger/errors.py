@@ -14,6 +14,7 @@ class MedledgerError(Exception):
     code: int = 1
     http_status: int = 500
     issue_code: str = "exception"  # FHIR OperationOutcome issue.code
+    retry_after_s: int | None = None  # HTTP Retry-After, for throttling and busy answers
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -93,6 +94,12 @@ class Gone(MedledgerError):
     issue_code = "expired"
 
 
+class UnsupportedMediaType(InvalidInput):
+    code = 2
+    http_status = 415
+    issue_code = "not-supported"
+
+
 class TooLarge(InvalidInput):
     code = 12
     http_status = 413
@@ -119,3 +126,22 @@ class Unavailable(MedledgerError):
     code = 15
     http_status = 503
     issue_code = "transient"
+
+
+class TooManyRequests(MedledgerError):
+    """Throttled (e.g. repeated failed logins): retry after ``retry_after_s`` seconds."""
+
+    code = 16
+    http_status = 429
+    issue_code = "throttled"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s))
+
+
+def busy(message: str, retry_after_s: int = 1) -> Unavailable:
+    """A 503 for a node that is overloaded right now (not broken): retry shortly."""
+    err = Unavailable(message)
+    err.retry_after_s = retry_after_s
+    return err

@@ -72,10 +72,13 @@ class NodeHandle:
     org: keys.Identity | None = None
     staff: dict[str, keys.Identity] = field(default_factory=dict)
     patients: list[str] = field(default_factory=list)
+    args: tuple[str, ...] = ()  # extra `node start` options (e.g. --tls-cert)
+    verify: Any = True  # TLS verification for the health probe (a CA file for --tls-cert)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--tls-cert" in self.args else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -89,14 +92,16 @@ class NodeHandle:
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "medledger", "node", "start", "--home",
-             str(self.home)], env=cli_env(), stdout=log, stderr=log, start_new_session=True)
+             str(self.home), *self.args], env=cli_env(), stdout=log, stderr=log,
+            start_new_session=True)
         log.close()
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code in (200, 503):
+                if httpx.get(self.url + "/healthz", timeout=1,
+                             verify=self.verify).status_code in (200, 503):
                     return
             except httpx.HTTPError:
                 pass

@@ -105,6 +105,9 @@ def _page(browser: Browser, node: DemoNode) -> Iterator[Page]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the portal runs under a strict CSP: any blocked script, style or handler is a failure
+    page.on("console", lambda msg: errors.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
     page.on("dialog", lambda dialog: dialog.accept())  # revoke confirmations
     try:
         yield page
@@ -257,7 +260,8 @@ def test_share_link_opens_then_is_refused_after_revocation_and_expiry(
     assert refused.status_code == 410 and "revoked" in refused.text
 
     # a 2-second link (the API's expires_in_s), created in this same portal session
-    created = page.request.post("/api/shares", data={
+    # (the session cookie authenticates it: it must come from the portal's own origin)
+    created = page.request.post("/api/shares", headers={"Origin": node.url}, data={
         "selection": {"types": ["Immunization"]}, "expires_in_s": 2, "label": "two seconds"})
     assert created.status == 201, created.text()
     short = created.json()
@@ -308,3 +312,62 @@ def test_break_glass_is_highlighted_in_patients_access_log(
         expect(page.locator("#access-alert .notice-danger")).to_contain_text("break-the-glass")
         expect(page.locator("#access-chart svg rect.seg-bg").first).to_be_visible()
         shot(page, "10-patient-access-log-break-glass")
+
+
+def test_api_docs_render_from_local_assets_under_csp(page: Page, node: DemoNode) -> None:
+    remote: list[str] = []
+    page.on("request", lambda req: remote.append(req.url)
+            if not req.url.startswith(node.url) else None)
+    page.goto("/docs")
+    expect(page.locator(".swagger-ui .info .title")).to_contain_text("medledger node")
+    expect(page.locator(".opblock").first).to_be_visible()
+    shot(page, "20-api-docs")
+    assert remote == [], f"/docs loaded from elsewhere: {remote}"
+
+
+def test_page_on_another_port_cannot_act_for_a_logged_in_patient(
+        browser: Browser, node: DemoNode) -> None:
+    """Issue 9 item 3: a same-site page (another port of this host) makes the patient's
+    browser POST a consent and a share link with the session cookie; both are refused."""
+    import http.server
+    import threading
+
+    evil = f"""<!doctype html><script>
+    const opts = (body) => ({{method: "POST", credentials: "include", mode: "no-cors",
+      headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify(body)}});
+    Promise.all([
+      fetch("{node.url}/api/consents", opts({{decision: "permit", orgs: ["org-evil"],
+                                               labels: ["PSY"]}})),
+      fetch("{node.url}/api/shares", opts({{expires_in_s: 31536000, label: "evil"}})),
+      fetch("{node.url}/api/consents", {{method: "POST", credentials: "include",
+        headers: {{"Content-Type": "application/json"}},
+        body: JSON.stringify({{decision: "permit", orgs: ["org-evil"]}})}}).catch(() => null),
+    ]).finally(() => {{ document.title = "done"; }});
+    </script>""".encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(evil)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Evil)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with _page(browser, node) as page:
+            login(page, node.psy)
+            expect(page.locator("#view-patient")).to_be_visible()
+            before = page.evaluate("fetch('/api/consents').then(r => r.json())")
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.wait_for_function("document.title === 'done'")
+            page.goto(node.url + "/")
+            after = page.evaluate("fetch('/api/consents').then(r => r.json())")
+            shares = page.evaluate("fetch('/api/shares').then(r => r.json())")
+        assert after == before, after
+        assert not any(s.get("label") == "evil" for s in shares), shares
+    finally:
+        server.shutdown()

@@ -2,27 +2,38 @@
 
 Routes are thin: parse, call the ``Node``, map errors. Every ``MedledgerError``
 becomes a FHIR OperationOutcome with the error's HTTP status; unexpected
-exceptions become a 500 OperationOutcome without a stack trace.
+exceptions become a 500 OperationOutcome without a stack trace (logged once), a
+client that went away mid-request one log line.
+
+Pure-ASGI middlewares, outermost first: security headers on every response (CSP,
+frame-ancestors, nosniff, no referrer, no caching of API answers); audit events
+durable before any response; the error boundary; refusal of every data route
+while the node's start check has failed (one 503 message); the body-size limit.
+``/docs`` is Swagger UI served from the pinned ``swagger-ui-bundle-v2`` package,
+no CDN, no inline script.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
+import swagger_ui_bundle
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medledger.api import ledger_routes, portal_routes, rights_routes
-from medledger.api.common import fhir_json, outcome_response
+from medledger.api.common import WorkLimiter, fhir_json, outcome_response
 from medledger.api.fhir_routes import router as fhir_router
-from medledger.errors import MedledgerError, TooLarge
+from medledger.errors import InvalidInput, MedledgerError, TooLarge, Unavailable
 from medledger.node.runtime import NodeRuntime
 from medledger.node.service import Node, WrongPasscode
 
@@ -40,19 +51,26 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
         try:
             yield
         finally:
+            app.state.work_limiter.close()
+            node.login_guard.close()
             if run_background:
                 await runtime.stop()
 
     app = FastAPI(title="medledger node", version="0.1.0", lifespan=lifespan,
-                  docs_url="/docs", redoc_url=None)
+                  docs_url=None, redoc_url=None)
     app.state.node = node
     app.state.runtime = runtime
+    app.state.work_limiter = WorkLimiter(int(node.config.extra.get("search_workers", 1)))
+    # worker threads (searches) hand the GIL back to the event loop after 1 ms, not 5 ms
+    sys.setswitchinterval(float(node.config.extra.get("gil_switch_interval_s", 0.001)))
 
     node.auditor.deferred = True
-    app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
-    # pure ASGI (no BaseHTTPMiddleware task per request): Content-Length checked up front,
-    # chunked bodies counted as they arrive
+    # pure ASGI (no BaseHTTPMiddleware task per request); the last added is the outermost
     app.add_middleware(_StreamedBodyLimit, limit=lambda: node.config.max_body_bytes)
+    app.add_middleware(_RefuseWhenTampered, node=node)
+    app.add_middleware(_ErrorBoundary)
+    app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
+    app.add_middleware(_SecurityHeaders)
 
     @app.exception_handler(WrongPasscode)
     async def wrong_passcode(request: Request, exc: WrongPasscode) -> Response:
@@ -75,12 +93,6 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
         return outcome_response(MedledgerError(str(exc.detail)), status=exc.status_code,
                                 code="not-found" if exc.status_code == 404 else "exception")
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return outcome_response(MedledgerError(
-            f"internal error ({type(exc).__name__}); the node log has details"), status=500)
-
     app.include_router(fhir_router, prefix="/fhir")
     app.include_router(ledger_routes.router)
     app.include_router(portal_routes.router)
@@ -99,10 +111,144 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
                           "reason": node.integrity_failure or ""},
                          status=200 if not node.integrity_failure else 503)
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return HTMLResponse(DOCS_HTML)
+
+    from fastapi.staticfiles import StaticFiles
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path),
+              name="swagger-ui")
     if STATIC.exists():
-        from fastapi.staticfiles import StaticFiles
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>medledger node API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/static/js/docs.js"></script></body></html>
+"""
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+       "frame-ancestors 'none'")
+# Swagger UI sets style attributes from its scripts; its own page may allow that
+DOCS_CSP = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"), (b"cross-origin-opener-policy", b"same-origin")]
+# what a node with a failed start check still answers: nothing read from its ledger
+REFUSING_ALLOWS = ("/healthz", "/ledger/status", "/", "/docs", "/openapi.json")
+REFUSING_ALLOWS_UNDER = ("/static/", "/docs/assets/")
+
+
+class _SecurityHeaders:
+    """Security headers on every response, error and static ones included."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        csp = (DOCS_CSP if path == "/docs" else CSP).encode()
+        static = path.startswith(("/static/", "/docs/assets/"))
+
+        async def with_headers(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", [])
+                           if k.lower() not in _OURS]
+                headers += [(b"content-security-policy", csp), *SECURITY_HEADERS]
+                if not static:  # answers carry PHI and tokens: never cached
+                    headers.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+_OURS = {b"content-security-policy", b"x-content-type-options", b"referrer-policy",
+         b"x-frame-options", b"cross-origin-opener-policy", b"cache-control"}
+
+
+class _ErrorBoundary:
+    """The last word on any exception a route lets escape.
+
+    A client that disconnected mid-request is one log line (no traceback, no answer:
+    nobody is listening); a nesting too deep for the parsers is a 400; anything else
+    is logged once with its traceback and answered with a 500 OperationOutcome, so
+    no exception reaches the server (which would log it a second time).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            log.info("client %s went away during %s %s", _peer(scope), scope.get("method"),
+                     scope.get("path"))
+        except Exception as exc:
+            if started:  # too late to answer: the client sees a cut response
+                log.error("error after the response started on %s %s: %s",
+                          scope.get("method"), scope.get("path"), exc)
+                return
+            if isinstance(exc, RecursionError):
+                response = outcome_response(InvalidInput(
+                    "the request is nested too deeply to process"))
+            else:
+                log.exception("unexpected error on %s %s", scope.get("method"),
+                              scope.get("path"))
+                response = outcome_response(MedledgerError(
+                    f"internal error ({type(exc).__name__}); the node log has details"),
+                    status=500)
+            try:
+                await response(scope, receive, send)
+            except OSError:  # the client is gone as well
+                pass
+
+
+def _peer(scope: Any) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class _RefuseWhenTampered:
+    """A node whose start check failed answers every data route with one 503.
+
+    One place for every route (FHIR, auth and tokens, ledger, portal API, share links),
+    in solo and network mode alike; only health, status and the static portal answer.
+    """
+
+    def __init__(self, app: Any, node: Node) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        failure = self.node.integrity_failure
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if failure and scope["type"] == "http" and path not in REFUSING_ALLOWS and \
+                not path.startswith(REFUSING_ALLOWS_UNDER):
+            response = outcome_response(Unavailable(
+                f"this node refuses to serve: {failure}. Its local ledger must be restored "
+                "(or re-synced from the network) and pass `medledger verify`."))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _StreamedBodyLimit:
@@ -183,5 +329,8 @@ def app_from_env() -> FastAPI:
     import os
 
     from medledger.node.runtime import open_node, password_from_env
-    return create_app(open_node(os.environ["MEDLEDGER_HOME"], password_from_env()))
+    from medledger.node.startcheck import start_check
+    node = open_node(os.environ["MEDLEDGER_HOME"], password_from_env())
+    start_check(node)
+    return create_app(node)
 

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import Request, Response
 
-from medledger.errors import InvalidInput, MedledgerError
+from medledger.errors import (
+    Forbidden,
+    InvalidInput,
+    MedledgerError,
+    UnsupportedMediaType,
+    busy,
+)
 from medledger.fhir.outcome import operation_outcome
 from medledger.node.auth import Session
 from medledger.node.service import Node
 
 FHIR_JSON = "application/fhir+json"
+T = TypeVar("T")
 
 
 def fhir_json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -23,7 +35,9 @@ def fhir_json(doc: Any, status: int = 200, headers: dict[str, str] | None = None
 def outcome_response(err: MedledgerError, status: int | None = None,
                      code: str | None = None) -> Response:
     doc = operation_outcome("error", code or err.issue_code, str(err))
-    headers = {"WWW-Authenticate": "Bearer"} if (status or err.http_status) == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if (status or err.http_status) == 401 else {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
     return fhir_json(doc, status or err.http_status, headers)
 
 
@@ -32,11 +46,96 @@ def node_of(request: Request) -> Node:
 
 
 def session_of(request: Request) -> Session:
+    """The caller's session from ``Authorization: Bearer`` or, for the portal, the session
+    cookie; a cookie-authenticated state change must come from this origin (CSRF)."""
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else None
     if token is None:
         token = request.cookies.get("medledger_token")
+        if token and request.method not in SAFE_METHODS:
+            check_browser_write(request)
     return node_of(request).auth.session(token)
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+JSON_TYPES = frozenset({"application/json", "application/fhir+json"})
+
+
+def check_browser_write(request: Request, *, origin_required: bool = True) -> None:
+    """CSRF defence for requests a browser sends with our cookie: the ``Origin`` must be
+    this node's own origin (scheme, host and port: a page on another port of the same
+    host is another origin, though the same *site* for SameSite cookies), and the body
+    must be JSON (a cross-site HTML form cannot send that content type)."""
+    origin = request.headers.get("origin")
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    public = node_of(request).config.base_url.rstrip("/").lower()
+    if origin is None and not origin_required:
+        pass  # not a browser (browsers send Origin with every POST)
+    elif origin is None or origin.lower() not in (own.lower(), public):
+        raise Forbidden(f"cross-origin request refused: Origin {origin or '(none)'} is not "
+                        f"{own}; browsers must send this node's own origin with the session "
+                        "cookie (API clients use a bearer token)")
+    if request.headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
+        raise Forbidden("cross-site request refused (Sec-Fetch-Site)")
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype not in JSON_TYPES:
+        raise UnsupportedMediaType(f"a browser request with the session cookie must send "
+                                   f"Content-Type: application/json (got {ctype or 'none'})")
+
+
+def client_address(request: Request) -> str:
+    """The peer address the login throttle counts (no proxy headers trusted)."""
+    return request.client.host if request.client else ""
+
+
+async def off_loop(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a costly node call (search, decryption of many records) bounded: a plain
+    function on the node's worker threads, so the event loop keeps answering everyone
+    else; a coroutine function (one that awaits I/O itself) in the same bounded slots."""
+    limiter: WorkLimiter = request.app.state.work_limiter
+    if inspect.iscoroutinefunction(fn):
+        return await limiter.run_async(fn, *args)
+    return await limiter.run(fn, *args)
+
+
+class WorkLimiter:
+    """At most ``workers`` costly calls at once, at most ``max_waiting`` queued behind them;
+    beyond that a 503 (busy, retry) instead of an ever-longer queue."""
+
+    def __init__(self, workers: int = 2, max_waiting: int = 64) -> None:
+        self.workers = workers
+        self.max_waiting = max_waiting
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(workers)
+        self._queued = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._queued >= self.workers + self.max_waiting:
+            raise busy("the node is busy with other searches; retry in a moment")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="work")
+        self._queued += 1
+        try:
+            async with self._slots:
+                call = functools.partial(fn, *args)
+                return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        finally:
+            self._queued -= 1
+
+    async def run_async(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        if self._queued >= self.workers + self.max_waiting:
+            raise busy("the node is busy with other searches; retry in a moment")
+        self._queued += 1
+        try:
+            async with self._slots:
+                return await fn(*args)
+        finally:
+            self._queued -= 1
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 async def json_body(request: Request) -> Any:
@@ -47,6 +146,30 @@ async def json_body(request: Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"malformed JSON: {exc}") from exc
+
+
+def parse_count(value: str | None, default: int, name: str = "_count",
+                maximum: int = 1000, minimum: int = 1) -> int:
+    """A page size from a query string: ASCII digits only (``"²".isdigit()`` is true),
+    1..``maximum``; anything else is a 400."""
+    if value is None or value == "":
+        return default
+    if not (value.isascii() and value.isdigit() and len(value) <= 6) or not \
+            minimum <= int(value) <= maximum:
+        raise InvalidInput(f"{name} must be a whole number from {minimum} to {maximum}")
+    return int(value)
+
+
+def json_body_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a route that parses its JSON body itself (docs and API fuzzing)."""
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": schema}}}}
+
+
+def query_schema(params: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """OpenAPI for query parameters a route reads from ``request.query_params``."""
+    return {"parameters": [{"name": n, "in": "query", "required": False, "schema": s}
+                           for n, s in params.items()]}
 
 
 def break_glass(request: Request) -> str | None:

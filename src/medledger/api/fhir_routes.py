@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -10,8 +11,12 @@ from medledger.api.common import (
     break_glass,
     fhir_json,
     json_body,
+    json_body_schema,
     node_of,
+    off_loop,
     outcome_response,
+    parse_count,
+    query_schema,
     session_of,
 )
 from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
@@ -25,6 +30,10 @@ from medledger.node import audit as audit_mod
 from medledger.node.service import SearchResult, Stored, iso
 
 router = APIRouter()
+_IF_MATCH = re.compile(r'(?:W/)?"?([0-9]{1,12})"?')
+# a FHIR date or UTC dateTime (events are recorded in UTC), optionally prefixed ``ge``
+_SINCE = re.compile(r"(?:ge)?([0-9]{4}(?:-[0-9]{2}(?:-[0-9]{2}(?:T[0-9]{2}:[0-9]{2}"
+                    r"(?::[0-9]{2}(?:\.[0-9]{1,9})?)?Z?)?)?)?)")
 
 
 def _base(request: Request) -> str:
@@ -41,10 +50,11 @@ def _if_match(request: Request) -> int | None:
     value = request.headers.get("if-match")
     if value is None:
         return None
-    digits = value.strip().removeprefix("W/").strip('"')
-    if not digits.isdigit():
-        raise InvalidInput(f"If-Match must look like W/\"3\", got {value!r}")
-    return int(digits)
+    found = _IF_MATCH.fullmatch(value.strip())
+    if found is None:
+        raise InvalidInput(f"If-Match must look like W/\"3\" (a version number), got "
+                           f"{value[:40]!r}")
+    return int(found.group(1))
 
 
 def _record_response(stored: Stored, status: int, base: str) -> Response:
@@ -130,38 +140,45 @@ async def transaction(request: Request) -> Response:
                       "entry": entries})
 
 
-@router.post("/Patient/$match")
+@router.post("/Patient/$match", openapi_extra=json_body_schema({"type": "object"}))
 async def patient_match(request: Request) -> Response:
     node, session = node_of(request), session_of(request)
     resource, only_certain, count = match.parse_match_parameters(await json_body(request))
-    found = node.match_patients(session, resource, only_certain, count)
+    found = await off_loop(request, node.match_patients, session, resource, only_certain,
+                           count)
     return fhir_json(match.match_bundle(found, _base(request)))
 
 
 @router.get("/Patient/{pid}/$everything")
 async def everything(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return _searchset(request, await node.everything(session, pid, break_glass(request)))
+    return _searchset(request, await off_loop(request, node.everything, session, pid,
+                                              break_glass(request)))
 
 
 @router.get("/Patient/{pid}/$summary")
 async def summary(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return fhir_json(await node.summary(session, pid))
+    return fhir_json(await off_loop(request, node.summary, session, pid))
 
 
-@router.get("/AuditEvent")
+@router.get("/AuditEvent", openapi_extra=query_schema({
+    "patient": {"type": "string"}, "date": {"type": "string"}, "_count": {"type": "string"}}))
 async def audit_events(request: Request) -> Response:
     node, session = node_of(request), session_of(request)
     params = dict(request.query_params)
     patient = (params.get("patient") or params.get("entity") or "").rsplit("/", 1)[-1]
     if not patient:
         raise InvalidInput("AuditEvent search needs patient=<id>")
-    since = params.get("date", "").removeprefix("ge")
-    count = params.get("_count", "100")
-    if not count.isdigit():
-        raise InvalidInput("_count must be a positive integer")
-    rows = node.audit_log(session, patient, since, int(count))
+    since = ""
+    if params.get("date"):
+        found = _SINCE.fullmatch(params["date"])
+        if found is None:
+            raise InvalidInput("AuditEvent date must be ge<FHIR date or dateTime>, e.g. "
+                               "date=ge2024-01-31 or date=ge2024-01-31T08:00:00Z (UTC)")
+        since = found.group(1)
+    rows = await off_loop(request, node.audit_log, session, patient, since,
+                          parse_count(params.get("_count"), 100))
     resources = [audit_mod.to_fhir(ev, h) for ev, h in rows]
     return fhir_json(searchset_bundle(resources, _base(request), len(resources),
                                       str(request.url)))
@@ -199,7 +216,8 @@ async def create(request: Request, rtype: str) -> Response:
     return _record_response(stored, 201 if stored.created else 200, _base(request))
 
 
-@router.put("/{rtype}/{rid}")
+@router.put("/{rtype}/{rid}", openapi_extra={**json_body_schema({"type": "object"}), **{
+    "parameters": [{"name": "If-Match", "in": "header", "schema": {"type": "string"}}]}})
 async def update(request: Request, rtype: str, rid: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
@@ -223,7 +241,7 @@ async def read(request: Request, rtype: str, rid: str) -> Response:
 async def history(request: Request, rtype: str, rid: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    versions = await node.history(session, rtype, rid, break_glass(request))
+    versions = await off_loop(request, node.history, session, rtype, rid, break_glass(request))
     entries: list[tuple[dict[str, Any], str, str, str]] = [
         (s.resource, str(s.version), s.last_updated, "POST" if s.version == 1 else "PUT")
         for s in versions]
@@ -254,12 +272,16 @@ def _search_params(request: Request) -> dict[str, str]:
     return params
 
 
-@router.get("/{rtype}")
+@router.get("/{rtype}", openapi_extra=query_schema({
+    n: {"type": "string"} for n in ("patient", "category", "code", "date", "_count", "_id")}))
 async def search(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    return _searchset(request, await node.search(session, rtype, _search_params(request),
-                                                 break_glass(request)))
+    params = _search_params(request)
+    if "_count" in params:  # 0 = the total only
+        params["_count"] = str(parse_count(params["_count"], 0, minimum=0, maximum=100_000))
+    return _searchset(request, await off_loop(request, node.search, session, rtype, params,
+                                              break_glass(request)))
 
 
 @router.delete("/{rtype}/{rid}")

@@ -12,7 +12,16 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from medledger.api.common import fhir_json, json_body, node_of, session_of
+from medledger.api.common import (
+    check_browser_write,
+    client_address,
+    fhir_json,
+    json_body,
+    json_body_schema,
+    node_of,
+    off_loop,
+    session_of,
+)
 from medledger.core.machine import HASH_RE
 from medledger.crypto.canonical import b64e
 from medledger.errors import InvalidInput, Unauthenticated
@@ -47,17 +56,21 @@ async def token(request: Request) -> Response:
     return _token_response(tok, session, node)
 
 
-@router.post("/auth/login")
+@router.post("/auth/login", openapi_extra=json_body_schema({
+    "type": "object", "required": ["id", "password"],
+    "properties": {"id": {"type": "string"}, "password": {"type": "string"}}}))
 async def login(request: Request) -> Response:
     node = node_of(request)
+    # a login from another site (login CSRF) is refused too; non-browser clients send no Origin
+    check_browser_write(request, origin_required=False)
     body = await json_body(request)
     if not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(
             body.get("password"), str):
         raise InvalidInput("login needs {\"id\": ..., \"password\": ...}")
-    tok, session = node.login(body["id"], body["password"])
+    tok, session = await node.login(body["id"], body["password"], client_address(request))
     resp = _token_response(tok, session, node)
     resp.set_cookie("medledger_token", tok, httponly=True, samesite="strict",
-                    max_age=node.config.token_ttl_s)
+                    max_age=node.config.token_ttl_s, secure=request.url.scheme == "https")
     return resp
 
 
@@ -80,6 +93,7 @@ async def logout(request: Request) -> Response:
     node = node_of(request)
     tok = request.cookies.get("medledger_token")
     if tok:
+        check_browser_write(request)
         node.auth.logout(tok)
     resp = Response(b"{}", media_type="application/json")
     resp.delete_cookie("medledger_token")
@@ -197,8 +211,8 @@ async def submit_tx(request: Request) -> Response:
 @router.get("/ledger/patients/{pid}/sealed")
 async def sealed(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return fhir_json({"patient": pid, "chain": node.chain,
-                      "records": await node.export_sealed(session, pid)})
+    records = await off_loop(request, node.export_sealed, session, pid)
+    return fhir_json({"patient": pid, "chain": node.chain, "records": records})
 
 
 @router.post("/replica/blobs")

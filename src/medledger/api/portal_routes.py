@@ -7,7 +7,15 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request, Response
 
-from medledger.api.common import json_body, node_of, session_of
+from medledger.api.common import (
+    json_body,
+    json_body_schema,
+    node_of,
+    off_loop,
+    parse_count,
+    query_schema,
+    session_of,
+)
 from medledger.core import policy
 from medledger.crypto.canonical import b64d, b64e
 from medledger.errors import InvalidInput
@@ -27,7 +35,12 @@ async def consents(request: Request) -> Response:
     return _json(node.consents(session, patient))
 
 
-@router.post("/api/consents")
+@router.post("/api/consents", openapi_extra=json_body_schema({
+    "type": "object", "required": ["decision"], "properties": {
+        "decision": {"enum": ["permit", "deny"]},
+        **{k: {"type": "array", "items": {"type": "string"}}
+           for k in ("actors", "orgs", "categories", "labels")},
+        "start": {"type": ["integer", "null"]}, "end": {"type": ["integer", "null"]}}}))
 async def add_consent(request: Request) -> Response:
     node, session = node_of(request), session_of(request)
     body = await json_body(request)
@@ -74,23 +87,86 @@ async def publish_share(request: Request) -> Response:
                  | {"has_passcode": bool(grant["passcode"])}, 201)
 
 
-@router.post("/api/shares")
+MAX_SHARE_LIFETIME_S = 366 * 24 * 3600
+MAX_LABEL = 80
+MAX_RECIPIENT = 200
+SELECTION_KEYS = ("categories", "types", "ids")
+
+
+def _selection(value: Any) -> dict[str, list[str]]:
+    """``{categories?, types?, ids?}``, each a list of strings; anything else is a 400."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput("selection must be an object {categories?, types?, ids?}, each a "
+                           "list of strings")
+    unknown = set(value) - set(SELECTION_KEYS)
+    if unknown:
+        raise InvalidInput(f"selection has unknown fields {sorted(unknown)}; allowed: "
+                           f"{', '.join(SELECTION_KEYS)}")
+    out: dict[str, list[str]] = {}
+    for key in SELECTION_KEYS:
+        items = value.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list) or not all(isinstance(i, str) and 0 < len(i) <= 200
+                                                  for i in items) or len(items) > 1000:
+            raise InvalidInput(f"selection.{key} must be a list of non-empty strings")
+        out[key] = items
+    bad = set(out.get("categories", ())) - set(policy.CATEGORIES)
+    if bad:
+        raise InvalidInput(f"unknown data categories {sorted(bad)}; known: "
+                           f"{', '.join(policy.CATEGORIES)}")
+    return out
+
+
+def _text(body: dict[str, Any], key: str, limit: int) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise InvalidInput(f"{key} must be text of at most {limit} characters")
+    return value
+
+
+def _share_expiry(body: dict[str, Any], now_s: int) -> int | None:
+    exp, ttl = body.get("exp"), body.get("expires_in_s")
+    if exp is not None and ttl is not None:
+        raise InvalidInput("give either exp or expires_in_s, not both")
+    if ttl is not None:
+        if not _is_int(ttl) or not 0 < ttl <= MAX_SHARE_LIFETIME_S:
+            raise InvalidInput(f"expires_in_s must be a whole number of seconds between 1 and "
+                               f"{MAX_SHARE_LIFETIME_S}")
+        return now_s + int(ttl)
+    if exp is not None and (not _is_int(exp) or not now_s < exp <= now_s +
+                            MAX_SHARE_LIFETIME_S):
+        raise InvalidInput("exp must be epoch seconds in the future, at most a year ahead")
+    return exp
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@router.post("/api/shares", openapi_extra=json_body_schema({
+    "type": "object", "properties": {
+        "selection": {"type": "object", "properties": {
+            k: {"type": "array", "items": {"type": "string"}} for k in SELECTION_KEYS}},
+        "expires_in_s": {"type": "integer"}, "exp": {"type": "integer"},
+        "passcode": {"type": ["string", "null"]}, "label": {"type": "string"},
+        "recipient": {"type": "string"}}}))
 async def create_share(request: Request) -> Response:
     node, session = node_of(request), session_of(request)
     body = await json_body(request)
     if not isinstance(body, dict):
         raise InvalidInput("expected {selection, expires_in_s | exp, passcode, label}")
-    exp = body.get("exp")
-    if exp is None and body.get("expires_in_s") is not None:
-        if not isinstance(body["expires_in_s"], int) or body["expires_in_s"] <= 0:
-            raise InvalidInput("expires_in_s must be a positive number of seconds")
-        exp = node.now_s + body["expires_in_s"]
-    if exp is not None and not isinstance(exp, int):
-        raise InvalidInput("exp must be epoch seconds")
-    link, grant = await node.create_share(session, body.get("selection") or {}, exp,
-                                          body.get("passcode") or None,
-                                          str(body.get("label") or ""),
-                                          str(body.get("recipient") or ""))
+    passcode = body.get("passcode") or None  # "" from an empty form field: no passcode
+    if passcode is not None and (not isinstance(passcode, str) or not 4 <= len(passcode) <= 64):
+        raise InvalidInput("passcode must be text of 4 to 64 characters")
+    link, grant = await node.create_share(session, _selection(body.get("selection")),
+                                          _share_expiry(body, node.now_s), passcode,
+                                          _text(body, "label", MAX_LABEL),
+                                          _text(body, "recipient", MAX_RECIPIENT))
     return _json({"shlink": link, "id": grant["id"], "exp": grant["exp"],
                   "label": grant["label"], "records": grant["records"],
                   "qr_svg": shl.qr_svg(link), "qr_png": b64e(shl.qr_png(link))}, 201)
@@ -103,7 +179,9 @@ async def revoke_share(request: Request, share_id: str) -> Response:
     return _json({"id": grant["id"], "revoked": grant["revoked"]})
 
 
-@router.post("/shl/{share_id}")
+@router.post("/shl/{share_id}", openapi_extra=json_body_schema({
+    "type": "object", "required": ["recipient"], "properties": {
+        "recipient": {"type": "string"}, "passcode": {"type": "string"}}}))
 async def shl_manifest(request: Request, share_id: str) -> Response:
     """SMART Health Links manifest request: {recipient, passcode?} -> {files: [...]}."""
     node = node_of(request)
@@ -116,14 +194,12 @@ async def shl_manifest(request: Request, share_id: str) -> Response:
     return _json(manifest)
 
 
-@router.get("/api/access-log")
+@router.get("/api/access-log", openapi_extra=query_schema({"count": {"type": "string"}}))
 async def access_log(request: Request) -> Response:
     """The patient's access log as plain events (the portal's table and chart)."""
     node, session = node_of(request), session_of(request)
-    count = request.query_params.get("count", "500")
-    if not count.isdigit():
-        raise InvalidInput("count must be a positive integer")
-    rows = node.audit_log(session, session.actor_id, "", int(count))
+    count = parse_count(request.query_params.get("count"), 500, "count")
+    rows = await off_loop(request, node.audit_log, session, session.actor_id, "", count)
     return _json([ev | {"anchored_height": h} for ev, h in rows])
 
 

@@ -30,7 +30,7 @@ from medledger.cli.common import (
 )
 from medledger.client import Client
 from medledger.crypto.canonical import loads
-from medledger.errors import InvalidInput, MedledgerError
+from medledger.errors import InvalidInput
 
 # ---------------------------------------------------------------- init / node
 
@@ -65,7 +65,12 @@ def init(home: HomeOpt, org_id: Annotated[str, typer.Option(help="Organisation i
 @node_app.command("start")
 @handle_errors
 def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None,
-               port: Annotated[int | None, typer.Option()] = None) -> None:
+               port: Annotated[int | None, typer.Option()] = None,
+               tls_cert: Annotated[Path | None, typer.Option(
+                   help="PEM certificate (chain): serve HTTPS; session cookies are Secure.")]
+               = None,
+               tls_key: Annotated[Path | None, typer.Option(
+                   help="PEM private key of --tls-cert.")] = None) -> None:
     """Run the node (API + block production) in the foreground."""
     import logging
 
@@ -73,23 +78,34 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
 
     from medledger.api.app import create_app
     from medledger.node.runtime import open_node
-    from medledger.node.verify import quick_check
+    from medledger.node.startcheck import start_check
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInput("give both --tls-cert and --tls-key (or neither)")
+    for path in (tls_cert, tls_key):
+        if path is not None and not path.is_file():
+            raise InvalidInput(f"{path} is not a readable file")
     node = open_node(str(home), _password("MEDLEDGER_PASSWORD", "organisation keystore password"))
     if host:
         node.config.host = host
     if port:
         node.config.port = port
-    try:
-        quick_check(node.store)
-    except MedledgerError as err:
-        node.integrity_failure = f"local ledger failed its integrity check: {err}"
-        err_console.print(f"[bold red]REFUSING TO SERVE:[/] {node.integrity_failure}")
+    if tls_cert is not None and not node.config.public_url:
+        # the URL actually served: token audience, share links, FHIR base
+        node.config.public_url = f"https://{node.config.host}:{node.config.port}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s "
                         "%(message)s")
+    started = time.perf_counter()
+    report = start_check(node)
+    if report is None:
+        err_console.print(f"[bold red]REFUSING TO SERVE:[/] {node.integrity_failure}")
+    else:
+        console.print(f"start check: {report.summary()} in {time.perf_counter() - started:.2f}s")
     console.print(f"medledger node [bold]{node.org.id}[/] at {node.config.base_url} "
                   f"(mode {node.config.mode}, height {node.store.height})")
     uvicorn.run(create_app(node), host=node.config.host, port=node.config.port,
-                log_level="warning", loop="uvloop", http="httptools")
+                log_level="warning", loop="uvloop", http="httptools", server_header=False,
+                ssl_certfile=str(tls_cert) if tls_cert else None,
+                ssl_keyfile=str(tls_key) if tls_key else None)
 
 
 @app.command()

@@ -13,6 +13,7 @@ before it existed open unchanged (same keystore version).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from nacl.public import PrivateKey
 
 from medledger.crypto.canonical import b64d, b64e, canonical, loads
@@ -102,7 +102,15 @@ def rotated(identity: Identity) -> Identity:
 
 
 def _kdf(password: str, salt: bytes, n: int) -> bytes:
-    return Scrypt(salt=salt, length=32, n=n, r=8, p=1).derive(password.encode("utf-8"))
+    return _scrypt(password.encode("utf-8"), salt, n)
+
+
+def _scrypt(secret: bytes, salt: bytes, n: int) -> bytes:
+    """scrypt (r=8, p=1, 32 bytes) through OpenSSL (``hashlib``), which releases the GIL
+    while it works: a login on a worker thread does not stall the node's event loop
+    (pyca's Rust scrypt holds the GIL). Same output as ``cryptography``'s ``Scrypt``."""
+    return hashlib.scrypt(secret, salt=salt, n=n, r=8, p=1, dklen=32,
+                          maxmem=129 * 8 * n + 2**20)
 
 
 def lock(identity: Identity, password: str, n: int = DEFAULT_SCRYPT_N) -> bytes:

@@ -28,6 +28,7 @@ from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
 from medledger.errors import InvalidInput
+from medledger.fhir.narrative import check_resource_content
 
 __all__ = [
     "MAX_ERRORS",
@@ -374,6 +375,7 @@ def parse_resource(
     raw = parse_json(data) if isinstance(data, bytes | str) else data
     if not isinstance(raw, Mapping):
         raise InvalidInput(f"a FHIR resource must be a JSON object, got {_json_kind(raw)}")
+    check_resource_content(raw)  # depth, control characters, narrative XHTML
     resource_type = raw.get("resourceType")
     if resource_type is None:
         raise InvalidInput("missing resourceType: every FHIR resource names its type")

@@ -14,6 +14,7 @@ renders an opened event as a FHIR R4 AuditEvent in the IHE BALP shape.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -83,6 +84,7 @@ class Auditor:
         self.org_secret = org_secret
         self.deferred = False
         self._buffer: list[tuple[str, str | None, bytes]] = []
+        self._lock = threading.Lock()  # searches record events from worker threads
         self._flushing: asyncio.Future[None] | None = None
 
     def event(self, subtype: str, *, agent: str, agent_org: str, agent_role: str | None,
@@ -109,7 +111,8 @@ class Auditor:
         rows = [(e["id"], e.get("patient"), canonical(seal_event(e, self.org_secret)))
                 for e in events]
         if self.deferred:
-            self._buffer.extend(rows)
+            with self._lock:
+                self._buffer.extend(rows)
         else:
             self.store.append_local_audit(rows)
 
@@ -124,7 +127,8 @@ class Auditor:
         await asyncio.shield(self._flushing)
 
     def _commit_buffer(self, fut: asyncio.Future[None]) -> None:
-        rows, self._buffer, self._flushing = self._buffer, [], None
+        with self._lock:
+            rows, self._buffer, self._flushing = self._buffer, [], None
         try:
             if rows:
                 self.store.append_local_audit(rows)

@@ -11,10 +11,14 @@ password (the web portal); their unlocked key then signs their own txs
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +33,12 @@ from medledger.core.policy.scopes import (  # noqa: F401  (re-exported: callers 
 )
 from medledger.crypto.canonical import b64d, b64e
 from medledger.crypto.keys import Identity
-from medledger.errors import InvalidInput, Unauthenticated
+from medledger.errors import (
+    InvalidInput,
+    TooManyRequests,
+    Unauthenticated,
+    busy,
+)
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
@@ -57,17 +66,23 @@ def make_assertion(identity: Identity, token_url: str, now: float | None = None)
 
 
 class Authenticator:
-    def __init__(self, state: st.StateReader, token_url: str, ttl_s: int,
+    def __init__(self, state: st.StateReader, token_url: str | Callable[[], str], ttl_s: int,
                  clock: Callable[[], float] = time.time,
                  used_assertions: Callable[[str, float, float], bool] | None = None) -> None:
         """``used_assertions(jti, exp, now)`` records a jti and says if it was new; by
-        default an in-memory set (the node passes its durable store's)."""
+        default an in-memory set (the node passes its durable store's). ``token_url`` may
+        be a function: the audience then follows the URL the node actually serves (a
+        ``--port``/``--tls-cert`` given at start)."""
         self.state = state
-        self.token_url = token_url
+        self._token_url = token_url
         self.ttl_s = ttl_s
         self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.used_assertions = used_assertions or _MemoryJti()
+
+    @property
+    def token_url(self) -> str:
+        return self._token_url if isinstance(self._token_url, str) else self._token_url()
 
     def exchange(self, assertion: str, scope: str | None) -> tuple[str, Session]:
         now = self.clock()
@@ -78,6 +93,7 @@ class Authenticator:
             raise InvalidInput(f"client_assertion is not a JWT: {exc}") from exc
         if header.get("alg") != "EdDSA":
             raise Unauthenticated("client_assertion must be signed with EdDSA (Ed25519)")
+        _check_claim_types(unverified)
         actor_id = str(unverified.get("iss", ""))
         if unverified.get("sub") != actor_id:
             raise Unauthenticated("client_assertion iss and sub must both be the client id")
@@ -150,6 +166,24 @@ class Authenticator:
 
 
 
+def _check_claim_types(claims: Any) -> None:
+    """PyJWT accepts ``"exp": "123"`` (it calls ``int()``); the registered time claims must
+    be JSON numbers and the identifiers strings, or the assertion is malformed."""
+    if not isinstance(claims, dict):
+        raise InvalidInput("client_assertion claims must be a JSON object")
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not 0 <= value < 2**53):
+            raise InvalidInput(f"client_assertion {name} must be a number of epoch seconds")
+    for name in ("iss", "sub", "jti"):
+        value = claims.get(name)
+        if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+            raise InvalidInput(f"client_assertion {name} must be a non-empty string")
+    if not isinstance(claims.get("aud", ""), str | list):
+        raise InvalidInput("client_assertion aud must be a string")
+
+
 class _MemoryJti:
     """In-memory jti register (tests, in-process use); the node uses its store's."""
 
@@ -186,3 +220,115 @@ def _keys_v(principal: dict[str, Any]) -> int:
 
 def _kind(principal: dict[str, object]) -> str:
     return "org" if principal.get("kind") == "org" else str(principal["kind"])
+
+
+LOGIN_FAILED = "wrong password, or no such user at this node"
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last_s: float = 0.0
+    blocked_until_s: float = 0.0
+
+
+class LoginGuard:
+    """Password logins that a flood cannot turn into a stall or an oracle.
+
+    * **Throttling with back-off**, per login id and per client address: the first
+      ``free_per_id`` (``free_per_client``) failures are free; each further one doubles
+      a lock-out (``first_backoff_s``, 2x, 4x ... at most ``max_backoff_s``) during which
+      every attempt is refused with ``TooManyRequests`` (HTTP 429 + Retry-After) *before*
+      any password hashing. An attempt is charged as a failure when admitted and refunded on
+      success, so concurrent guesses cannot all pass before one is counted. Failures are
+      forgotten ``window_s`` after the last one.
+    * **Bounded hashing off the event loop**: scrypt runs on ``workers`` threads
+      (OpenSSL releases the GIL); more than ``max_waiting`` logins waiting is a 503.
+
+    The clock is passed in (tests use a fake one).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time, *, free_per_id: int = 5,
+                 free_per_client: int = 20, max_backoff_s: int = 900, window_s: int = 900,
+                 workers: int = 1, max_waiting: int = 32, first_backoff_s: float = 1) -> None:
+        self.clock = clock
+        self.free = {"id": free_per_id, "client": free_per_client}
+        self.max_backoff_s = max_backoff_s
+        self.first_backoff_s = first_backoff_s
+        self.window_s = window_s
+        self._failures: dict[tuple[str, str], _Failures] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = workers
+        self._slots = asyncio.Semaphore(workers)
+        self._waiting = 0
+        self.max_waiting = max_waiting
+
+    # ------------------------------------------------------------ throttling
+    def admit(self, actor_id: str, client: str) -> None:
+        """Refuse a throttled attempt; otherwise charge it as a failure (see class doc)."""
+        now = self.clock()
+        self._prune(now)
+        keys = (("id", actor_id), ("client", client))
+        wait = max(self._entry(k, now).blocked_until_s - now for k in keys)
+        if wait > 0:
+            raise TooManyRequests(f"too many failed logins for this account or from this "
+                                  f"address; try again in {math.ceil(wait)} s",
+                                  math.ceil(wait))
+        for key in keys:
+            entry = self._entry(key, now)
+            entry.count += 1
+            entry.last_s = now
+            over = entry.count - self.free[key[0]]
+            if over > 0:
+                entry.blocked_until_s = now + min(self.first_backoff_s * 2 ** (over - 1),
+                                                  self.max_backoff_s)
+
+    def succeeded(self, actor_id: str, client: str) -> None:
+        """Refund the charged attempt; the id starts afresh (the address does not: one good
+        account must not launder guesses at others)."""
+        self._failures.pop(("id", actor_id), None)
+        entry = self._failures.get(("client", client))
+        if entry is not None:
+            entry.count = max(0, entry.count - 1)
+            if entry.count <= self.free["client"]:
+                entry.blocked_until_s = 0.0
+
+    def _entry(self, key: tuple[str, str], now: float) -> _Failures:
+        entry = self._failures.get(key)
+        if entry is None or now - entry.last_s > self.window_s and entry.blocked_until_s <= now:
+            entry = self._failures[key] = _Failures()
+        return entry
+
+    def _prune(self, now: float) -> None:
+        if len(self._failures) > 50_000:
+            self._failures = {k: e for k, e in self._failures.items()
+                              if now - e.last_s <= self.window_s or e.blocked_until_s > now}
+
+    # ------------------------------------------------------------ hashing
+    async def hash_off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a password-hashing function on the bounded login pool."""
+        if self._waiting >= self.max_waiting:
+            raise busy("too many logins in progress; retry in a moment")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="login",
+                                            initializer=_lower_thread_priority)
+        self._waiting += 1
+        try:
+            async with self._slots:
+                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        finally:
+            self._waiting -= 1
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _lower_thread_priority() -> None:
+    """Password hashing yields the CPU to the node's event loop (Linux: per-thread nice).
+    scrypt runs without the GIL, so a descheduled hashing thread blocks nobody."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass

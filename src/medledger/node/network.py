@@ -235,16 +235,10 @@ class _NodeAbciApp:
 
 
 def check_store_for_network(store: Any) -> None:
-    """Raise ``IntegrityError`` if the store must not be offered to CometBFT.
-
-    Every block: header bytes hash to their stored hash and link to the previous
-    block, tx bytes hash to their stored hashes and to the header's tx root; and the
-    app hash the node would report in ``Info`` is the one in the head block's header.
-    (What CometBFT's handshake compares next is that app hash against its own.)
-    """
-    from medledger.node.verify import quick_check
-
-    quick_check(store, last=max(store.height, 1))
+    """Raise ``IntegrityError`` if the store must not be offered to CometBFT: the app hash
+    the node would report in ``Info`` must be the one in the head block's header (what
+    CometBFT's handshake compares next is that app hash against its own). The whole
+    store was checked before, at start (``node/startcheck.py``)."""
     if store.height:
         head = store.block(store.height)
         if head is None or bytes.fromhex(head["app_hash"]) != store.app_hash:

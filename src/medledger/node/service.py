@@ -19,13 +19,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from medledger.core import policy, proofs
 from medledger.core import state as st
 from medledger.core.machine import MAX_BATCH_OPS
 from medledger.core.tx import decode_tx, make_tx
-from medledger.crypto import envelope, freetext, keys
+from medledger.crypto import envelope, freetext, keys, localseal
 from medledger.crypto.canonical import b64d, b64e, canonical, loads, sha256
 from medledger.crypto.kdf import derive_key
 from medledger.errors import (
@@ -52,7 +53,7 @@ from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import onboarding, recovery, shares
 from medledger.node.audit import Auditor
-from medledger.node.auth import Authenticator, Session
+from medledger.node.auth import LOGIN_FAILED, Authenticator, LoginGuard, Session
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_any, rewrap_key, seal_record
@@ -126,7 +127,6 @@ def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-LOGIN_FAILED = "wrong password, or no such user at this node"
 ANCHOR_MAX_BYTES = 512 * 1024
 STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
 # Resource types outside every patient compartment: directory records (ADR 5).
@@ -157,9 +157,14 @@ class Node:
         app.on_commit.append(lambda applied, _txs: recovery.on_commit(self, applied))
         self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
-        self.auth = Authenticator(store, config.base_url + "/auth/token", config.token_ttl_s,
-                                  clock, store.use_assertion)
+        self.auth = Authenticator(store, lambda: self.config.base_url + "/auth/token",
+                                  config.token_ttl_s, clock, store.use_assertion)
+        # seals the chain head and the local audit log (checked by node/startcheck.py)
+        store.set_seal_key(localseal.derive_seal_key(org.secret_root, config.chain))
         self.auditor = Auditor(store, org.id, clock, org.secret_root)
+        self.login_guard = LoginGuard(
+            clock, workers=int(config.extra.get("login_workers", 1)),
+            first_backoff_s=float(config.extra.get("login_first_backoff_s", 1)))
         self.anchor_interval_s = 0.5
         self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
@@ -356,14 +361,19 @@ class Node:
             body["role"] = role
         return body
 
-    def login(self, actor_id: str, password: str) -> tuple[str, Session]:
-        """Password login (the portal): one answer for an unknown id, a wrong password and
-        a deactivated or re-keyed user (no enrolment oracle)."""
+    async def login(self, actor_id: str, password: str, client: str = "") -> tuple[str, Session]:
+        """Password login (the portal): throttled per id and per client address, scrypt on
+        the bounded login pool, one answer for an unknown id and a wrong password."""
         path = self.home.user_keystore(actor_id)  # a malformed id is a 400, not a guess
+        self.login_guard.admit(actor_id, client)
         try:
-            return self.auth.login(keys.load_keystore(path, password))
+            identity = await self.login_guard.hash_off_loop(_unlock_or_decoy, path, password)
+            token, session = self.auth.login(identity)
         except (Unauthenticated, InvalidInput):
-            raise Unauthenticated(LOGIN_FAILED) from None
+            raise Unauthenticated(LOGIN_FAILED, hint="a user without a password at this node "
+                                  "signs in with their key file") from None
+        self.login_guard.succeeded(actor_id, client)
+        return token, session
 
     # ------------------------------------------------------------ patients and $match
     def known_patients(self) -> list[dict[str, Any]]:
@@ -1385,6 +1395,22 @@ class Node:
         self._ledger_decision(policy.decide_tx_submission(self._caller(session), tx.signer,
                                                           tx.kind))
         return await self.submit_raw(raw)
+
+
+_DECOY: list[bytes] = []
+
+
+def _unlock_or_decoy(path: Path, password: str) -> keys.Identity:
+    """Unlock a user keystore; for an id not enrolled here, spend the same scrypt work on a
+    decoy keystore and fail the same way (no enrolment oracle, by answer or by timing)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        if not _DECOY:
+            _DECOY.append(keys.lock(keys.new_identity("decoy", "patient"), os.urandom(16).hex()))
+        keys.unlock(_DECOY[0], password)
+        raise Unauthenticated(LOGIN_FAILED) from None
+    return keys.unlock(data, password)
 
 
 class WrongPasscode(Unauthenticated):

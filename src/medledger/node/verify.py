@@ -21,7 +21,7 @@ from medledger.core.machine import BlockInput
 from medledger.core.state import MemoryState
 from medledger.core.tx import decode_tx
 from medledger.crypto import merkle
-from medledger.crypto.canonical import b64d, canonical, loads, sha256
+from medledger.crypto.canonical import b64d, loads, sha256
 from medledger.crypto.signing import verify
 from medledger.errors import IntegrityError, MedledgerError
 from medledger.storage.blobs import BlobStore
@@ -228,29 +228,3 @@ def verify_blobs(store: SqliteStore, blobs: BlobStore,
             raise IntegrityError(f"{key}: re-wrapped key blob was altered (hash mismatch)")
     return BlobReport(held, missing, erased)
 
-
-def quick_check(store: SqliteStore, last: int = 200) -> None:
-    """A fast startup check: the newest ``last`` blocks' links and tx hashes, and the head."""
-    top = store.height
-    if top == 0:
-        return
-    start = max(1, top - last + 1)
-    prev = None
-    if start > 1:
-        prior = store.block(start - 1)
-        prev = sha256(canonical(prior)) if prior else None
-    for height, header_bytes, stored_hash in store.blocks(start):
-        if sha256(header_bytes) != stored_hash:
-            raise IntegrityError(f"block {height}: header bytes altered")
-        header = loads(header_bytes)
-        if prev is not None and bytes.fromhex(header["prev"]) != prev:
-            raise IntegrityError(f"block {height}: does not link to block {height - 1}")
-        txs = store.block_txs(height)
-        for i, (_, h, raw, _, _) in enumerate(txs):
-            if sha256(raw) != h:
-                raise IntegrityError(f"block {height} tx {i}: stored bytes were altered")
-        if merkle.root([raw for _, _, raw, _, _ in txs]).hex() != header["tx_root"]:
-            raise IntegrityError(f"block {height}: txs do not match the header's tx root")
-        prev = stored_hash
-    if prev != store.last_header_hash:
-        raise IntegrityError("the stored chain head does not match the newest block")

@@ -2,7 +2,10 @@
 
 Consensus data (blocks, txs, state, anchored audit events) is written only by
 ``commit_block``. The node-local audit log (``audit_local``) is written before a
-read's response leaves the node and later anchored on the ledger.
+read's response leaves the node and later anchored on the ledger; each of its rows
+chains the previous row's hash. With the node's seal key set (``set_seal_key``), the
+chain's head and the newest committed block are sealed in ``meta`` with an HMAC the
+start check verifies (``node/startcheck.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from medledger.core.machine import AuditRow, BlockApplied
+from medledger.crypto import localseal
 from medledger.crypto.canonical import canonical, loads
 from medledger.errors import StorageError
 
@@ -23,7 +27,8 @@ CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY, header BLOB NOT NULL, hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS txs (
     height INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL, raw BLOB NOT NULL,
-    code INTEGER NOT NULL, log TEXT NOT NULL, PRIMARY KEY (height, idx)) WITHOUT ROWID;
+    code INTEGER NOT NULL, log TEXT NOT NULL, data TEXT, PRIMARY KEY (height, idx))
+    WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS txs_hash ON txs (hash);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS audit (
@@ -33,7 +38,7 @@ CREATE INDEX IF NOT EXISTS audit_patient ON audit (patient, recorded);
 CREATE INDEX IF NOT EXISTS audit_event ON audit (event_id);
 CREATE TABLE IF NOT EXISTS audit_local (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL, event BLOB NOT NULL,
-    anchored_height INTEGER, patient TEXT);
+    anchored_height INTEGER, patient TEXT, hash BLOB);
 CREATE INDEX IF NOT EXISTS audit_local_pending ON audit_local (anchored_height, patient);
 CREATE TABLE IF NOT EXISTS used_assertions (jti TEXT PRIMARY KEY, exp REAL NOT NULL);
 """
@@ -50,18 +55,43 @@ def _upper(prefix: str) -> str:
     return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
 
 
+# columns added after the first release (stores made before get them, empty)
+_ADDED_COLUMNS = (("txs", "data", "TEXT"), ("audit_local", "hash", "BLOB"))
+HEAD_SEAL = "head_seal"  # meta: {"height", "hash", "mac"} of the newest committed block
+AUDIT_SEAL = "audit_local_seal"  # meta: {"checkpoint": [seq, hash], "head": [seq, hash], "mac"}
+
+
 class SqliteStore:
-    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL",
+                 readonly: bool = False) -> None:
         self.path = str(path)
         try:
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={synchronous}")
+            if readonly:  # the start check's worker processes
+                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                          check_same_thread=False, isolation_level=None)
+            else:
+                self.db = sqlite3.connect(self.path, check_same_thread=False,
+                                          isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute(f"PRAGMA synchronous={synchronous}")
+                self.db.executescript(SCHEMA)
+                self._add_columns()
             self.db.execute("PRAGMA cache_size=-65536")
-            self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open ledger database {self.path}: {exc}") from exc
         self.lock = threading.RLock()
+        self.seal_key: bytes | None = None
+
+    def _add_columns(self) -> None:
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+    def set_seal_key(self, key: bytes) -> None:
+        """The key (derived from the org key) that seals the chain head and the local audit
+        log from now on; without it those seals are not updated."""
+        self.seal_key = key
 
     def close(self) -> None:
         with self.lock:
@@ -109,6 +139,26 @@ class SqliteStore:
                 yield k, bytes(v)
             last = rows[-1][0]
 
+    def state_items_between(self, lo: str, hi: str | None) -> Iterator[tuple[str, bytes]]:
+        """State entries with ``lo <= key < hi`` (``hi`` None: to the end), in key order."""
+        cur = self.db.cursor()
+        if hi is None:
+            rows = cur.execute("SELECT key, value FROM state WHERE key >= ?", (lo,))
+        else:
+            rows = cur.execute("SELECT key, value FROM state WHERE key >= ? AND key < ?",
+                               (lo, hi))
+        for k, v in rows:
+            yield k, bytes(v)
+
+    def state_split_keys(self, parts: int) -> list[str]:
+        """Keys cutting the state into about ``parts`` equal ranges (for parallel scans)."""
+        with self.lock:
+            n = int(self.db.execute("SELECT count(*) FROM state").fetchone()[0])
+            step = max(1, n // max(1, parts))
+            return [str(r[0]) for r in (self.db.execute(
+                "SELECT key FROM state ORDER BY key LIMIT 1 OFFSET ?", (i * step,)).fetchone()
+                for i in range(1, parts)) if r is not None]
+
     # ------------------------------------------------------------ meta
     def meta(self, key: str) -> bytes | None:
         with self.lock:
@@ -153,14 +203,28 @@ class SqliteStore:
         with self.lock, self._txn():
             self.db.execute("INSERT INTO blocks VALUES (?, ?, ?)",
                             (h, canonical(applied.header), applied.header_hash))
-            self.db.executemany("INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?)", [
-                (h, i, applied.tx_hashes[i], raw, r.code, r.log)
+            self.db.executemany("INSERT INTO txs VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                (h, i, applied.tx_hashes[i], raw, r.code, r.log, r.data)
                 for i, (raw, r) in enumerate(zip(txs, applied.results, strict=True))])
             self._apply_writes(applied.writes)
             self._index_audit(h, applied.audit)
-            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", [
-                ("height", str(h).encode()), ("app_hash", applied.app_hash),
-                ("header_hash", applied.header_hash), ("state_acc", applied.state_acc)])
+            meta = [("height", str(h).encode()), ("app_hash", applied.app_hash),
+                    ("header_hash", applied.header_hash), ("state_acc", applied.state_acc)]
+            if self.seal_key is not None:
+                meta.append((HEAD_SEAL, self._head_seal(h, applied.header_hash)))
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
+
+    def _head_seal(self, height: int, header_hash: bytes) -> bytes:
+        assert self.seal_key is not None
+        return canonical({"height": height, "hash": header_hash.hex(),
+                          "mac": localseal.mac(self.seal_key, "head", height,
+                                               header_hash.hex())})
+
+    def seal_head(self) -> None:
+        """Seal the current head (after the start check accepted a chain extended offline)."""
+        if self.seal_key is None or not self.height:
+            return
+        self.set_meta({HEAD_SEAL: self._head_seal(self.height, self.last_header_hash)})
 
     def _apply_writes(self, writes: dict[str, bytes | None]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
@@ -215,6 +279,45 @@ class SqliteStore:
                 yield height, bytes(header), bytes(hsh)
             h = rows[-1][0] + 1
 
+    def ledger_rows(self, lo: int, hi: int) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        """Blocks ``lo..hi`` with their txs and anchored audit rows, as ``(kind, row)`` in
+        height order (for the start check): ``("block", (height, header, hash))``, then
+        that block's ``("tx", (height, idx, hash, raw, code, data))`` and ``("audit",
+        (height, leaf, event_id, patient, recorded, event))`` rows; a row left over
+        (no block of its height) comes last."""
+        tx_cur = self.db.execute("SELECT height, idx, hash, raw, code, data FROM txs WHERE "
+                                 "height BETWEEN ? AND ? ORDER BY height, idx", (lo, hi))
+        au_cur = self.db.cursor().execute(
+            "SELECT height, leaf, event_id, patient, recorded, event FROM audit WHERE "
+            "height BETWEEN ? AND ? ORDER BY height, leaf", (lo, hi))
+        blocks = self.db.cursor().execute("SELECT height, header, hash FROM blocks WHERE "
+                                          "height BETWEEN ? AND ? ORDER BY height", (lo, hi))
+        tx, au = tx_cur.fetchone(), au_cur.fetchone()
+        for block in blocks:
+            height = block[0]
+            yield "block", block
+            while tx is not None and tx[0] <= height:
+                yield "tx", tx
+                tx = tx_cur.fetchone()
+            while au is not None and au[0] <= height:
+                yield "audit", au
+                au = au_cur.fetchone()
+        if tx is not None:
+            yield "tx", tx
+        if au is not None:
+            yield "audit", au
+
+    def max_block_height(self) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT coalesce(max(height), 0) FROM blocks"
+                                       ).fetchone()[0])
+
+    def block_hash(self, height: int) -> bytes | None:
+        with self.lock:
+            row = self.db.execute("SELECT hash FROM blocks WHERE height = ?", (height,)
+                                  ).fetchone()
+        return None if row is None else bytes(row[0])
+
     def block_txs(self, height: int) -> list[tuple[int, bytes, bytes, int, str]]:
         """(idx, hash, raw, code, log) of a block's txs, in stored order."""
         with self.lock:
@@ -247,10 +350,74 @@ class SqliteStore:
 
     # ------------------------------------------------------------ audit
     def append_local_audit(self, events: list[tuple[str, str | None, bytes]]) -> None:
-        """Durably record (event id, patient, event) before the response that caused them."""
+        """Durably record (event id, patient, event) before the response that caused them.
+
+        Each row's hash chains the previous row's; the new head is sealed (HMAC) in the
+        same transaction, so a deleted or edited row is found by the start check."""
         with self.lock, self._txn():
-            self.db.executemany("INSERT OR IGNORE INTO audit_local (event_id, patient, event) "
-                                "VALUES (?, ?, ?)", events)
+            ids = [e[0] for e in events]
+            known = {r[0] for r in self.db.execute(
+                f"SELECT event_id FROM audit_local WHERE event_id IN ({','.join('?' * len(ids))})",
+                ids)} if ids else set()
+            last = self.db.execute("SELECT seq, hash FROM audit_local ORDER BY seq DESC "
+                                   "LIMIT 1").fetchone()
+            seq, link = (0, localseal.GENESIS_LINK) if last is None else (
+                int(last[0]), bytes(last[1] or localseal.GENESIS_LINK))
+            rows = []
+            for event_id, patient, event in events:
+                if event_id in known:
+                    continue
+                known.add(event_id)
+                seq += 1
+                link = localseal.chain_link(link, seq, event)
+                rows.append((seq, event_id, patient, event, link))
+            self.db.executemany("INSERT INTO audit_local (seq, event_id, patient, event, hash) "
+                                "VALUES (?, ?, ?, ?, ?)", rows)
+            if rows and self.seal_key is not None:
+                seal = self.audit_seal()
+                checkpoint = seal["checkpoint"] if seal else [0, localseal.GENESIS_LINK.hex()]
+                self._write_audit_seal(checkpoint, [seq, link.hex()])
+
+    def audit_seal(self) -> dict[str, Any] | None:
+        raw = self.meta(AUDIT_SEAL)
+        return None if raw is None else dict(loads(raw))
+
+    def _write_audit_seal(self, checkpoint: list[Any], head: list[Any]) -> None:
+        assert self.seal_key is not None
+        tag = localseal.mac(self.seal_key, "audit_local", checkpoint, head)
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (AUDIT_SEAL, canonical({"checkpoint": checkpoint, "head": head,
+                                                "mac": tag})))
+
+    def advance_audit_checkpoint(self, checkpoint: list[Any], head: list[Any]) -> None:
+        """Move the verified checkpoint forward (rows before it are anchored on the ledger)."""
+        if self.seal_key is None:
+            return
+        with self.lock, self._txn():
+            current = self.audit_seal()
+            if current is not None and current["head"] != head:
+                return  # rows were appended meanwhile: keep the seal they wrote
+            self._write_audit_seal(checkpoint, head)
+
+    def local_audit_rows(self, after_seq: int) -> Iterator[tuple[int, str, str | None, bytes,
+                                                                 int | None, bytes | None]]:
+        """(seq, event_id, patient, event, anchored_height, hash) after ``after_seq``."""
+        cur = self.db.cursor().execute(
+            "SELECT seq, event_id, patient, event, anchored_height, hash FROM audit_local "
+            "WHERE seq > ? ORDER BY seq", (after_seq,))
+        for seq, eid, patient, event, height, link in cur:
+            yield seq, eid, patient, bytes(event), height, None if link is None else bytes(link)
+
+    def unanchored_before(self, seq: int) -> int:
+        with self.lock:
+            return int(self.db.execute("SELECT count(*) FROM audit_local WHERE seq <= ? AND "
+                                       "anchored_height IS NULL", (seq,)).fetchone()[0])
+
+    def anchored_event_matches(self, height: int, event_id: str, event: bytes) -> bool:
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM audit WHERE event_id = ? AND height = ? AND "
+                                   "event = ? LIMIT 1", (event_id, height, event)
+                                   ).fetchone() is not None
 
     def pending_local_audit(self, limit: int = 1000) -> list[bytes]:
         with self.lock:

@@ -35,8 +35,10 @@ export function diagnose(status, doc) {
 export async function api(path, { method = "GET", body, headers = {}, auth = true } = {}) {
   const init = { method, credentials: "same-origin",
     headers: { Accept: "application/fhir+json, application/json", ...headers } };
-  if (body !== undefined) {
-    init.body = JSON.stringify(body);
+  // every state change is JSON (the node refuses cookie-authenticated writes without it:
+  // a cross-site form cannot send that content type)
+  if (body !== undefined || method !== "GET") {
+    init.body = JSON.stringify(body === undefined ? {} : body);
     init.headers["Content-Type"] = "application/json";
   }
   let resp;

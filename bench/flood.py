@@ -1,0 +1,122 @@
+"""Login and search flood (issue 9, item 2): other clients' read latency while 16 clients
+flood ``/auth/login`` (wrong passwords) and type-wide searches, against a real node
+process on loopback. Bounded in time (``--seconds`` per phase) and in clients.
+
+``python -m bench.flood`` prints the readers' p50/p99 without and with the flood, and what
+the flooders got (401 wrong password, 429 throttled, 503 busy, 200 search pages).
+Figures on a shared 2-core machine are noisy: compare the two phases of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from bench import http, loadgen
+from bench.lab import Lab
+from bench.stats import latency_ms
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _client(url: str, make: Any, until: float, out: loadgen.Outcome) -> None:
+    """One keep-alive client sending ``make()`` requests until ``until``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    reader, writer = await asyncio.open_connection(host, port, limit=2**24)
+    try:
+        while time.perf_counter() < until:
+            data = loadgen.encode(f"{host}:{port}", make())
+            t = time.perf_counter()
+            status, _ = await loadgen._one(reader, writer, data)
+            out.latencies.append(time.perf_counter() - t)
+            out.statuses[status] = out.statuses.get(status, 0) + 1
+    finally:
+        writer.close()
+
+
+async def _phase(url: str, tok: str, records: list[str], seconds: float, flood: bool
+                 ) -> dict[str, Any]:
+    rng = random.Random(7)
+    auth = {"Authorization": f"Bearer {tok}"}
+    until = time.perf_counter() + seconds
+    readers, logins, searches = loadgen.Outcome(), loadgen.Outcome(), loadgen.Outcome()
+    tasks = [_client(url, lambda: ("GET", f"/fhir/Observation/{rng.choice(records)}", auth,
+                                   None), until, readers) for _ in range(4)]
+    if flood:
+        n = iter(range(10**9))
+        tasks += [_client(url, lambda: ("POST", "/auth/login",
+                                        {"Content-Type": "application/json"},
+                                        orjson.dumps({"id": f"user-{next(n) % 50}",
+                                                      "password": "wrong-password"})),
+                          until, logins) for _ in range(8)]
+        tasks += [_client(url, lambda: ("GET", "/fhir/Observation?_count=20", auth, None),
+                          until, searches) for _ in range(8)]
+    await asyncio.gather(*tasks)
+    return {"readers": {**latency_ms(readers.latencies), "n": len(readers.latencies),
+                        "statuses": readers.statuses},
+            "login_flood": {"n": len(logins.latencies), "statuses": logins.statuses},
+            "search_flood": {"n": len(searches.latencies), "statuses": searches.statuses,
+                             **(latency_ms(searches.latencies) if searches.latencies else {})}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--records", type=int, default=2000)
+    args = ap.parse_args()
+    console = Console(width=160)
+    work = Path(tempfile.mkdtemp(prefix="medledger-flood-"))
+    port = _free_port()
+    try:
+        lab = Lab(work / "node", port=port)
+        lab.register_patients(100)
+        prac = lab.register_practitioner("dr-flood", "physician")
+        lab.load_records(args.records, "flood")
+        records = list(lab.records)
+        lab.close()
+        node = http.NodeProcess(lab.home.path, port, work / "node.log")
+        try:
+            tok = http.token(node.url, prac)
+            asyncio.run(_phase(node.url, tok, records, 2, False))  # warm-up
+            quiet = asyncio.run(_phase(node.url, tok, records, args.seconds, False))
+            flood = asyncio.run(_phase(node.url, tok, records, args.seconds, True))
+        finally:
+            node.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = Table("phase", "reader p50 ms", "reader p99 ms", "reads", "logins (statuses)",
+                  "searches (statuses)", "search p99 ms")
+    for name, r in (("4 readers alone", quiet), ("+ 8 login + 8 search flooders", flood)):
+        table.add_row(name, f"{r['readers']['p50_ms']:.1f}", f"{r['readers']['p99_ms']:.1f}",
+                      f"{r['readers']['n']:,}",
+                      f"{r['login_flood']['n']:,} {r['login_flood']['statuses']}",
+                      f"{r['search_flood']['n']:,} {r['search_flood']['statuses']}",
+                      f"{r['search_flood'].get('p99_ms', 0):.0f}")
+    console.print(table)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "flood.json").write_bytes(orjson.dumps(
+        {"seconds": args.seconds, "records": args.records, "quiet": quiet, "flood": flood},
+        option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+
+
+if __name__ == "__main__":
+    main()
