@@ -18,10 +18,12 @@ from typing import Any
 import httpx
 import orjson
 
+from medledger.client import Client
 from medledger.core import proofs
 from medledger.core.machine import header_hash
 from medledger.crypto import freetext
 from medledger.crypto.canonical import b64d, loads
+from medledger.crypto.keys import Identity
 from medledger.errors import InvalidInput, MedledgerError
 
 EXT = "http://medledger.example/fhir/StructureDefinition/"
@@ -61,7 +63,7 @@ def _items(doc: Any) -> list[tuple[dict[str, Any], str | None, dict[str, Any] | 
 
 
 def check_proof(proof: dict[str, Any], key_b64: str | None, shown: dict[str, Any] | None,
-                against: list[str]) -> Checked:
+                against: list[str], identity: Identity | None = None) -> Checked:
     if "leaf" not in proof:
         return Checked(str(proof.get("id", "?")), "", None, False, "not anchored yet", "",
                        False)
@@ -82,21 +84,36 @@ def check_proof(proof: dict[str, Any], key_b64: str | None, shown: dict[str, Any
                 text = "; ".join(str(v) for v in opened.values() if v) or "(empty)"
             except MedledgerError:
                 text, text_ok = "DOES NOT OPEN with the key given", False
-    where, against_ok = _against(proof, against)
+    where, against_ok = _against(proof, against, identity)
     return Checked(str(ev["id"]), str(ev.get("recorded", "")), height, ok, text, where,
                    text_ok, against_ok)
 
 
-def _against(proof: dict[str, Any], urls: list[str]) -> tuple[str, bool]:
+def _header_at(url: str, height: int, identity: Identity | None) -> dict[str, Any]:
+    """A block header from another node: the ledger is for signed-in users (members get
+    blocks, anyone else their headers), so the patient signs in with their own key."""
+    if identity is None:
+        resp = httpx.get(f"{url.rstrip('/')}/ledger/blocks/{height}", timeout=10)
+        if resp.status_code == 401:
+            raise PermissionError("sign in with --key to read block headers there")
+        return resp.json()["header"]  # type: ignore[no-any-return]
+    with Client(url, identity, timeout=10) as c:
+        return c.get(f"/ledger/blocks/{height}")["header"]  # type: ignore[no-any-return]
+
+
+def _against(proof: dict[str, Any], urls: list[str],
+             identity: Identity | None = None) -> tuple[str, bool]:
     if not urls:
         return "", True
     height, expected = proof["header"]["height"], proof["header_hash"]
     same, differ = 0, []
     for url in urls:
         try:
-            header = httpx.get(f"{url.rstrip('/')}/ledger/blocks/{height}",
-                               timeout=10).json()["header"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            header = _header_at(url, height, identity)
+        except PermissionError as exc:
+            differ.append(f"{url} ({exc})")
+            continue
+        except (httpx.HTTPError, MedledgerError, ValueError, KeyError, TypeError):
             differ.append(f"{url} (unreachable)")
             continue
         if header_hash(header).hex() == expected:
@@ -108,9 +125,10 @@ def _against(proof: dict[str, Any], urls: list[str]) -> tuple[str, bool]:
     return f"same header at {same} nodes", True
 
 
-def check_file(path: Path, against: list[str]) -> list[Checked]:
+def check_file(path: Path, against: list[str],
+               identity: Identity | None = None) -> list[Checked]:
     try:
         doc = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
         raise InvalidInput(f"cannot read {path}: {exc}") from exc
-    return [check_proof(p, k, r, against) for p, k, r in _items(doc)]
+    return [check_proof(p, k, r, against, identity) for p, k, r in _items(doc)]

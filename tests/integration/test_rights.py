@@ -338,7 +338,8 @@ def test_accounting_of_disclosures_with_proofs(node: NodeHandle, tmp_path: Path)
                   str(out_file), "--pdf", str(pdf_file), MEDLEDGER_KEY_PASSWORD=password)
     assert res.returncode == 0, res.stdout + res.stderr
     assert pdf_file.read_bytes().startswith(b"%PDF-")
-    res = run_cli("audit", "prove", "--file", str(out_file), "--against", node.url)
+    res = run_cli("audit", "prove", "--file", str(out_file), "--against", node.url,
+                  "--key", str(key), MEDLEDGER_KEY_PASSWORD=password)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 of 2 proofs verified" in res.stdout and reason[:20] in res.stdout
     doc = orjson.loads(out_file.read_bytes())

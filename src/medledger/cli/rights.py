@@ -19,6 +19,7 @@ from medledger.cli.common import (
     KeyOpt,
     NodeOpt,
     _client,
+    _identity,
     _password,
     app,
     audit_app,
@@ -167,11 +168,14 @@ def audit_prove(file: Annotated[Path, typer.Option(
                     help="A Bundle from `audit disclosures` (or one proof JSON).")],
                 against: Annotated[list[str], typer.Option(
                     "--against", help="Also check each block header at this node "
-                    "(repeatable; another organisation's node).")] = []) -> None:
+                    "(repeatable; another organisation's node).")] = [],
+                key: Annotated[Path | None, typer.Option(
+                    help="Your key file: signs you in at the --against nodes (their "
+                    "ledger serves block headers to signed-in users).")] = None) -> None:
     """Check inclusion proofs offline: each event is in its block's audit root, its sealed
     text opens with the key given, and (--against) other nodes hold the same header."""
     from medledger.audit_proof import check_file
-    results = check_file(file, against)
+    results = check_file(file, against, _identity(key) if key else None)
     table = Table("event", "recorded", "block", "proof", "sealed text", "other nodes")
     for r in results:
         table.add_row(r.event_id[:8], r.recorded[:19], str(r.height),
