@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
+from medledger.core import policy
 from medledger.search.engine import SearchResult
 from medledger.search.extract import indexed_params
 from medledger.search.registry import registry
@@ -32,7 +33,11 @@ def _outcome(result: SearchResult) -> dict[str, Any] | None:
               for name in result.ignored]
     issues += [{"severity": "information", "code": "suppressed",
                 "diagnostics": f"{w.ref} ({w.category}) withheld: {w.reason}"}
-               for w in result.withheld]
+               for w in result.withheld if w.ref]
+    unnamed = sum(1 for w in result.withheld if not w.ref)  # counted, never named
+    if unnamed:
+        issues.append({"severity": "information", "code": "suppressed",
+                        "diagnostics": f"{unnamed} records {policy.WITHHELD_GENERIC}"})
     if not issues:
         return None
     return {"resourceType": "OperationOutcome", "issue": issues}
@@ -117,5 +122,11 @@ def capability(base_url: str, org_id: str, date: str, version: str) -> dict[str,
                           {"name": "everything", "definition":
                            "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
                           {"name": "summary", "definition":
-                           "http://hl7.org/fhir/uv/ips/OperationDefinition/summary"}]}],
+                           "http://hl7.org/fhir/uv/ips/OperationDefinition/summary"},
+                          # patient rights (api/rights_routes.py, docs/PRIVACY.md)
+                          {"name": "erase", "definition":
+                           "http://medledger.example/OperationDefinition/Patient-erase"},
+                          {"name": "disclosures", "definition":
+                           "http://medledger.example/OperationDefinition/"
+                           "Patient-disclosures"}]}],
     }

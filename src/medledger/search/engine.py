@@ -53,15 +53,19 @@ class Hit:
 
 @dataclass(frozen=True)
 class Withheld:
-    ref: str
+    ref: str  # "" when the caller may not learn which record (counted, not named)
     category: str
     reason: str
+    meta: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # audit
 
 
 def withheld_notice(meta: dict[str, Any], decision: policy.Decision) -> Withheld:
-    """What a searcher learns about a matching record they may not read. The one place
-    that decides it (issue 8 changes what it reveals)."""
-    return Withheld(ref(meta), str(meta["category"]), decision.reason)
+    """What a searcher learns about a matching record they may not read: the one place
+    that decides it (``policy.withheld_view``: named only to those who may see the
+    patient; everyone else gets a count and a generic message)."""
+    view = policy.withheld_view(meta, decision)
+    return Withheld(*view, meta=meta) if view else Withheld("", "", policy.WITHHELD_GENERIC,
+                                                            meta=meta)
 
 
 class SearchResult(NamedTuple):

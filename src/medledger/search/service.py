@@ -12,6 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from medledger.core import policy
 from medledger.core import state as st
 from medledger.crypto.kdf import derive_key
 from medledger.errors import (
@@ -88,18 +89,19 @@ class NodeSearch:
                      break_glass: str | None = None, subtype: str = "search",
                      strict: bool = False) -> SearchResult:
         node = self.node
-        if rtype != "*":
-            node._need_scope(session, rtype, "s")
         node._check_serving()
         items = as_items(params)
         await self.wait()
         q = self.engine.parse(rtype, items, strict)
+        patients = q.patient_refs
+        caller = node._caller(session)
+        named = sorted(patients)[0] if len(patients) == 1 else None
+        node._allowed(session, policy.decide_search(caller, rtype, named), subtype, named)
         try:
             own = check_patient_scope(session, q)
         except Forbidden as err:
-            raise node._deny(session, subtype, sorted(q.patient_refs)[0], [],
+            raise node._deny(session, subtype, sorted(patients)[0], [],
                              err.message) from err
-        patients = q.patient_refs
         if break_glass is not None and len(patients) != 1:
             raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
         scope = Scope(session, break_glass, own)
@@ -112,11 +114,10 @@ class NodeSearch:
                          ) -> SearchResult:
         node = self.node
         node._check_serving()
+        node._allowed(session, policy.decide_everything(node._caller(session), patient),
+                      "everything", patient)
         if st.actor(node.store, patient) is None:
             raise NotFound(f"Patient/{patient} does not exist")
-        if session.kind == "patient" and session.actor_id != patient:
-            raise node._deny(session, "everything", patient, [],
-                             "patients may search only their own records")
         await self.wait()
         q = self.engine.parse("*", [], False)
         scope = Scope(session, break_glass, None, everything_of=patient, unlimited=True)
@@ -141,10 +142,11 @@ class NodeSearch:
                         purpose="ETREAT" if result.break_glass else purpose,
                         reason=break_glass or "", detail=detail)
             return
-        by_patient: dict[str, list[str]] = {}
-        for h in hits:  # a type-wide search: every patient whose records it returned sees it
-            if h.meta.get("patient"):
-                by_patient.setdefault(h.meta["patient"], []).append(ref(h.meta))
+        by_patient: dict[str, list[str]] = {}  # a type-wide search: every patient whose
+        denied = [w.meta for w in result.withheld if w.meta is not None]  # records it
+        for m in [h.meta for h in hits] + denied:  # returned or withheld sees it (a probe)
+            if m.get("patient"):
+                by_patient.setdefault(m["patient"], []).append(ref(m))
         for pid, refs in sorted(by_patient.items()):
             node._audit(session, subtype, pid, refs[:50], basis=basis, purpose=purpose,
                         detail=detail)
@@ -174,23 +176,29 @@ class NodeSearch:
                              count: int | None
                              ) -> list[tuple[dict[str, Any], match.MatchResult]]:
         node = self.node
-        if session.kind != "practitioner":
-            raise Forbidden("only practitioners may search the patient index")
-        node._need_scope(session, "Patient", "s")
+        caller = node._caller(session)
+        node._allowed(session, policy.decide_match(caller), "match", None)
         candidate = parse_resource(resource, "Patient")
         found = matching.score(candidate, await self._candidates(candidate), only_certain,
                                count)
         visible = []
         for p, r in found:  # only patients whose demographics this practitioner may read
             meta = st.record_head(node.store, "Patient", str(p["id"]))
-            if meta is not None and node._decide(session, meta, None).allowed:
+            if meta is None:
+                continue
+            decision = policy.decide_record(node.store, caller, meta, node.now_s)
+            if decision.allowed:
                 visible.append((dict(p), r))
-                node._audit(session, "match", str(p["id"]), [ref(meta)],
-                            detail=f"$match candidate ({r.grade})")
+            node._audit(session, "match", str(p["id"]), [ref(meta)],
+                        outcome="0" if decision.allowed else "4",
+                        detail=f"$match candidate ({r.grade})"
+                        + ("" if decision.allowed else ": withheld from the caller"))
         return visible
 
-    async def duplicate_check(self, resource: dict[str, Any]) -> tuple[str | None, str]:
-        """Raise ``Conflict`` on a certain match not linked by the client; flag probables."""
+    async def duplicate_check(self, session: Any, resource: dict[str, Any]
+                              ) -> tuple[str | None, str]:
+        """Raise ``Conflict`` on a certain match not linked by the client; flag probables.
+        Each match is told the registrar as the node's ``duplicate_notice`` allows."""
         linked = {str(link.get("other", {}).get("reference", "")).removeprefix("Patient/")
                   for link in resource.get("link", [])}
         warning = None
@@ -198,9 +206,8 @@ class NodeSearch:
             if existing.get("id") == resource.get("id") or existing.get("id") in linked:
                 continue
             if result.grade == "certain":
-                raise Conflict(f"this patient is already registered as Patient/{existing['id']} "
-                               "(certain match); link to it with Patient.link or update it "
-                               "instead")
+                raise Conflict(self.node.duplicate_notice(session, str(existing["id"]),
+                                                          "certain"))
             if result.grade == "probable" and warning is None:
-                warning = str(existing["id"])
-        return warning, "" if warning is None else f"probable duplicate of Patient/{warning}"
+                warning = self.node.duplicate_notice(session, str(existing["id"]), "probable")
+        return warning, warning or ""
