@@ -135,6 +135,7 @@ class Plan:
     order: list[tuple[Sql, bool]] = field(default_factory=list)  # (expr, descending)
     ordered: tuple[str, Sql] | None = None  # join a value index read in row-id order
     totals: list[Sql] = field(default_factory=list)  # every condition, on ``res`` alone
+    surely_many: bool = False  # more matches than a default total counts
 
     @property
     def rid(self) -> str:
@@ -167,7 +168,7 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
     base = _base_filters(index, q, scope)
     if base is None:
         return None
-    drivable = [(c, _estimate(index, c)) for c in q.conditions if c.driver is not None]
+    drivable = _estimates(index, [c for c in q.conditions if c.driver is not None])
     small = min(drivable, key=lambda x: x[1]) if drivable else None
     driver = small[0] if small is not None and small[1] <= DRIVER_LIMIT else None
     ordered = None
@@ -183,6 +184,25 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
             out.where.append(cond.check.bind("res.rid"))
     out.order = [(k.expr.bind("res.rid"), k.descending) for k in q.sort]
     out.totals = [*out.where, *([ordered.check.bind("res.rid")] if ordered else [])]
+    # one condition matching more than the default total limit: no need to count it
+    out.surely_many = len(q.conditions) == 1 and small is not None and \
+        small[1] > TOTAL_LIMIT and small[1] > DRIVER_LIMIT
+    return out
+
+
+SMALL_ENOUGH = 200  # a condition this selective drives; the others need no estimate
+
+
+def _estimates(index: SearchIndex, conds: list[Condition]) -> list[tuple[Condition, int]]:
+    """Bounded match counts, equality conditions (those with an ordered index) first; once
+    one is small enough to drive, range conditions are not counted (it would cost more
+    than it saves: a range condition scans its rows)."""
+    out: list[tuple[Condition, int]] = []
+    for cond in sorted(conds, key=lambda c: c.ordered is None):
+        if out and min(n for _, n in out) <= SMALL_ENOUGH and cond.ordered is None:
+            out.append((cond, DRIVER_LIMIT + 1))
+            continue
+        out.append((cond, _estimate(index, cond)))
     return out
 
 
@@ -347,14 +367,16 @@ class Engine:
                 not scope.unlimited:
             return page  # everything fit on the first page
         where = _join(p.totals, " AND ")
-        if q.total != "accurate" and q.summary != "count":
-            n = self.index.query(f"SELECT count(*) FROM (SELECT 1 FROM res WHERE {where.text} "
-                                 f"LIMIT {TOTAL_LIMIT + 1})", where.args)[0][0]
-            if n > TOTAL_LIMIT:
-                return None
-        groups = self.index.query(
-            f"SELECT patient, category, labels, count(*) FROM res WHERE {where.text} "
-            "GROUP BY patient, category, labels", where.args)
+        bounded = q.total != "accurate" and q.summary != "count"
+        if bounded and p.surely_many:
+            return None
+        # policy is decided once per (patient, category, labels) group of the matches
+        inner = f"SELECT patient, category, labels FROM res WHERE {where.text}" + (
+            f" LIMIT {TOTAL_LIMIT + 1}" if bounded else "")
+        groups = self.index.query(f"SELECT patient, category, labels, count(*) FROM ({inner}) "
+                                  "GROUP BY patient, category, labels", where.args)
+        if bounded and sum(int(g[3]) for g in groups) > TOTAL_LIMIT:
+            return None
         total = 0
         for patient, category, labels, n in groups:
             meta = {"patient": patient, "category": category,
