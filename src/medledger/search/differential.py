@@ -78,9 +78,19 @@ def resources_in(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def main(folder: str) -> int:
+def _compare_all(resources: list[dict[str, Any]]) -> list[str]:
+    return [d for r in resources for d in compare(r)]
+
+
+def main(folder: str, jobs: int = 1) -> int:
     resources = resources_in(Path(folder))
-    problems = [d for r in resources for d in compare(r)]
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        chunks = [resources[i::jobs * 8] for i in range(jobs * 8)]
+        with ProcessPoolExecutor(jobs) as pool:
+            problems = [d for part in pool.map(_compare_all, chunks) for d in part]
+    else:
+        problems = _compare_all(resources)
     for p in problems[:50]:
         print(p)
     print(f"{len(resources)} resources, {len(problems)} differences")
@@ -88,4 +98,4 @@ def main(folder: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1))
