@@ -24,7 +24,7 @@ def rebuild(home: HomeOpt,
     from medledger.search.sync import IndexSync
     node = open_node(str(home), _password("MEDLEDGER_PASSWORD",
                                           "organisation keystore password"))
-    path = node.home.path / "index.db"
+    path = node.home.index_path
     for suffix in ("", "-wal", "-shm"):  # a fresh file: nothing of the old one survives
         (path.parent / (path.name + suffix)).unlink(missing_ok=True)
     index = SearchIndex(path, index_key(node.org.enc_private), matching.blocking_keys)

@@ -52,7 +52,7 @@ class NodeSearch:
     def __init__(self, node: Any) -> None:
         self.node = node
         key = node.org.enc_private
-        self.index = SearchIndex(node.home.path / "index.db", index_key(key),
+        self.index = SearchIndex(node.home.index_path, index_key(key),
                                  matching.blocking_keys)
         self.sync = IndexSync(self.index, node.store, node.decrypt)
         self.engine = Engine(self.index, Cursors(derive_key(key, CURSOR_INFO)),
