@@ -60,13 +60,20 @@ def test_blocks_are_indexed_and_catch_up_repairs(tmp_path: Path) -> None:
     sync.on_commit(commit(2, {"o1": (2, "C")}), ())
     assert sync.wait_for(2, 10)
     assert _codes(index) == {("o1", "C"), ("o2", "B")}
-    sync.on_commit(commit(3, {"o2": None}), ())  # erased: gone from the index
+    sync.on_commit(commit(3, {"o2": None}), ())  # state entry gone: gone from the index
     assert sync.wait_for(3, 10)
     assert _codes(index) == {("o1", "C")}
+    erased = {**_meta("o1", 2), "erased": {"at": 1, "by": "p", "basis": "x", "tx": "t"}}
+    ledger.apply({"rec/Observation/o1": canonical(erased)})  # record.erase marks the head
+    ledger.height = 4
+    sync.on_commit(SimpleNamespace(header={"height": 4}, writes={
+        "rec/Observation/o1": canonical(erased)}), ())
+    assert sync.wait_for(4, 10)
+    assert _codes(index) == set()
     sync.stop()
-    commit(4, {"o3": (1, "D"), "o1": (3, "E")})  # committed while the indexer was down
+    commit(5, {"o3": (1, "D"), "o1": (3, "E")})  # committed while the indexer was down
     sync2 = IndexSync(index, ledger, lambda m: plain[(m["id"], m["v"])])
     assert sync2.catch_up() == 2
-    assert index.height == 4 and _codes(index) == {("o1", "E"), ("o3", "D")}
+    assert index.height == 5 and _codes(index) == {("o1", "E"), ("o3", "D")}
     assert sync2.rebuild() == 2 and _codes(index) == {("o1", "E"), ("o3", "D")}
     index.close()
