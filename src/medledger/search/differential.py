@@ -16,7 +16,12 @@ from typing import Any
 import orjson
 
 from medledger.search import fastpath
-from medledger.search.extract import extract, indexed_params, reference_evaluator
+from medledger.search.extract import (
+    Extracted,
+    add_composite,
+    indexed_params,
+    reference_evaluator,
+)
 
 
 def _plain(value: Any) -> Any:
@@ -48,22 +53,26 @@ def _numbers_equal(a: Any, b: Any) -> bool:
 
 
 def compare(resource: dict[str, Any]) -> list[str]:
-    """Every parameter whose fast and reference values differ (empty when none do)."""
+    """Every parameter whose fast and reference values differ (empty when none do):
+    raw FHIRPath results for simple parameters, index rows for composites."""
     rtype = str(resource.get("resourceType"))
     diffs = []
     for param in indexed_params(rtype):
-        paths = [param.path] if param.type != "composite" else []
-        for path in paths:
-            fast = fastpath.compile_path(path, rtype)
-            if fast is None:
-                continue
-            want = reference_evaluator(path, rtype)(resource)
-            got = fast(resource)
-            if not _same(got, want):
-                diffs.append(f"{rtype}.{param.code} ({path}): fast {_plain(got)!r} "
-                             f"!= fhirpathpy {_plain(want)!r}")
-    if extract(resource, fast=True) != extract(resource, fast=False):
-        diffs.append(f"{rtype}/{resource.get('id')}: extracted index values differ")
+        if param.type == "composite":
+            fast_rows, ref_rows = Extracted(), Extracted()
+            add_composite(fast_rows, param, resource, True)
+            add_composite(ref_rows, param, resource, False)
+            if fast_rows.composites != ref_rows.composites:
+                diffs.append(f"{rtype}.{param.code}: composite rows differ")
+            continue
+        fast = fastpath.compile_path(param.path, rtype)
+        if fast is None:
+            continue
+        want = reference_evaluator(param.path, rtype)(resource)
+        got = fast(resource)
+        if not _same(got, want):
+            diffs.append(f"{rtype}.{param.code} ({param.path}): fast {_plain(got)!r} "
+                         f"!= fhirpathpy {_plain(want)!r}")
     return diffs
 
 
