@@ -252,7 +252,6 @@ class Engine:
     index: SearchIndex
     cursors: Cursors
     now_ms: Any  # Callable[[], int]
-    _open: bool = True  # decrypt hits while paging (set per run)
 
     def compiler(self) -> Compiler:
         return Compiler(self.index.pid, self.index.tid, int(self.now_ms()))
@@ -265,7 +264,6 @@ class Engine:
         """The page (and its includes), policy applied. With ``open_records`` False the
         hits carry no resource yet: the caller fetches their content (``ensure_blobs``)
         and then calls ``open``."""
-        self._open = open_records
         p = plan(self.index, q, scope)
         bg = False
         if p is None:
@@ -281,7 +279,7 @@ class Engine:
         edges: tuple[list[Any] | None, list[Any] | None] = (None, None)
         if q.summary != "count" and count > 0:
             found, withheld, more, bg, edges = self._page(host, p, after, count, reverse,
-                                                          scope, bases)
+                                                          scope, bases, open_records)
         else:
             more = False
         total = self._total(host, p, q, scope, len(found), more, values is None)
@@ -297,7 +295,7 @@ class Engine:
             prev_c = self.cursors.make(qh, "p", first) if has_prev and first else None
         if open_records:
             hits = [self._elements(h, q.elements) for h in hits]
-        included = self._includes(host, q, hits, scope, withheld) if hits and (
+        included = self._includes(host, q, hits, scope, withheld, open_records) if hits and (
             q.include or q.revinclude) else []
         return SearchResult(hits, withheld, total, next_c, prev_c, included, q.ignored,
                             bases, bg)
@@ -316,7 +314,7 @@ class Engine:
         return result._replace(found=found, included=included)
 
     def _page(self, host: SearchHost, p: Plan, after: Sql | None, count: int, reverse: bool,
-              scope: Scope, bases: dict[str, int]) -> tuple[
+              scope: Scope, bases: dict[str, int], open_records: bool) -> tuple[
                   list[tuple[Hit, list[Any]]], list[Withheld], bool, bool,
                   tuple[list[Any] | None, list[Any] | None]]:
         """Fill one page with allowed matches: (page, withheld, more rows after, break-glass
@@ -353,7 +351,7 @@ class Engine:
                     continue
                 bg = bg or decision.break_glass
                 bases[decision.basis] = bases.get(decision.basis, 0) + 1
-                resource = host.decrypt(meta) if self._open else {}
+                resource = host.decrypt(meta) if open_records else {}
                 found.append((Hit(resource, meta), key))
             if len(batch) < limit:  # the matches ran out
                 return done(False)
@@ -397,7 +395,7 @@ class Engine:
         return Hit(resource, hit.meta, hit.mode)
 
     def _includes(self, host: SearchHost, q: Query, hits: list[Hit], scope: Scope,
-                  withheld: list[Withheld]) -> list[Hit]:
+                  withheld: list[Withheld], open_records: bool) -> list[Hit]:
         seen = {(h.meta["type"], h.meta["id"]) for h in hits}
         targets: list[tuple[str, str]] = []
         for inc in q.include:
@@ -437,7 +435,7 @@ class Engine:
             if not decision.allowed:
                 withheld.append(withheld_notice(meta, decision))
                 continue
-            if not self._open:
+            if not open_records:
                 out.append(Hit({}, meta, "include"))
                 continue
             try:
