@@ -225,11 +225,14 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     for sr in res.get("search", []):
         n = f"{sr['resources'] / 1e6:g}M"
         for name, q in sr["queries"].items():
-            goal = "<= 50 ms at 100k patients" if name.startswith("$match") else (
-                "page p50" if name.startswith("paged") else "p99 <= 20 ms at 1M")
-            met = q["p99_ms"] <= (50 if name.startswith("$match") else 20) if not \
-                name.startswith("paged") else None
-            row("7", f"search {n}: {name} p99", q["p99_ms"], "ms", goal, met)
+            is_match = name.startswith("$match")
+            goal = "<= 50 ms at 100k patients" if is_match else (
+                "report" if name.startswith("paged") else "p99 <= 20 ms at 1M")
+            at_size = sr["patients"] >= 100_000 if is_match else sr["resources"] >= 1_000_000
+            met = None if name.startswith("paged") or not at_size else \
+                q["p99_ms"] <= (50 if is_match else 20)
+            row("7", f"search {n}: {name} p99 (p50 {q['p50_ms']} ms)", q["p99_ms"], "ms",
+                goal, met)
         row("7", f"search {n}: index size", sr["index_mib"], "MiB",
             f"{sr['bytes_per_resource']} B/resource", None)
         row("7", f"search {n}: index build (extract + write)", sr["build_per_s"],
