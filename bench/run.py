@@ -240,6 +240,15 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         x = sr["extraction"]
         row("7", "  extraction per Synthea resource (fast path)", x["fast_us"], "µs",
             f"fhirpathpy {x['fhirpathpy_us']} µs", None)
+    runs = res.get("search", [])
+    if len(runs) >= 2:  # growth: 10x the data may cost at most 1.5x at p99
+        small, big = runs[0]["queries"], runs[-1]["queries"]
+        for name in small:
+            if name.startswith(("paged", "$match")):
+                continue
+            ratio = big[name]["p99_ms"] / max(small[name]["p99_ms"], 1e-6)
+            row("7", f"search growth {runs[0]['resources']:,} -> {runs[-1]['resources']:,}: "
+                f"{name} p99 ratio", ratio, "x", "<= 1.5x", ratio <= 1.5)
     for k, m in res.get("memory", {}).items():
         row("mem", f"peak RSS, node holding {m['records']:,} records ({k})", m["peak_rss_mib"],
             "MiB", "< 1 GiB at 1M", m["peak_rss_mib"] < 1024)
