@@ -49,6 +49,7 @@ LOINC = [("8867-4", "/min"), ("8480-6", "mm[Hg]"), ("29463-7", "kg"), ("8302-2",
          ("789-8", "10*6/uL"), ("785-6", "pg"), ("786-4", "g/dL"), ("787-2", "fL")]
 LOINC += [(f"{10000 + i}-{i % 10}", "1") for i in range(40)]  # a long tail of rare codes
 WEIGHTS = [1.0 / (i + 1) for i in range(len(LOINC))]  # Zipf: a few codes are most rows
+_ZIPF = [i for i, w in enumerate(WEIGHTS) for _ in range(round(w * 120))]  # lookup table
 YEAR_MS = 365 * 86_400_000
 T2000 = 946_684_800_000
 MRN = "urn:oid:2.16.840.1.113883.4.3.25"
@@ -57,15 +58,36 @@ NONCE = b"\x01" * 12
 BLOB = AES.encrypt(NONCE, os.urandom(2048), b"")
 
 
+class _Mix:
+    """A cheap deterministic stream of numbers from a seed (the resources are regenerated
+    for every "decryption", so ``random.Random(seed)``'s ~70 µs seeding would dominate)."""
+
+    def __init__(self, seed: int) -> None:
+        self.x = (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+
+    def randrange(self, n: int) -> int:
+        self.x = (self.x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        return (self.x >> 33) % n
+
+    def choice(self, items: Any) -> Any:
+        return items[self.randrange(len(items))]
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * self.randrange(1_000_000) / 1_000_000
+
+    def weighted(self, items: list[Any]) -> Any:
+        return items[_ZIPF[self.randrange(len(_ZIPF))]]
+
+
 def family_of(i: int) -> str:
-    r = random.Random(i * 7919)
+    r = _Mix(i * 7919)
     n = r.choice((2, 2, 3))
     return "".join(r.choice(SYLLABLES) for _ in range(n)).capitalize()
 
 
 def patient(i: int) -> dict[str, Any]:
-    r = random.Random(i)
-    birth = time.strftime("%Y-%m-%d", time.gmtime(r.randint(-40 * 365, 50 * 365) * 86400))
+    r = _Mix(i)
+    birth = time.strftime("%Y-%m-%d", time.gmtime((r.randrange(90 * 365) - 40 * 365) * 86400))
     return {"resourceType": "Patient", "id": f"p{i}", "gender": r.choice(("male", "female")),
             "birthDate": birth, "name": [{"family": family_of(r.randrange(20_000)),
                                           "given": [r.choice(GIVEN)]}],
@@ -76,8 +98,8 @@ def patient(i: int) -> dict[str, Any]:
 
 
 def observation(j: int, n_patients: int) -> dict[str, Any]:
-    r = random.Random(-j - 1)
-    code, unit = r.choices(LOINC, WEIGHTS)[0]
+    r = _Mix(-j - 1)
+    code, unit = r.weighted(LOINC)
     when = T2000 + r.randrange(25 * YEAR_MS)
     obs: dict[str, Any] = {
         "resourceType": "Observation", "id": f"o{j}", "status": "final",
@@ -164,8 +186,16 @@ class _Heads(MemoryState):
         from medledger.crypto.canonical import canonical
         _, rtype, rid = key.split("/", 2)
         i = int(rid[1:])
-        r = resource("p" if rtype == "Patient" else "o", i, self.n_patients)
-        return canonical(meta_of(r, i))
+        if rtype == "Patient":
+            pid = rid
+        else:  # the subject is the third draw of the observation's stream
+            r = _Mix(-i - 1)
+            r.randrange(1)
+            r.randrange(1)
+            pid = f"p{r.randrange(self.n_patients)}"
+        return canonical({"type": rtype, "id": rid, "v": 1, "patient": pid,
+                          "category": "laboratory", "labels": [],
+                          "time_ns": (T2000 + i) * 1_000_000})
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:

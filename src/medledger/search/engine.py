@@ -29,6 +29,7 @@ from medledger.search.query import Compiler, Condition, Query, Sql, parse
 
 DRIVER_LIMIT = 2000  # a condition matching at most this many rows drives the query
 TOTAL_LIMIT = 1000  # default _total: counted when at most this many rows match
+TOTAL_GROUPS = 50  # ... spread over at most this many (patient, category, labels) groups
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
              "code": "SUBSETTED"}
 
@@ -371,10 +372,12 @@ class Engine:
         # policy is decided once per (patient, category, labels) group of the matches
         inner = f"SELECT patient, category, labels FROM res WHERE {where.text}" + (
             f" LIMIT {TOTAL_LIMIT + 1}" if bounded else "")
+        limit = f" LIMIT {TOTAL_GROUPS + 1}" if bounded else ""
         groups = self.index.query(f"SELECT patient, category, labels, count(*) FROM ({inner}) "
-                                  "GROUP BY patient, category, labels", where.args)
-        if bounded and sum(int(g[3]) for g in groups) > TOTAL_LIMIT:
-            return None
+                                  f"GROUP BY patient, category, labels{limit}", where.args)
+        if bounded and (len(groups) > TOTAL_GROUPS or
+                        sum(int(g[3]) for g in groups) > TOTAL_LIMIT):
+            return None  # counting would cost a policy decision per patient: not by default
         total = 0
         for patient, category, labels, n in groups:
             meta = {"patient": patient, "category": category,
