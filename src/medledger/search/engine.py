@@ -27,7 +27,7 @@ from medledger.errors import Forbidden, InvalidInput, MedledgerError
 from medledger.search.index import SearchIndex
 from medledger.search.query import Compiler, Condition, Query, Sql, parse
 
-DRIVER_LIMIT = 2000  # a condition matching at most this many rows drives the query
+DRIVER_LIMIT = 500  # a condition matching at most this many rows drives the query
 TOTAL_LIMIT = 1000  # default _total: counted when at most this many rows match
 TOTAL_GROUPS = 50  # ... spread over at most this many (patient, category, labels) groups
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
