@@ -77,3 +77,31 @@ def test_blocks_are_indexed_and_catch_up_repairs(tmp_path: Path) -> None:
     assert index.height == 5 and _codes(index) == {("o1", "E"), ("o3", "D")}
     assert sync2.rebuild() == 2 and _codes(index) == {("o1", "E"), ("o3", "D")}
     index.close()
+
+
+def test_height_waits_for_content_not_replicated_yet(tmp_path: Path) -> None:
+    """A record whose content has not reached this node (ADR 4) is retried, and the index
+    height does not pass it until it is indexed: searches wait instead of missing it."""
+    from medledger.errors import Unavailable
+
+    ledger = Ledger()
+    arrived: set[str] = set()
+
+    def decrypt(meta: dict[str, Any]) -> dict[str, Any]:
+        if meta["id"] not in arrived:
+            raise Unavailable("the content has not been replicated to this node yet")
+        return _obs(meta["id"], "Z")
+
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32))
+    sync = IndexSync(index, ledger, decrypt)
+    sync.start()
+    writes: dict[str, bytes | None] = {"rec/Observation/o9": canonical(_meta("o9", 1))}
+    ledger.apply(writes)
+    ledger.height = 1
+    sync.on_commit(SimpleNamespace(header={"height": 1}, writes=writes), ())
+    assert not sync.wait_for(1, 1.5)  # held back: o9's content is missing
+    arrived.add("o9")  # the replicator fetched it
+    assert sync.wait_for(1, 10)
+    assert _codes(index) == {("o9", "Z")}
+    sync.stop()
+    index.close()

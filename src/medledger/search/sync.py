@@ -20,12 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 from medledger.crypto.canonical import loads
+from medledger.errors import Unavailable
 from medledger.search.index import SearchIndex
 
 log = logging.getLogger(__name__)
 Decrypt = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[[int, int], None]
 BATCH = 500
+RETRY_S = 1.0
 
 
 def _erased(meta: dict[str, Any]) -> bool:
@@ -39,7 +41,10 @@ class IndexSync:
         self.decrypt = decrypt
         self.queue: queue.Queue[tuple[int, list[dict[str, Any]]] | None] = queue.Queue()
         self.thread: threading.Thread | None = None
-        self.failed: dict[tuple[str, str], dict[str, Any]] = {}  # retried on the next block
+        # content not replicated to this node yet (ADR 4): retried every second; until it is
+        # indexed the index height does not pass it, so searches wait for it (bounded)
+        self.failed: dict[tuple[str, str], dict[str, Any]] = {}
+        self.held: int | None = None  # the height reached once ``failed`` is empty
         self.error: str | None = None
 
     # ------------------------------------------------------------ feeding
@@ -72,7 +77,11 @@ class IndexSync:
             self.error = f"search index catch-up failed: {exc}"
             log.exception("search index catch-up failed")
         while True:
-            item = self.queue.get()
+            try:
+                item = self.queue.get(timeout=RETRY_S if self.failed else None)
+            except queue.Empty:
+                self._retry()
+                continue
             if item is None:
                 return
             height, metas = item
@@ -92,21 +101,43 @@ class IndexSync:
                 self.error = f"search index update failed at height {height}: {exc}"
                 log.exception("search index update failed")
 
+    def _retry(self) -> None:
+        try:
+            self.apply([], self.held)
+        except Exception as exc:
+            self.error = f"search index update failed: {exc}"
+            log.exception("search index update failed")
+
     def _entry(self, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
         if _erased(meta):
             return meta, None
         try:
             return meta, self.decrypt(meta)
-        except Exception as err:  # e.g. content not replicated here yet: retry later
+        except Unavailable as err:  # content not replicated here yet: retry, hold height
+            if (meta["type"], meta["id"]) not in self.failed:
+                log.info("search index: %s/%s waits for its content: %s", meta["type"],
+                         meta["id"], err)
             self.failed[(meta["type"], meta["id"])] = meta
-            log.warning("search index: %s/%s not indexed yet: %s", meta["type"], meta["id"],
-                        err)
+            return None
+        except Exception as err:  # never openable here (e.g. sealed before we joined)
+            log.warning("search index: %s/%s cannot be indexed here: %s", meta["type"],
+                        meta["id"], err)
             return None
 
+    def _still_head(self, meta: dict[str, Any]) -> bool:
+        raw = self.store.get(f"rec/{meta['type']}/{meta['id']}")
+        return raw is not None and loads(raw).get("v") == meta["v"]
+
     def apply(self, metas: list[dict[str, Any]], height: int | None) -> int:
-        retry, self.failed = list(self.failed.values()), {}
+        """Index ``metas`` (after the retries of earlier failures); record ``height``
+        unless some content is still missing (then it is reached later, on retry)."""
+        retry = [m for m in self.failed.values() if self._still_head(m)]
+        self.failed = {}
         entries = [e for m in [*retry, *metas] if (e := self._entry(m)) is not None]
-        n = self.index.apply(entries, height)
+        if height is not None:
+            self.held = max(height, self.held or 0)
+        reached = self.held if not self.failed else None
+        n = self.index.apply(entries, reached)
         if any(resource is None for _, resource in entries):
             self.index.checkpoint()  # erased rows leave the WAL too (ADR 4)
         return n
