@@ -370,18 +370,19 @@ class Engine:
         if bounded and p.surely_many:
             return None
         # policy is decided once per (patient, category, labels) group of the matches
-        inner = f"SELECT patient, category, labels FROM res WHERE {where.text}" + (
+        inner = f"SELECT tid, patient, category, labels FROM res WHERE {where.text}" + (
             f" LIMIT {TOTAL_LIMIT + 1}" if bounded else "")
         limit = f" LIMIT {TOTAL_GROUPS + 1}" if bounded else ""
-        groups = self.index.query(f"SELECT patient, category, labels, count(*) FROM ({inner}) "
-                                  f"GROUP BY patient, category, labels{limit}", where.args)
+        groups = self.index.query(f"SELECT tid, patient, category, labels, count(*) FROM "
+                                  f"({inner}) GROUP BY tid, patient, category, labels{limit}",
+                                  where.args)
         if bounded and (len(groups) > TOTAL_GROUPS or
-                        sum(int(g[3]) for g in groups) > TOTAL_LIMIT):
+                        sum(int(g[4]) for g in groups) > TOTAL_LIMIT):
             return None  # counting would cost a policy decision per patient: not by default
         total = 0
-        for patient, category, labels, n in groups:
-            meta = {"patient": patient, "category": category,
-                    "labels": [x for x in labels.split(",") if x]}
+        for tid, patient, category, labels, n in groups:
+            meta = {"type": self.index.type_name(tid), "patient": patient,
+                    "category": category, "labels": [x for x in labels.split(",") if x]}
             if host.decide(scope.session, meta, scope.break_glass).allowed:
                 total += int(n)
         return total
