@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from medledger.core import policy
@@ -21,6 +22,7 @@ from medledger.errors import (
     InvalidInput,
     MedledgerError,
     NotFound,
+    StorageError,
     Unavailable,
 )
 from medledger.fhir import match
@@ -42,6 +44,18 @@ CURSOR_INFO = "medledger search cursor v1"
 WAIT_S = 30.0  # how long a search waits for the index to reach the ledger height
 
 
+def open_index(path: Path, key: bytes) -> SearchIndex:
+    """The node's index; one made under an earlier organisation key (``key rotate``) or
+    damaged is derived data: it is deleted and rebuilt from the ledger (catch-up)."""
+    try:
+        return SearchIndex(path, key, matching.blocking_keys)
+    except StorageError as err:
+        log.warning("search index: %s; rebuilding it from the ledger", err)
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        return SearchIndex(path, key, matching.blocking_keys)
+
+
 def as_items(params: Mapping[str, str] | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     if isinstance(params, Mapping):
         return [(k, v) for k, v in params.items()]
@@ -52,8 +66,7 @@ class NodeSearch:
     def __init__(self, node: Any) -> None:
         self.node = node
         key = node.org.enc_private
-        self.index = SearchIndex(node.home.index_path, index_key(key),
-                                 matching.blocking_keys)
+        self.index = open_index(node.home.index_path, index_key(key))
         self.sync = IndexSync(self.index, node.store, node.decrypt)
         self.engine = Engine(self.index, Cursors(derive_key(key, CURSOR_INFO)),
                              lambda: int(node.clock() * 1000))
