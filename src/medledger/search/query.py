@@ -530,7 +530,7 @@ def sort_key(rtype: str, spec: str, pid_of: PidOf) -> SortKey:
 # ------------------------------------------------------------------ parse
 
 def _count(raw: str) -> int:
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit() is True
         raise InvalidInput("_count must be a non-negative integer")
     return min(int(raw), MAX_COUNT)
 
