@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import ceilings, http, inproc, network
+from bench import search as search_bench
 from bench.lab import Lab
 from bench.stats import peak_rss_mib
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = ("write", "network", "read", "verify", "audit", "bundle")
+FIGURES = ("write", "network", "read", "verify", "audit", "bundle", "search")
 console = Console(width=200)
 
 
@@ -221,6 +222,33 @@ def summary_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     if b:
         row("6", f"Synthea bundle import ({b['resources_per_bundle']:.0f} res/bundle)",
             b["resources_per_s"], "resources/s", "(report)", None)
+    for sr in res.get("search", []):
+        n = f"{sr['resources'] / 1e6:g}M"
+        for name, q in sr["queries"].items():
+            is_match = name.startswith("$match")
+            goal = "<= 50 ms at 100k patients" if is_match else (
+                "report" if name.startswith("paged") else "p99 <= 20 ms at 1M")
+            at_size = sr["patients"] >= 100_000 if is_match else sr["resources"] >= 1_000_000
+            met = None if name.startswith("paged") or not at_size else \
+                q["p99_ms"] <= (50 if is_match else 20)
+            row("7", f"search {n}: {name} p99 (p50 {q['p50_ms']} ms)", q["p99_ms"], "ms",
+                goal, met)
+        row("7", f"search {n}: index size", sr["index_mib"], "MiB",
+            f"{sr['bytes_per_resource']} B/resource", None)
+        row("7", f"search {n}: index build (extract + write)", sr["build_per_s"],
+            "resources/s", "", None)
+        x = sr["extraction"]
+        row("7", "  extraction per Synthea resource (fast path)", x["fast_us"], "µs",
+            f"fhirpathpy {x['fhirpathpy_us']} µs", None)
+    runs = res.get("search", [])
+    if len(runs) >= 2:  # growth: 10x the data may cost at most 1.5x at p99
+        small, big = runs[0]["queries"], runs[-1]["queries"]
+        for name in small:
+            if name.startswith(("paged", "$match")):
+                continue
+            ratio = big[name]["p99_ms"] / max(small[name]["p99_ms"], 1e-6)
+            row("7", f"search growth {runs[0]['resources']:,} -> {runs[-1]['resources']:,}: "
+                f"{name} p99 ratio", ratio, "x", "<= 1.5x", ratio <= 1.5)
     for k, m in res.get("memory", {}).items():
         row("mem", f"peak RSS, node holding {m['records']:,} records ({k})", m["peak_rss_mib"],
             "MiB", "< 1 GiB at 1M", m["peak_rss_mib"] < 1024)
@@ -277,6 +305,11 @@ def main() -> None:
             for n in ((1_000_000, 10_000_000) if args.full else (100_000, 1_000_000)):
                 step(f"figure 5: audit query at {n:,} events (bulk-loaded into the audit table)")
                 res["audit"].append(inproc.audit_query(work, n))
+        if "search" in figs:
+            res["search"] = []
+            for n in search_bench.iter_sizes(args.full):
+                step(f"figure 7: search on an encrypted index of {n:,} resources")
+                res["search"].append(search_bench.run(n, work=work, log=console.print))
         if "network" in figs:
             step(f"figure 2: 4-validator CometBFT network, {args.network_seconds:.0f} s of load")
             res["network"] = network.network(work / "net", duration=args.network_seconds)

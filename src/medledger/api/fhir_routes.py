@@ -1,4 +1,6 @@
-"""FHIR R4 REST routes: CRUD (never delete), history, search, operations, Consent, AuditEvent."""
+"""FHIR R4 REST routes: CRUD (never delete), history, search, operations, Consent, AuditEvent.
+
+Search, ``$match`` and the CapabilityStatement are served by ``medledger.search``."""
 
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ from medledger.api.common import (
     session_of,
 )
 from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
-from medledger.core import policy
 from medledger.core.machine import RESOURCE_TYPE_RE
 from medledger.errors import InvalidInput, MedledgerError
 from medledger.fhir import match
 from medledger.fhir.outcome import etag, history_bundle, searchset_bundle
 from medledger.fhir.validate import resource_model
 from medledger.node import audit as audit_mod
-from medledger.node.service import SearchResult, Stored, iso
+from medledger.node.service import Stored, iso
+from medledger.search import bundle as search_bundle
+from medledger.search.engine import SearchResult
 
 router = APIRouter()
 _IF_MATCH = re.compile(r'(?:W/)?"?([0-9]{1,12})"?')
@@ -68,62 +71,26 @@ def _record_response(stored: Stored, status: int, base: str) -> Response:
     return fhir_json(stored.resource, status, headers)
 
 
-def _searchset(request: Request, result: SearchResult) -> Response:
-    found, withheld = result.found, result.withheld
-    bundle = searchset_bundle([s.resource for s in found], _base(request), result.total,
-                              str(request.url))
-    if withheld:
-        issues = [{"severity": "information", "code": "suppressed",
-                   "diagnostics": f"{w.ref} ({w.category}) withheld: {w.reason}"}
-                  for w in withheld if w.ref]
-        unnamed = sum(1 for w in withheld if not w.ref)  # counted, never named (no oracle)
-        if unnamed:
-            issues.append({"severity": "information", "code": "suppressed",
-                           "diagnostics": f"{unnamed} records {policy.WITHHELD_GENERIC}"})
-        bundle.setdefault("entry", []).append({
-            "resource": {"resourceType": "OperationOutcome", "issue": issues},
-            "search": {"mode": "outcome"}})
-    return fhir_json(bundle)
+def _items(request: Request) -> list[tuple[str, str]]:
+    """Query parameters in order; repeats are kept (FHIR: repeated parameters are AND)."""
+    return list(request.query_params.multi_items())
+
+
+def _strict(request: Request) -> bool:
+    return "handling=strict" in request.headers.get("prefer", "").replace(" ", "")
+
+
+def _searchset(request: Request, rtype: str, items: list[tuple[str, str]],
+               result: SearchResult) -> Response:
+    return fhir_json(search_bundle.searchset(result, _base(request), rtype, items,
+                                             str(request.url)))
 
 
 @router.get("/metadata")
 async def metadata(request: Request) -> Response:
     node = node_of(request)
-    interactions = [{"code": c} for c in ("read", "vread", "update", "create",
-                                          "history-instance", "search-type")]
-    resources = [{"type": t, "versioning": "versioned", "readHistory": True,
-                  "updateCreate": True, "conditionalDelete": "not-supported",
-                  "interaction": interactions,
-                  "searchParam": [{"name": n, "type": "token" if n != "date" else "date"}
-                                  for n in ("patient", "category", "code", "date")]}
-                 for t in ("Patient", "Observation", "Condition", "MedicationRequest",
-                           "AllergyIntolerance", "Immunization", "Encounter", "Procedure",
-                           "DiagnosticReport", "DocumentReference", "CarePlan")]
-    return fhir_json({
-        "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
-        "date": audit_mod.iso_now(node.clock)[:10], "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json"],
-        "software": {"name": "medledger", "version": "0.1.0"},
-        "implementation": {"description": f"medledger node of {node.org.id}",
-                           "url": _base(request)},
-        "rest": [{"mode": "server", "resource": resources,
-                  "security": {"service": [{"coding": [{
-                      "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                      "code": "SMART-on-FHIR"}]}]},
-                  "interaction": [{"code": "transaction"}],
-                  "operation": [{"name": "match", "definition":
-                                 "http://hl7.org/fhir/OperationDefinition/Patient-match"},
-                                {"name": "everything", "definition":
-                                 "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                                {"name": "summary", "definition":
-                                 "http://hl7.org/fhir/uv/ips/OperationDefinition/summary"},
-                                # patient rights (api/rights_routes.py, docs/PRIVACY.md)
-                                {"name": "erase", "definition":
-                                 "http://medledger.example/OperationDefinition/Patient-erase"},
-                                {"name": "disclosures", "definition":
-                                 "http://medledger.example/OperationDefinition/"
-                                 "Patient-disclosures"}]}],
-    })
+    return fhir_json(search_bundle.capability(_base(request), node.org.id,
+                                              audit_mod.iso_now(node.clock)[:10], "0.1.0"))
 
 
 @router.post("")
@@ -152,8 +119,8 @@ async def patient_match(request: Request) -> Response:
 @router.get("/Patient/{pid}/$everything")
 async def everything(request: Request, pid: str) -> Response:
     node, session = node_of(request), session_of(request)
-    return _searchset(request, await off_loop(request, node.everything, session, pid,
-                                              break_glass(request)))
+    return _searchset(request, "Patient", [], await off_loop(
+        request, node.everything, session, pid, break_glass(request)))
 
 
 @router.get("/Patient/{pid}/$summary")
@@ -259,29 +226,16 @@ async def vread(request: Request, rtype: str, rid: str, vid: str) -> Response:
     return _record_response(stored, 200, _base(request))
 
 
-def _search_params(request: Request) -> dict[str, str]:
-    """Query parameters. FHIR: a repeated ``date`` is AND (``ge..&le..``, a range), commas
-    within one value are OR; repeats are joined with ``&`` for the node."""
-    params: dict[str, str] = {}
-    for name in request.query_params:
-        values = request.query_params.getlist(name)
-        if len(values) > 1 and name != "date":
-            raise InvalidInput(f"search parameter {name!r} is repeated; give several values "
-                               "as one comma-separated list")
-        params[name] = "&".join(values)
-    return params
-
-
 @router.get("/{rtype}", openapi_extra=query_schema({
-    n: {"type": "string"} for n in ("patient", "category", "code", "date", "_count", "_id")}))
+    n: {"type": "string"} for n in ("_id", "_count", "_sort", "_include", "_revinclude",
+                                   "_elements", "_summary", "_total", "_page")}))
 async def search(request: Request, rtype: str) -> Response:
     _check_type(rtype)
     node, session = node_of(request), session_of(request)
-    params = _search_params(request)
-    if "_count" in params:  # 0 = the total only
-        params["_count"] = str(parse_count(params["_count"], 0, minimum=0, maximum=100_000))
-    return _searchset(request, await off_loop(request, node.search, session, rtype, params,
-                                              break_glass(request)))
+    items = _items(request)
+    return _searchset(request, rtype, items, await off_loop(
+        request, node.search, session, rtype, items, break_glass(request), "search",
+        _strict(request)))
 
 
 @router.delete("/{rtype}/{rid}")

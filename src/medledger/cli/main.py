@@ -317,6 +317,7 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
 
 
 from medledger.cli import demo as _demo  # noqa: E402,F401  (registers `demo`)
+from medledger.cli import index as _index  # noqa: E402
 from medledger.cli import keys as _keys  # noqa: E402
 from medledger.cli import net as _net  # noqa: E402
 from medledger.cli import org as _org  # noqa: E402
@@ -326,6 +327,7 @@ from medledger.cli import share as _share  # noqa: E402,F401  (registers `share 
 app.add_typer(_net.net_app, name="net")
 app.add_typer(_org.org_app, name="org")
 app.add_typer(_keys.key_app, name="key")
+app.add_typer(_index.index_app, name="index")
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ Grades follow the FHIR match-grade extension: ``certain`` (>= 0.95),
 ``probable`` (>= 0.80), ``possible`` (>= 0.60), else no grade. Reasons are short
 PHI-free phrases naming which fields agreed or disagreed, safe for logs.
 
-Everything is pure and deterministic: no I/O, no clock, no randomness.
+String comparison (Jaro-Winkler, Soundex) is ``jellyfish``'s. Everything is pure and
+deterministic: no I/O, no clock, no randomness. Which patients are compared is the
+search package's business (``search.matching``: blocking keys in the index).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import jellyfish
 
 from medledger.errors import InvalidInput
 
@@ -126,65 +130,21 @@ def normalize_name(text: str) -> str:
     return _NON_ALNUM.sub(" ", _DROP.sub("", plain)).strip()
 
 
-def jaro_winkler(a: str, b: str, prefix_scale: float = 0.1) -> float:
-    """Jaro-Winkler similarity in [0, 1] (1 = identical), common prefix up to 4."""
+def jaro_winkler(a: str, b: str) -> float:
+    """Jaro-Winkler similarity in [0, 1] (1 = identical), common prefix up to 4
+    (``jellyfish``)."""
     if a == b:
         return 1.0
     if not a or not b:
         return 0.0
-    window = max(0, max(len(a), len(b)) // 2 - 1)
-    a_flags = [False] * len(a)
-    b_flags = [False] * len(b)
-    matches = 0
-    for i, ch in enumerate(a):
-        lo, hi = max(0, i - window), min(len(b), i + window + 1)
-        for j in range(lo, hi):
-            if not b_flags[j] and b[j] == ch:
-                a_flags[i] = b_flags[j] = True
-                matches += 1
-                break
-    if matches == 0:
-        return 0.0
-    a_matched = [ch for ch, f in zip(a, a_flags, strict=True) if f]
-    b_matched = [ch for ch, f in zip(b, b_flags, strict=True) if f]
-    transpositions = sum(x != y for x, y in zip(a_matched, b_matched, strict=True)) // 2
-    m = float(matches)
-    jaro = (m / len(a) + m / len(b) + (m - transpositions) / m) / 3.0
-    prefix = 0
-    for x, y in zip(a[:4], b[:4], strict=False):
-        if x != y:
-            break
-        prefix += 1
-    return jaro + prefix * prefix_scale * (1.0 - jaro)
-
-
-_SOUNDEX_CODES = {
-    **dict.fromkeys("bfpv", "1"),
-    **dict.fromkeys("cgjkqsxz", "2"),
-    **dict.fromkeys("dt", "3"),
-    "l": "4",
-    **dict.fromkeys("mn", "5"),
-    "r": "6",
-}
+    return float(jellyfish.jaro_winkler_similarity(a, b))
 
 
 def soundex(name: str) -> str:
-    """American Soundex (``"Robert"`` -> ``"R163"``); empty string for no letters."""
-    letters = [ch for ch in normalize_name(name) if "a" <= ch <= "z"]
-    if not letters:
-        return ""
-    first = letters[0]
-    out = [first.upper()]
-    last = _SOUNDEX_CODES.get(first, "")
-    for ch in letters[1:]:
-        code = _SOUNDEX_CODES.get(ch, "")
-        if code and code != last:
-            out.append(code)
-            if len(out) == 4:
-                break
-        if ch not in "hw":  # h and w do not separate equal codes; vowels do
-            last = code
-    return "".join(out).ljust(4, "0")
+    """American Soundex (``"Robert"`` -> ``"R163"``) of the name's letters after
+    normalisation (``jellyfish``); empty string for no letters."""
+    letters = "".join(ch for ch in normalize_name(name) if "a" <= ch <= "z")
+    return str(jellyfish.soundex(letters)) if letters else ""
 
 
 # Each group: a formal name, its spelling variants and its common short forms.

@@ -6,6 +6,7 @@
     <home>/keystores/users/     keystores of practitioners and patients enrolled here
     <home>/ledger.db            SQLite: blocks, txs, state, audit
     <home>/blobs.db             SQLite: sealed record blobs, share payloads (ADR 4)
+    <home>/index.db             SQLCipher: the search index (ADR 6; derived, rebuildable)
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Home:
     def blobs_path(self) -> Path:
         """Node-local sealed blobs (ciphertext + wrapped keys, ADR 4): not consensus data."""
         return self.path / "blobs.db"
+
+    @property
+    def index_path(self) -> Path:
+        """The encrypted search index (ADR 6): derived from the ledger, rebuildable."""
+        return self.path / "index.db"
 
     def user_keystore(self, actor_id: str) -> Path:
         if not ID_RE.match(actor_id):  # ids name files here: never a path

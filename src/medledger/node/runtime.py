@@ -113,6 +113,7 @@ class NodeRuntime:
         self.tasks.append(loop.create_task(node.anchor_loop()))
         self.tasks.append(loop.create_task(node.replica.run()))
         self.tasks.append(loop.create_task(self._abort_open_imports()))
+        _ = node.searcher  # open the search index: it catches up and follows commits
 
     async def _abort_open_imports(self) -> None:
         """Staged imports this organisation left open (a crash mid-import) are aborted."""
@@ -147,6 +148,7 @@ class NodeRuntime:
             await self.abci.stop()
         if self.comet is not None:
             await self.comet.aclose()
+        self.node.close_search()
         self.node.store.close()
 
 

@@ -58,6 +58,8 @@ from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_any, rewrap_key, seal_record
 from medledger.node.replica import Replicator
+from medledger.search.engine import SearchResult
+from medledger.search.service import NodeSearch
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
 
@@ -102,27 +104,6 @@ class Prepared(NamedTuple):
     resource: dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Withheld:
-    ref: str  # "" when the caller may not learn which record (counted, not named)
-    category: str
-    reason: str
-
-
-def withheld_notice(meta: dict[str, Any], decision: policy.Decision) -> Withheld:
-    """What a searcher learns about a matching record they may not read: the one place
-    that decides it (``policy.withheld_view``: named only to those who may see the
-    patient; everyone else gets a count and a generic message)."""
-    view = policy.withheld_view(meta, decision)
-    return Withheld(*view) if view else Withheld("", "", policy.WITHHELD_GENERIC)
-
-
-class SearchResult(NamedTuple):
-    found: list[Stored]  # the page (``_count``), newest first
-    withheld: list[Withheld]
-    total: int  # every match the caller may see, before paging
-
-
 def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
@@ -137,7 +118,6 @@ DIRECTORY_TYPES = frozenset({
     "Device", "DeviceDefinition", "Group", "InsurancePlan", "CareTeam", "Library",
     "Questionnaire", "ValueSet", "CodeSystem", "StructureDefinition", "PlanDefinition",
     "ActivityDefinition", "Measure", "ResearchStudy", "BiologicallyDerivedProduct"})
-SEARCH_PARAMS = {"patient", "subject", "category", "code", "date", "name", "_count", "_id"}
 
 
 class Node:
@@ -166,8 +146,8 @@ class Node:
             clock, workers=int(config.extra.get("login_workers", 1)),
             first_backoff_s=float(config.extra.get("login_first_backoff_s", 1)))
         self.anchor_interval_s = 0.5
-        self._patients: dict[str, dict[str, Any]] = {}  # decrypted Patient heads for $match
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
+        self._search: NodeSearch | None = None
         self.integrity_failure: str | None = None
         self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
@@ -375,54 +355,27 @@ class Node:
         self.login_guard.succeeded(actor_id, client)
         return token, session
 
-    # ------------------------------------------------------------ patients and $match
-    def known_patients(self) -> list[dict[str, Any]]:
-        for _, raw in self.store.scan("rec/Patient/"):
-            meta = loads(raw)
-            cached = self._patients.get(meta["id"])
-            if cached is None or cached["meta"]["versionId"] != str(meta["v"]):
-                try:
-                    self._patients[meta["id"]] = self.decrypt(meta)
-                except MedledgerError:
-                    continue
-        return list(self._patients.values())
+    # ------------------------------------------------------------ search and $match
+    @property
+    def searcher(self) -> NodeSearch:
+        """The search index, its sync worker and engine (opened on first use)."""
+        if self._search is None:
+            self._search = NodeSearch(self)
+        return self._search
 
-    def match_patients(self, session: Session, resource: dict[str, Any], only_certain: bool,
-                       count: int | None) -> list[tuple[dict[str, Any], match.MatchResult]]:
-        caller = self._caller(session)
-        self._allowed(session, policy.decide_match(caller), "match", None)
-        candidate = parse_resource(resource, "Patient")
-        found = match.find_matches(candidate, self.known_patients(), only_certain, count)
-        visible = []
-        for p, r in found:  # only patients whose demographics this practitioner may read
-            meta = st.record_head(self.store, "Patient", str(p["id"]))
-            if meta is None:
-                continue
-            decision = policy.decide_record(self.store, caller, meta, self.now_s)
-            if decision.allowed:
-                visible.append((dict(p), r))
-            self._audit(session, "match", str(p["id"]), [_ref(meta)],
-                        outcome="0" if decision.allowed else "4",
-                        detail=f"$match candidate ({r.grade})"
-                        + ("" if decision.allowed else ": withheld from the caller"))
-        return visible
+    def close_search(self) -> None:
+        if self._search is not None:
+            self._search.close()
+            self._search = None
 
-    def _duplicate_check(self, session: Session, resource: dict[str, Any]
-                         ) -> tuple[str | None, str]:
-        """Raise ``Conflict`` on a certain match not linked by the client; flag probables.
-        Each match is told the registrar as ``duplicate_notice`` allows, and audited in
-        the matched patient's access log."""
-        linked = {str(link.get("other", {}).get("reference", "")).removeprefix("Patient/")
-                  for link in resource.get("link", [])}
-        warning = None
-        for existing, result in match.find_matches(resource, self.known_patients()):
-            if existing.get("id") == resource.get("id") or existing.get("id") in linked:
-                continue
-            if result.grade == "certain":
-                raise Conflict(self.duplicate_notice(session, str(existing["id"]), "certain"))
-            if result.grade == "probable" and warning is None:
-                warning = self.duplicate_notice(session, str(existing["id"]), "probable")
-        return warning, warning or ""
+    async def match_patients(self, session: Session, resource: dict[str, Any],
+                             only_certain: bool, count: int | None
+                             ) -> list[tuple[dict[str, Any], match.MatchResult]]:
+        return await self.searcher.match_patients(session, resource, only_certain, count)
+
+    async def _duplicate_check(self, session: Session, resource: dict[str, Any]
+                               ) -> tuple[str | None, str]:
+        return await self.searcher.duplicate_check(session, resource)
 
     def duplicate_notice(self, session: Session, existing: str, grade: str) -> str:
         """What a registrar is told about an already registered patient its new one matches:
@@ -600,7 +553,7 @@ class Node:
         if rtype == "Patient" and new:
             resource["id"] = rid
             self._authorise_registration(session)
-            warning, detail = self._duplicate_check(session, resource)
+            warning, detail = await self._duplicate_check(session, resource)
             ops, identity, secret = await self._patient_ops(resource, password)
             patient_key = identity.enc_public
         try:
@@ -667,7 +620,7 @@ class Node:
                         self.store, "Patient", entry.resource_id) is None:
                     self._authorise_registration(session)
                     try:
-                        self._duplicate_check(session, dict(entry.resource))
+                        await self._duplicate_check(session, dict(entry.resource))
                     except Conflict as err:
                         raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
                     reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
@@ -774,96 +727,20 @@ class Node:
                         f"{erased} versions erased" if erased else "") if x))
         return out
 
-    async def search(self, session: Session, rtype: str, params: dict[str, str],
-                     break_glass: str | None = None, subtype: str = "search") -> SearchResult:
+    async def search(self, session: Session, rtype: str,
+                     params: dict[str, str] | list[tuple[str, str]],
+                     break_glass: str | None = None, subtype: str = "search",
+                     strict: bool = False) -> SearchResult:
         """FHIR search over the records the caller may see; denied ones are reported withheld."""
-        self._check_serving()
-        unknown = set(params) - SEARCH_PARAMS
-        if unknown:
-            raise InvalidInput(f"unsupported search parameters: {', '.join(sorted(unknown))}; "
-                               f"supported: {', '.join(sorted(SEARCH_PARAMS))}")
-        if params.get("name") and rtype != "Patient":
-            raise InvalidInput("the name search parameter applies to Patient only")
-        patient = params.get("patient") or params.get("subject")
-        if patient:
-            patient = patient.rsplit("/", 1)[-1]
-        caller = self._caller(session)
-        self._allowed(session, policy.decide_search(caller, rtype, patient or None), subtype,
-                      patient or None)
-        if session.kind == "patient":
-            patient = session.actor_id
-        if break_glass is not None and not patient:
-            raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
-        metas = self._candidates(rtype, patient, params.get("_id"))
-        categories = set(params["category"].split(",")) if params.get("category") else None
-        found, withheld = [], []
-        decisions: dict[str, int] = {}
-        bg = False
-        allowed: list[tuple[dict[str, Any], policy.Decision]] = []
-        denied: list[dict[str, Any]] = []
-        for meta in metas:
-            if (categories and meta["category"] not in categories) or st.erased(meta):
-                continue
-            decision = policy.decide_record(self.store, caller, meta, self.now_s, break_glass)
-            if not decision.allowed:
-                withheld.append(withheld_notice(meta, decision))
-                denied.append(meta)
-                continue
-            allowed.append((meta, decision))
-        await self.ensure_blobs(m for m, _ in allowed)
-        for meta, decision in allowed:
-            bg = bg or decision.break_glass
-            resource = self.decrypt(meta)
-            if not _matches(resource, params):
-                continue
-            decisions[decision.basis] = decisions.get(decision.basis, 0) + 1
-            found.append(Stored(resource, meta))
-        raw_count = params.get("_count") or "0"
-        if not raw_count.isdigit():
-            raise InvalidInput("_count must be a positive integer")
-        count = int(raw_count)
-        found.sort(key=lambda s: s.meta["time_ns"], reverse=True)
-        total = len(found)
-        if count:
-            found = found[:count]
-        detail = (f"{rtype} search ({', '.join(sorted(params))}): {len(found)} returned, "
-                  f"{len(withheld)} withheld")
-        if patient:
-            self._audit(session, subtype, patient, [_ref(s.meta) for s in found][:50],
-                        basis=",".join(sorted(decisions)), break_glass=bg,
-                        purpose="ETREAT" if bg else _purpose(session),
-                        reason=break_glass or "", detail=detail)
-        else:  # a type-wide search: every patient whose records it returned or withheld
-            by_patient: dict[str, list[str]] = {}  # sees it (a withheld notice is a probe)
-            for m in [s.meta for s in found] + denied:
-                if m["patient"] is not None:
-                    by_patient.setdefault(m["patient"], []).append(_ref(m))
-            for pid, refs in sorted(by_patient.items()):
-                self._audit(session, subtype, pid, refs[:50], basis=",".join(sorted(decisions)),
-                            purpose=_purpose(session), detail=detail)
-            if not by_patient:
-                self._audit(session, subtype, None, [], detail=detail)
-        return SearchResult(found, withheld, total)
-
-    def _candidates(self, rtype: str, patient: str | None, rid: str | None
-                    ) -> list[dict[str, Any]]:
-        if rid and rtype != "*":
-            head = st.record_head(self.store, rtype, rid)
-            return [head] if head and (not patient or head["patient"] == patient) else []
-        if patient:
-            refs = st.patient_records(self.store, patient, None if rtype == "*" else rtype)
-            return [m for t, i in refs if (m := st.record_head(self.store, t, i)) is not None]
-        if rtype == "*":
-            raise InvalidInput("a search across all types needs a patient")
-        return [loads(v) for _, v in self.store.scan(f"rec/{rtype}/")]
+        return await self.searcher.search(session, rtype, params, break_glass, subtype, strict)
 
     async def everything(self, session: Session, patient: str, break_glass: str | None = None
                          ) -> SearchResult:
-        self._allowed(session, policy.decide_everything(self._caller(session), patient),
-                      "everything", patient)
-        if st.actor(self.store, patient) is None:
-            raise NotFound(f"Patient/{patient} does not exist")
-        return await self.search(session, "*", {"patient": patient}, break_glass, "everything")
+        return await self.searcher.everything(session, patient, break_glass)
+
+    def decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
+               ) -> policy.Decision:
+        return self._decide(session, meta, break_glass)
 
     async def summary(self, session: Session, patient: str) -> dict[str, Any]:
         found = (await self.everything(session, patient)).found
@@ -1446,51 +1323,6 @@ def _content(resource: dict[str, Any]) -> bytes:
     if meta:
         r["meta"] = meta
     return canonical(r)
-
-
-def _matches(resource: dict[str, Any], params: dict[str, str]) -> bool:
-    if params.get("name") and not _name_matches(resource, params["name"]):
-        return False
-    if params.get("code"):
-        wanted = set(params["code"].split(","))
-        codes = set(classify(resource).codes)
-        bare = {c.split("|", 1)[-1] for c in codes}
-        if not any(w in codes or w in bare for w in wanted):
-            return False
-    if params.get("date"):
-        date = classify(resource).date
-        if date is None or not _date_matches(date, params["date"]):
-            return False
-    return True
-
-
-def _name_matches(resource: dict[str, Any], query: str) -> bool:
-    """Patient name search: every word of ``query`` is contained (case-insensitive) in a
-    family, given or text part of one of the patient's names."""
-    words = query.casefold().split()
-    for name in resource.get("name") or []:
-        parts = [str(name.get("family") or ""), str(name.get("text") or ""),
-                 *(str(g) for g in name.get("given") or [])]
-        folded = [p.casefold() for p in parts if p]
-        if all(any(w in p for p in folded) for w in words):
-            return True
-    return False
-
-
-def _date_matches(value: str, expr: str) -> bool:
-    """``expr``: ``&``-joined repeats (all must hold), each a comma list (any may hold)."""
-    return all(any(_date_test(value, alt) for alt in part.split(","))
-               for part in expr.split("&"))
-
-
-def _date_test(value: str, part: str) -> bool:
-    op, operand = (part[:2], part[2:]) if part[:2] in ("eq", "ne", "gt", "lt", "ge", "le") \
-        else ("eq", part)
-    if not operand or not operand[:4].isdigit():
-        raise InvalidInput(f"bad date search value {part!r}; use e.g. ge2024-01-01")
-    v = value[:len(operand)]
-    return {"eq": v == operand, "ne": v != operand, "gt": v > operand, "lt": v < operand,
-            "ge": v >= operand, "le": v <= operand}[op]
 
 
 def _parts(ops: list[dict[str, Any]], max_bytes: int) -> Iterable[list[dict[str, Any]]]:

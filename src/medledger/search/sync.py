@@ -1,0 +1,179 @@
+"""Keeping the index at the ledger's height: as blocks commit, and on start.
+
+The ledger application calls ``on_commit`` for every committed block (in the
+consensus path: it only queues the block's new record heads). A worker thread
+decrypts each new head (the node is a reader of every record), extracts its values
+and writes them, then records the block's height. Searches call ``wait_for`` with
+the ledger height at request time, so a client sees its own writes.
+
+On start, ``catch_up`` compares every record head in the ledger with the index (by
+version) and re-indexes what differs, so a node that stopped with a lagging index,
+or an index deleted by hand, comes back complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from medledger.crypto.canonical import loads
+from medledger.errors import Unavailable
+from medledger.search.index import SearchIndex
+
+log = logging.getLogger(__name__)
+Decrypt = Callable[[dict[str, Any]], dict[str, Any]]
+Progress = Callable[[int, int], None]
+BATCH = 500
+RETRY_S = 1.0
+
+
+def _erased(meta: dict[str, Any]) -> bool:
+    return bool(meta.get("erased"))
+
+
+class IndexSync:
+    def __init__(self, index: SearchIndex, store: Any, decrypt: Decrypt) -> None:
+        self.index = index
+        self.store = store
+        self.decrypt = decrypt
+        self.queue: queue.Queue[tuple[int, list[dict[str, Any]]] | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        # content not replicated to this node yet (ADR 4): retried every second; until it is
+        # indexed the index height does not pass it, so searches wait for it (bounded)
+        self.failed: dict[tuple[str, str], dict[str, Any]] = {}
+        self.held: int | None = None  # the height reached once ``failed`` is empty
+        self.error: str | None = None
+
+    # ------------------------------------------------------------ feeding
+    def on_commit(self, applied: Any, txs: Any) -> None:
+        """Ledger commit listener: queue the block's new record heads."""
+        heads = [loads(v) for k, v in applied.writes.items()
+                 if k.startswith("rec/") and v is not None]
+        gone = [{"type": k.split("/")[1], "id": k.split("/", 2)[2], "erased": True}
+                for k, v in applied.writes.items() if k.startswith("rec/") and v is None]
+        self.queue.put((int(applied.header["height"]), heads + gone))
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="search-index", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join(timeout=30)
+            self.thread = None
+
+    def wait_for(self, height: int, timeout_s: float) -> bool:
+        return self.index.wait_for(height, timeout_s)
+
+    # ------------------------------------------------------------ worker
+    def _run(self) -> None:
+        try:
+            self.catch_up()
+        except Exception as exc:  # never kill the node: searches report it
+            self.error = f"search index catch-up failed: {exc}"
+            log.exception("search index catch-up failed")
+        while True:
+            try:
+                item = self.queue.get(timeout=RETRY_S if self.failed else None)
+            except queue.Empty:
+                self._retry()
+                continue
+            if item is None:
+                return
+            height, metas = item
+            while len(metas) < BATCH * 4:  # fold queued blocks into one transaction
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                height, more = nxt
+                metas.extend(more)
+            try:
+                self.apply(metas, height)
+            except Exception as exc:
+                self.error = f"search index update failed at height {height}: {exc}"
+                log.exception("search index update failed")
+
+    def _retry(self) -> None:
+        try:
+            self.apply([], self.held)
+        except Exception as exc:
+            self.error = f"search index update failed: {exc}"
+            log.exception("search index update failed")
+
+    def _entry(self, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+        if _erased(meta):
+            return meta, None
+        try:
+            return meta, self.decrypt(meta)
+        except Unavailable as err:  # content not replicated here yet: retry, hold height
+            if (meta["type"], meta["id"]) not in self.failed:
+                log.info("search index: %s/%s waits for its content: %s", meta["type"],
+                         meta["id"], err)
+            self.failed[(meta["type"], meta["id"])] = meta
+            return None
+        except Exception as err:  # never openable here (e.g. sealed before we joined)
+            log.warning("search index: %s/%s cannot be indexed here: %s", meta["type"],
+                        meta["id"], err)
+            return None
+
+    def _still_head(self, meta: dict[str, Any]) -> bool:
+        raw = self.store.get(f"rec/{meta['type']}/{meta['id']}")
+        return raw is not None and loads(raw).get("v") == meta["v"]
+
+    def apply(self, metas: list[dict[str, Any]], height: int | None) -> int:
+        """Index ``metas`` (after the retries of earlier failures); record ``height``
+        unless some content is still missing (then it is reached later, on retry)."""
+        retry = [m for m in self.failed.values() if self._still_head(m)]
+        self.failed = {}
+        entries = [e for m in [*retry, *metas] if (e := self._entry(m)) is not None]
+        if height is not None:
+            self.held = max(height, self.held or 0)
+        reached = self.held if not self.failed else None
+        n = self.index.apply(entries, reached)
+        if any(resource is None for _, resource in entries):
+            self.index.checkpoint()  # erased rows leave the WAL too (ADR 4)
+        return n
+
+    def catch_up(self, progress: Progress | None = None) -> int:
+        """Index every ledger head the index lacks or holds at another version; drop rows
+        of records the ledger no longer has. Returns how many records changed."""
+        height = int(self.store.height)
+        if self.index.height == height and not self.failed:
+            return 0
+        indexed = {(t, i): v for t, i, v in self.index.heads()}
+        todo: list[dict[str, Any]] = []
+        seen = set()
+        for _, raw in self.store.scan("rec/"):
+            meta = loads(raw)
+            key = (meta["type"], meta["id"])
+            seen.add(key)
+            if indexed.get(key) != meta["v"] or _erased(meta):
+                todo.append(meta)
+        todo.extend({"type": t, "id": i, "erased": True} for t, i in indexed
+                    if (t, i) not in seen)
+        done = 0
+        for start in range(0, len(todo), BATCH):
+            chunk = todo[start:start + BATCH]
+            last = start + BATCH >= len(todo)
+            self.apply(chunk, height if last else None)
+            done += len(chunk)
+            if progress:
+                progress(done, len(todo))
+        if not todo:
+            self.index.set_height(height)
+        return len(todo)
+
+    def rebuild(self, progress: Progress | None = None) -> int:
+        """Forget the index and index every ledger head again."""
+        self.index.reset()
+        n = self.catch_up(progress)
+        self.index.checkpoint()
+        return n

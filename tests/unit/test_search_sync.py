@@ -1,0 +1,107 @@
+"""The index follows the ledger: committed blocks are indexed by the worker thread,
+searches can wait for a height, catch-up re-indexes what changed while stopped,
+erased records leave the index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from medledger.core.state import MemoryState
+from medledger.crypto.canonical import canonical
+from medledger.search.index import SearchIndex
+from medledger.search.sync import IndexSync
+
+
+class Ledger(MemoryState):
+    height = 0
+
+
+def _obs(oid: str, code: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": oid, "subject": {"reference": "Patient/p"},
+            "code": {"coding": [{"code": code}]}}
+
+
+def _meta(oid: str, v: int) -> dict[str, Any]:
+    return {"type": "Observation", "id": oid, "v": v, "patient": "p", "category": "laboratory",
+            "labels": [], "time_ns": v}
+
+
+def _codes(index: SearchIndex) -> set[tuple[str, str]]:
+    pid = index.pid("Observation", "code")
+    return {(i, c) for i, c in index.query(
+        "SELECT res.id, t.code FROM t JOIN res ON res.rid = t.rid WHERE t.pid = ?", (pid,))}
+
+
+def test_blocks_are_indexed_and_catch_up_repairs(tmp_path: Path) -> None:
+    ledger = Ledger()
+    plain: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def commit(height: int, changes: dict[str, tuple[int, str] | None]) -> Any:
+        writes: dict[str, bytes | None] = {}
+        for oid, change in changes.items():
+            if change is None:
+                writes[f"rec/Observation/{oid}"] = None
+                continue
+            v, code = change
+            plain[(oid, v)] = _obs(oid, code)
+            writes[f"rec/Observation/{oid}"] = canonical(_meta(oid, v))
+        ledger.apply(writes)
+        ledger.height = height
+        return SimpleNamespace(header={"height": height}, writes=writes)
+
+    key = os.urandom(32)
+    index = SearchIndex(tmp_path / "index.db", key)
+    sync = IndexSync(index, ledger, lambda m: plain[(m["id"], m["v"])])
+    sync.start()
+    sync.on_commit(commit(1, {"o1": (1, "A"), "o2": (1, "B")}), ())
+    sync.on_commit(commit(2, {"o1": (2, "C")}), ())
+    assert sync.wait_for(2, 10)
+    assert _codes(index) == {("o1", "C"), ("o2", "B")}
+    sync.on_commit(commit(3, {"o2": None}), ())  # state entry gone: gone from the index
+    assert sync.wait_for(3, 10)
+    assert _codes(index) == {("o1", "C")}
+    erased = {**_meta("o1", 2), "erased": {"at": 1, "by": "p", "basis": "x", "tx": "t"}}
+    ledger.apply({"rec/Observation/o1": canonical(erased)})  # record.erase marks the head
+    ledger.height = 4
+    sync.on_commit(SimpleNamespace(header={"height": 4}, writes={
+        "rec/Observation/o1": canonical(erased)}), ())
+    assert sync.wait_for(4, 10)
+    assert _codes(index) == set()
+    sync.stop()
+    commit(5, {"o3": (1, "D"), "o1": (3, "E")})  # committed while the indexer was down
+    sync2 = IndexSync(index, ledger, lambda m: plain[(m["id"], m["v"])])
+    assert sync2.catch_up() == 2
+    assert index.height == 5 and _codes(index) == {("o1", "E"), ("o3", "D")}
+    assert sync2.rebuild() == 2 and _codes(index) == {("o1", "E"), ("o3", "D")}
+    index.close()
+
+
+def test_height_waits_for_content_not_replicated_yet(tmp_path: Path) -> None:
+    """A record whose content has not reached this node (ADR 4) is retried, and the index
+    height does not pass it until it is indexed: searches wait instead of missing it."""
+    from medledger.errors import Unavailable
+
+    ledger = Ledger()
+    arrived: set[str] = set()
+
+    def decrypt(meta: dict[str, Any]) -> dict[str, Any]:
+        if meta["id"] not in arrived:
+            raise Unavailable("the content has not been replicated to this node yet")
+        return _obs(meta["id"], "Z")
+
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32))
+    sync = IndexSync(index, ledger, decrypt)
+    sync.start()
+    writes: dict[str, bytes | None] = {"rec/Observation/o9": canonical(_meta("o9", 1))}
+    ledger.apply(writes)
+    ledger.height = 1
+    sync.on_commit(SimpleNamespace(header={"height": 1}, writes=writes), ())
+    assert not sync.wait_for(1, 1.5)  # held back: o9's content is missing
+    arrived.add("o9")  # the replicator fetched it
+    assert sync.wait_for(1, 10)
+    assert _codes(index) == {("o9", "Z")}
+    sync.stop()
+    index.close()
