@@ -104,7 +104,8 @@ function approveItem(r) {
     "Approve"));
 }
 
-async function loadRecovery() {
+// ``keepStatus``: after an action, its outcome stays on screen while the lists refresh
+async function loadRecovery(keepStatus = false) {
   const status = $("#recovery-status");
   try {
     const doc = await api("/api/recovery");
@@ -120,7 +121,7 @@ async function loadRecovery() {
     clear($("#recovery-table tbody")).append(...doc.requests.map(requestRow));
     clear($("#recovery-to-approve")).append(...(doc.to_approve.length
       ? doc.to_approve.map(approveItem) : [h("li", { class: "empty" }, "Nothing to approve.")]));
-    say(status, "");
+    if (!keepStatus) say(status, "");
   } catch (err) {
     say(status, `Could not load key recovery: ${err.message}`, "error");
   }
@@ -165,7 +166,7 @@ async function approve(r) {
     const doc = await api(`/api/recovery/requests/${encodeURIComponent(r.id)}/approve`,
       { method: "POST", body: {} });
     say($("#recovery-status"), `Approved (${doc.approvals}).`, "ok");
-    await loadRecovery();
+    await loadRecovery(true);
   } catch (err) {
     say($("#recovery-status"), `Could not approve: ${err.message}`, "error");
   }
