@@ -99,3 +99,15 @@ def test_state_cache_follows_commits(world: tuple[LedgerApp, keys.Identity],
     assert (app.height, app.app_hash) == (app.store.height, app.store.app_hash)
     reopened = LedgerApp(SqliteStore(tmp_path / "ledger.db"))
     assert (reopened.height, reopened.app_hash) == (1, app.app_hash)
+
+
+def test_scan_cache_forgets_a_prefix_when_a_key_under_it_is_written(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    app, org = world
+    assert list(app.state.scan("actor/")) == []  # cached (empty)
+    assert [k for k, _ in app.state.scan("org/")] == ["org/org-a"]
+    app.finalize_block(1, 10**18, [_register(org, "pat-1", "d" * 16)], b"", b"")
+    app.commit()
+    assert [k for k, _ in app.state.scan("actor/")] == ["actor/pat-1"]
+    assert list(app.state.scan("actor/")) == list(app.store.scan("actor/"))
+    assert [k for k, _ in app.state.scan("org/")] == ["org/org-a"]

@@ -127,9 +127,15 @@ class StateCache:
     written): ``LedgerApp.commit`` is the only writer of the state table.
     """
 
-    def __init__(self, store: SqliteStore, max_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, store: SqliteStore, max_bytes: int = 64 * 1024 * 1024,
+                 max_scans: int = 20_000) -> None:
         self.store = store
         self.cache = BoundedCache(max_bytes)
+        # prefix scans (e.g. a patient's consents, read by every write about them);
+        # only small results are kept, and a prefix is forgotten when a key under it
+        # is written
+        self.max_scans = max_scans
+        self._scans: OrderedDict[str, list[tuple[str, bytes]]] = OrderedDict()
 
     def get(self, key: str) -> bytes | None:
         hit = self.cache.lookup(key)
@@ -139,14 +145,31 @@ class StateCache:
         self.cache.put(key, value)
         return value
 
+    _SCAN_MAX_ROWS = 16
+
     def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
-        return self.store.scan(prefix)
+        rows = self._scans.get(prefix)
+        if rows is None:
+            rows = list(self.store.scan(prefix))
+            if not prefix.endswith("/") or len(rows) > self._SCAN_MAX_ROWS:
+                return iter(rows)
+            self._scans[prefix] = rows
+            if len(self._scans) > self.max_scans:
+                self._scans.popitem(last=False)
+        return iter(rows)
 
     def apply(self, writes: dict[str, bytes | None]) -> None:
         self.cache.invalidate(writes)
+        if self._scans:
+            for key in writes:  # every "a/", "a/b/", ... prefix of a written key
+                end = key.find("/")
+                while end != -1:
+                    self._scans.pop(key[:end + 1], None)
+                    end = key.find("/", end + 1)
 
     def clear(self) -> None:
         self.cache.clear()
+        self._scans.clear()
 
 
 class LedgerApp:
