@@ -264,8 +264,8 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=20_000, help="txs per in-process write run")
     ap.add_argument("--network-seconds", type=float, default=30.0)
     ap.add_argument("--tx-bytes", type=int, default=None,
-                    help="network figure: tx size for both apps (default: medledger's "
-                         "record.put size)")
+                    help="network figure: kvstore's tx size (default: the mean size of "
+                         "medledger's record.put txs, so both are compared at one size)")
     args = ap.parse_args()
     figs = set(args.only.split(","))
     random.seed(1)
