@@ -76,7 +76,9 @@ def test_presigned_tx_resent_with_a_key_answers_with_its_outcome(node: NodeHandl
     consent = {"id": "c-idem", "patient": pat.id, "decision": "permit", "orgs": ["org-x"]}
     raw = make_tx(pat.id, pat.signer(), chain, "consent.put", consent,
                   os.urandom(16).hex()).raw
-    hdrs = {"Content-Type": "application/octet-stream"}
+    with node.client(pat) as pc:  # raw txs come with their signer's own bearer token
+        hdrs = {"Content-Type": "application/octet-stream",
+                "Authorization": f"Bearer {pc.token()}"}
     first = httpx.post(node.url + "/ledger/tx", content=raw, headers={**hdrs,
                        "Idempotency-Key": "tx-1"})
     again = httpx.post(node.url + "/ledger/tx", content=raw, headers={**hdrs,
