@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 import httpx
@@ -42,10 +43,18 @@ def _diagnosis(resp: httpx.Response) -> str:
     return str(doc)[:300]
 
 
+def _retryable_write(method: str, path: str) -> bool:
+    """Writes the node makes idempotent by key (not the token endpoint, not Bundles)."""
+    return method in ("POST", "PUT", "DELETE") and path.rstrip("/") not in ("/fhir",
+                                                                           "/auth/token")
+
+
 class Client:
     def __init__(self, base_url: str, identity: Identity | None = None, *,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, retries: int = 3, retry_backoff_s: float = 1.0) -> None:
         self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.retry_backoff_s = retry_backoff_s
         self.identity = identity
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._token: str | None = None
@@ -92,11 +101,30 @@ class Client:
         return resp
 
     def request(self, method: str, path: str, body: Any = None, *, auth: bool = True,
-                headers: dict[str, str] | None = None) -> httpx.Response:
+                headers: dict[str, str] | None = None,
+                idempotency_key: str | None = None) -> httpx.Response:
+        """One request; a write is sent with an ``Idempotency-Key`` (``idempotency_key``, or
+        a fresh one) and retried with that same key when the node answers 503 or cannot
+        be reached, so a retry can never create a second record."""
         content = None if body is None else (body if isinstance(body, bytes)
                                              else orjson.dumps(body))
         hdrs = {"Content-Type": "application/fhir+json", **(headers or {})}
-        return self._check(self._send(method, path, auth=auth, headers=hdrs, content=content))
+        if not _retryable_write(method, path):
+            return self._check(self._send(method, path, auth=auth, headers=hdrs,
+                                          content=content))
+        hdrs["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                resp = self._send(method, path, auth=auth, headers=hdrs, content=content)
+            except Unavailable:
+                if last:
+                    raise
+            else:
+                if resp.status_code != 503 or last:
+                    return self._check(resp)
+            time.sleep(self.retry_backoff_s * 2 ** attempt)
+        raise AssertionError("unreachable")
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw).json()
@@ -122,7 +150,9 @@ class Client:
 
     def submit_tx(self, kind: str, body: dict[str, Any]) -> Any:
         """Sign ``body`` with our own key and submit it (with our own bearer token: the
-        node takes raw txs from their signer, or a member organisation relaying them)."""
+        node takes raw txs from their signer, or a member organisation relaying them).
+        Retries resend the same signed bytes: a tx already committed answers with its
+        first outcome."""
         tx = self.sign_tx(kind, body)
         return self.submit_raw(tx.raw)
 

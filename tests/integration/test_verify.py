@@ -109,6 +109,7 @@ def test_verify_passes(stopped_home: Path) -> None:
     assert db.execute("SELECT count(*) FROM audit").fetchone()[0] > 0
     assert db.execute("SELECT count(*) FROM audit_local WHERE anchored_height IS NULL"
                       ).fetchone()[0] == 0, "a graceful stop anchors every event"
+    assert not list(stopped_home.glob(".verify-scratch-*")), "the replay's scratch file stays"
 
 
 def test_flipped_tx_byte(copy: Path) -> None:
@@ -165,6 +166,21 @@ def test_changed_state_value(copy: Path) -> None:
     db.execute("UPDATE state SET value = ? WHERE key = ?", (canonical(doc), key))
     db.close()
     _verify_fails(copy, key)
+
+
+def test_added_and_removed_state_keys(copy: Path) -> None:
+    # the replayed state (on disk, compared in key order) catches keys that appear or vanish
+    db = _db(copy)
+    db.execute("INSERT INTO state VALUES ('care/ghost/org-x', X'31')")
+    db.close()
+    _verify_fails(copy, "'care/ghost/org-x'")
+    assert not list(copy.glob(".verify-scratch-*")), "a failed verify leaves no scratch file"
+    db = _db(copy)
+    db.execute("DELETE FROM state WHERE key = 'care/ghost/org-x'")
+    key = db.execute("SELECT key FROM state WHERE key LIKE 'rec/%' LIMIT 1").fetchone()[0]
+    db.execute("DELETE FROM state WHERE key = ?", (key,))
+    db.close()
+    _verify_fails(copy, repr(key))
 
 
 def _tamper_commitment(raw: bytes) -> bytes:

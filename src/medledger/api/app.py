@@ -71,6 +71,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     app.add_middleware(_ErrorBoundary)
     app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
     app.add_middleware(_SecurityHeaders)
+    app.add_middleware(_IdempotencyKey, node=node)
 
     @app.exception_handler(WrongPasscode)
     async def wrong_passcode(request: Request, exc: WrongPasscode) -> Response:
@@ -110,6 +111,14 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
                           "org": node.org.id, "height": node.store.height,
                           "reason": node.integrity_failure or ""},
                          status=200 if not node.integrity_failure else 503)
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        """Ready to take writes: serving, and (network mode) the network is committing."""
+        from medledger.node.runtime import readiness
+        ready, doc = readiness(node)
+        return fhir_json({"status": "ready" if ready else "not ready", **doc},
+                         status=200 if ready else 503)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> Response:
@@ -284,6 +293,54 @@ class _StreamedBodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class _IdempotencyKey:
+    """``Idempotency-Key`` / ``X-Request-Id`` on a write: the key (scoped to the caller)
+    is made current for the request, so ``Node.submit`` retries safely
+    (``node.idempotency``)."""
+
+    def __init__(self, app: Any, node: Node) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from medledger.node import idempotency
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        raw = next((headers[h] for h in idempotency.HEADERS if h in headers), None)
+        if raw is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            key = idempotency.check_key(raw.decode("utf-8", "replace"))
+            if scope["path"].rstrip("/") == "/fhir":
+                raise InvalidInput("Idempotency-Key is not supported on transaction Bundles "
+                                   "(POST /fhir) yet: a Bundle is all-or-nothing, so retry it "
+                                   "after checking whether its resources exist")
+        except MedledgerError as err:
+            await outcome_response(err)(scope, receive, send)
+            return
+        token = idempotency.set_current(idempotency.RequestKey(key, self._caller(headers)))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            idempotency.reset_current(token)
+
+    def _caller(self, headers: dict[bytes, bytes]) -> str:
+        """Who the key belongs to: the authenticated actor ("" if none)."""
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        if token is None:
+            cookies = headers.get(b"cookie", b"").decode("latin-1")
+            token = next((c.split("=", 1)[1] for c in cookies.split("; ")
+                          if c.startswith("medledger_token=")), None)
+        try:
+            return self.node.auth.session(token).actor_id if token else ""
+        except MedledgerError:
+            return ""
 
 
 class _AuditDurableBeforeResponse:

@@ -41,7 +41,7 @@ def _status_table(net: network.Network) -> bool:
     """Print the status table; True if every member is serving."""
     rows = network.network_status(net)
     table = Table("node", "org", "API URL", "height", "app hash", "serving?", "CometBFT",
-                  title=f"medledger network {net.chain} ({net.dir})")
+                  "consensus", title=f"medledger network {net.chain} ({net.dir})")
     hashes: dict[int, set[str]] = {}
     for r in rows:
         if r.height is not None:
@@ -63,10 +63,17 @@ def _status_table(net: network.Network) -> bool:
             all_ok = False
         comet = (f"up h={r.consensus_height}" if r.comet_running and r.consensus_height
                  is not None else "up" if r.comet_running else "[red]down[/]")
+        consensus = "-" if not r.serving else "[green]committing[/]" if not r.consensus \
+            else "[bold red]NO QUORUM[/]" if r.consensus.startswith("no quorum") \
+            else "[bold red]NOT COMMITTING[/]"
+        all_ok = all_ok and not r.consensus
         table.add_row(str(m.index), m.org_id, m.api_url,
                       "-" if r.height is None else str(r.height),
-                      (r.app_hash[:16] + "…") if r.app_hash else "-", serving, comet)
+                      (r.app_hash[:16] + "…") if r.app_hash else "-", serving, comet, consensus)
     console.print(table)
+    for r in rows:  # the reasons in full, one line each (they name the missing validators)
+        if r.serving and r.consensus:
+            console.print(f"[bold]{r.member.org_id}[/]: {r.consensus}", soft_wrap=True)
     return all_ok
 
 

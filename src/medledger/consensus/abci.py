@@ -459,18 +459,22 @@ class AbciServer:
                 if decoder.buffered:
                     log.warning("ABCI peer closed mid-message (%d bytes)", decoder.buffered)
                 return
+            out: list[bytes] = []  # responses go out in one write per flush or chunk
             for payload in decoder.feed(chunk):
                 try:
                     req = pb.Request.FromString(payload)
                 except Exception as exc:  # google.protobuf DecodeError
                     raise FramingError(f"undecodable ABCI request: {exc}") from exc
                 resp = self._handler.handle(req)
-                writer.write(frame(resp.SerializeToString()))
-                if resp.WhichOneof("value") == "flush":
-                    await writer.drain()
+                out.append(frame(resp.SerializeToString()))
                 handled += 1
-                if handled % _YIELD_EVERY == 0:
+                if resp.WhichOneof("value") == "flush" or handled % _YIELD_EVERY == 0:
+                    writer.write(b"".join(out))
+                    out.clear()
+                    await writer.drain()
                     await asyncio.sleep(0)  # let other connections progress
+            if out:
+                writer.write(b"".join(out))
             await writer.drain()
 
     def _fail(self, exc: BaseException) -> None:

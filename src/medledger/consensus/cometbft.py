@@ -47,6 +47,7 @@ __all__ = [
     "binary_path",
     "consensus_settings",
     "edit_config",
+    "workload_settings",
     "free_ports",
     "init_home",
     "kill_node",
@@ -168,6 +169,28 @@ def consensus_settings(
     return settings
 
 
+# Sized for medledger's workload (docs/NETWORK.md "CometBFT settings" explains and
+# measures each). ADR 4: the largest tx is 1 MiB (big imports are staged over several).
+MAX_TX_BYTES = 1024 * 1024
+BLOCK_MAX_BYTES = 2 * 1024 * 1024  # the largest tx fits; ~700 record.puts of ~3 KB
+
+
+def workload_settings() -> dict[str, object]:
+    """``config.toml`` settings for blocks, mempool, p2p and RPC (see ``BLOCK_MAX_BYTES``)."""
+    return {
+        "mempool.max_tx_bytes": MAX_TX_BYTES,
+        "mempool.size": 10_000,  # txs waiting; at ~500 tx/s that is 20 s of backlog
+        "mempool.max_txs_bytes": 256 * 1024 * 1024,  # bounded memory, not the 1 GiB default
+        "mempool.cache_size": 100_000,  # dedupe cache: larger than what is in flight
+        # a block of BLOCK_MAX_BYTES must reach every validator well inside timeout_propose;
+        # at CometBFT's default 5 MB/s per peer a 2 MiB block needs ~0.4 s
+        "p2p.send_rate": 50 * 1024 * 1024,
+        "p2p.recv_rate": 50 * 1024 * 1024,
+        # a 1 MiB tx is ~1.4 MB as base64 in a JSON-RPC body (default limit 1 MB)
+        "rpc.max_body_bytes": 4 * MAX_TX_BYTES,
+    }
+
+
 # --------------------------------------------------------------------------- homes
 
 
@@ -260,6 +283,8 @@ def make_testnet(
     empty_blocks_interval: str | None = "1s",
     timeout_commit: str = "300ms",
     log_level: str = "info",
+    block_max_bytes: int = BLOCK_MAX_BYTES,
+    settings: Mapping[str, object] | None = None,
     binary: Path | None = None,
 ) -> list[NodeLayout]:
     """Create ``n`` validator homes ``base_dir/node<i>`` for one loopback network.
@@ -268,8 +293,9 @@ def make_testnet(
     given ``chain_id`` and ``app_state`` (opaque JSON, delivered to ``init_chain``).
     Ports: node ``i`` uses ``base_port + 3i`` (p2p), ``+1`` (rpc), ``+2`` (abci);
     with ``base_port=None`` free ports are picked. Each node lists all others as
-    persistent peers. Homes that already hold blocks are refused (a new genesis over
-    old chain data would not start).
+    persistent peers. Blocks hold at most ``block_max_bytes``; ``workload_settings``
+    (then ``settings``) are written to every ``config.toml``. Homes that already hold
+    blocks are refused (a new genesis over old chain data would not start).
     """
     if n < 1:
         raise ValueError("a network needs at least one node")
@@ -310,6 +336,7 @@ def make_testnet(
     genesis["validators"] = [_validator_entry(lay.home, lay.moniker) for lay in layouts]
     genesis["app_state"] = dict(app_state)
     genesis["app_hash"] = ""
+    genesis["consensus_params"]["block"]["max_bytes"] = str(block_max_bytes)
     genesis_text = json.dumps(genesis, indent=2) + "\n"
 
     for lay in layouts:
@@ -331,6 +358,8 @@ def make_testnet(
                 **consensus_settings(
                     empty_blocks_interval=empty_blocks_interval, timeout_commit=timeout_commit
                 ),
+                **workload_settings(),
+                **(settings or {}),
             },
         )
     return layouts

@@ -52,7 +52,8 @@ class SoloProducer:
 
     async def submit(self, raw: bytes) -> Committed:
         """Check, queue, and wait until the tx is committed in a block."""
-        checked: TxResult = self.app.check_tx(raw, False)
+        precheck = getattr(self.app, "precheck", None)  # the full check, if the app has one
+        checked: TxResult = precheck(raw) if precheck else self.app.check_tx(raw, False)
         if checked.code != 0:
             return Committed(checked.code, checked.log, b"", 0, sha256(raw))
         fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()

@@ -1,59 +1,204 @@
 """The ledger application: the core state machine over a store, behind the driver contract.
 
 Implements ``consensus.app.LedgerApplication`` for both drivers. Keeps the block
-being finalized in memory until ``commit`` persists it, and a bounded cache of
-tx hashes whose signatures CheckTx already verified, so FinalizeBlock does not
-verify them twice.
+being finalized in memory until ``commit`` persists it, and three caches that keep
+work from being done twice:
+
+- ``verified``: hashes of txs whose signatures are known good (CheckTx verified them),
+  so FinalizeBlock and rechecks do not verify them again;
+- ``state``: a read-through cache of committed state (organisations, actors, nonces,
+  record heads), kept true by ``commit``, which is the only writer of state;
+- the mempool's admitted txs (signer, nonce), so a recheck after each block is two
+  lookups instead of a decode.
+
+CheckTx runs the mempool's admission rule (``core.mempool``), not the full state
+transition; ``precheck`` runs the full transition for a node's own submissions, so
+its users still get policy refusals before their tx reaches the network.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
-from medledger.core import machine
+from medledger.core import machine, mempool
 from medledger.core.machine import BlockApplied, BlockInput
+from medledger.core.tx import MAX_TX_BYTES
 from medledger.crypto.canonical import canonical, loads, sha256
-from medledger.errors import InvalidInput, StorageError
+from medledger.errors import InvalidInput, MedledgerError, StorageError
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
 
 class VerifiedCache:
-    """Hashes of txs whose signatures are known good (bounded, oldest evicted)."""
+    """Hashes of txs whose signatures are known good (bounded, oldest evicted), by signer,
+    so a signer whose entry changes (key rotated, deactivated) can be forgotten whole."""
 
     def __init__(self, size: int = 200_000) -> None:
         self.size = size
-        self._d: OrderedDict[bytes, None] = OrderedDict()
+        self._d: OrderedDict[bytes, str] = OrderedDict()
+        self._by_signer: dict[str, set[bytes]] = {}
 
-    def add(self, h: bytes) -> None:
-        self._d[h] = None
+    def add(self, h: bytes, signer: str = "") -> None:
+        if h in self._d:
+            return
+        self._d[h] = signer
+        self._by_signer.setdefault(signer, set()).add(h)
         if len(self._d) > self.size:
-            self._d.popitem(last=False)
+            old, who = self._d.popitem(last=False)
+            self._discard(old, who)
+
+    def _discard(self, h: bytes, signer: str) -> None:
+        hashes = self._by_signer.get(signer)
+        if hashes is not None:
+            hashes.discard(h)
+            if not hashes:
+                del self._by_signer[signer]
+
+    def forget_signers(self, signers: Iterable[str]) -> None:
+        for signer in signers:
+            for h in self._by_signer.pop(signer, set()):
+                self._d.pop(h, None)
 
     def __contains__(self, h: object) -> bool:
         return h in self._d
 
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+_MISSING = object()
+
+
+class BoundedCache:
+    """A key -> value (or ``None``: known absent) map kept under ``max_bytes`` (keys and
+    values counted, plus a per-entry overhead); the oldest entries go first."""
+
+    ENTRY_OVERHEAD = 100  # dict slot, the key's and the value's object headers
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d: OrderedDict[str, bytes | None] = OrderedDict()
+
+    def _size(self, key: str, value: bytes | None) -> int:
+        return len(key) + (len(value) if value else 0) + self.ENTRY_OVERHEAD
+
+    def lookup(self, key: str) -> object:
+        """The cached value (``None`` = known absent), or ``_MISSING``."""
+        return self._d.get(key, _MISSING)
+
+    def put(self, key: str, value: bytes | None) -> None:
+        old = self._d.pop(key, _MISSING)
+        if old is not _MISSING:
+            self.bytes -= self._size(key, old)  # type: ignore[arg-type]
+        self._d[key] = value
+        self.bytes += self._size(key, value)
+        while self.bytes > self.max_bytes and self._d:
+            k, v = self._d.popitem(last=False)
+            self.bytes -= self._size(k, v)
+
+    def invalidate(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` (they were written): the next read fetches them again.
+
+        Written values are not kept: orjson's output over-allocates (~4 KiB per value,
+        whatever its length), so caching them would cost far more than ``max_bytes``."""
+        for key in keys:
+            old = self._d.pop(key, _MISSING)
+            if old is not _MISSING:
+                self.bytes -= self._size(key, old)  # type: ignore[arg-type]
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class StateCache:
+    """Committed state, read through to the store and kept under ``max_bytes``.
+
+    Misses are cached too (a nonce not yet used is looked up by CheckTx, then by
+    FinalizeBlock). ``apply`` must see every committed write (it forgets the keys
+    written): ``LedgerApp.commit`` is the only writer of the state table.
+    """
+
+    def __init__(self, store: SqliteStore, max_bytes: int = 64 * 1024 * 1024,
+                 max_scans: int = 20_000) -> None:
+        self.store = store
+        self.cache = BoundedCache(max_bytes)
+        # prefix scans (e.g. a patient's consents, read by every write about them);
+        # only small results are kept, and a prefix is forgotten when a key under it
+        # is written
+        self.max_scans = max_scans
+        self._scans: OrderedDict[str, list[tuple[str, bytes]]] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        hit = self.cache.lookup(key)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        value = self.store.get(key)
+        self.cache.put(key, value)
+        return value
+
+    _SCAN_MAX_ROWS = 16
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        rows = self._scans.get(prefix)
+        if rows is None:
+            rows = list(self.store.scan(prefix))
+            if not prefix.endswith("/") or len(rows) > self._SCAN_MAX_ROWS:
+                return iter(rows)
+            self._scans[prefix] = rows
+            if len(self._scans) > self.max_scans:
+                self._scans.popitem(last=False)
+        return iter(rows)
+
+    def apply(self, writes: dict[str, bytes | None]) -> None:
+        self.cache.invalidate(writes)
+        if self._scans:
+            for key in writes:  # every "a/", "a/b/", ... prefix of a written key
+                end = key.find("/")
+                while end != -1:
+                    self._scans.pop(key[:end + 1], None)
+                    end = key.find("/", end + 1)
+
+    def clear(self) -> None:
+        self.cache.clear()
+        self._scans.clear()
+
 
 class LedgerApp:
-    def __init__(self, store: SqliteStore, chain: str | None = None) -> None:
+    def __init__(self, store: SqliteStore, chain: str | None = None, *,
+                 max_tx_bytes: int = MAX_TX_BYTES) -> None:
         self.store = store
         stored_chain = store.meta("chain")
         self.chain = stored_chain.decode() if stored_chain else (chain or "")
+        self.max_tx_bytes = max_tx_bytes
         self.pending: tuple[BlockApplied, tuple[bytes, ...]] | None = None
         self.verified = VerifiedCache()
+        self.state = StateCache(store)
+        self._admitted: OrderedDict[bytes, mempool.Admitted] = OrderedDict()
         self.on_commit: list[Callable[[BlockApplied, tuple[bytes, ...]], None]] = []
+        self._load_head()
+
+    def _load_head(self) -> None:
+        self.height = self.store.height
+        self.app_hash = self.store.app_hash
+        self.header_hash = self.store.last_header_hash
+        self.state_acc = self.store.state_acc
         self.last_time_ns = 0
-        if store.height:
-            head = store.block(store.height)
+        if self.height:
+            head = self.store.block(self.height)
             self.last_time_ns = head["time_ns"] if head else 0
 
     # ------------------------------------------------------------ contract
     def info(self) -> AppInfo:
-        return AppInfo(self.store.height, self.store.app_hash)
+        return AppInfo(self.height, self.app_hash)
 
     def init_chain(self, chain_id: str, app_state_bytes: bytes, time_ns: int) -> bytes:
         if self.store.meta("chain") is not None:
@@ -68,21 +213,48 @@ class LedgerApp:
         self.store.init_genesis(chain_id, app_state, writes, app_hash,
                                 machine.genesis_state_acc(writes))
         self.chain = chain_id
+        self.state.clear()
+        self._load_head()
         return app_hash
 
     def check_tx(self, tx: bytes, recheck: bool = False) -> TxResult:
+        """The mempool's admission rule (``core.mempool``); a recheck of a tx admitted
+        here only asks whether its signer is still active and its nonce still unused."""
         h = sha256(tx)
-        result = machine.check_tx(self.store, tx, self.chain, self.store.height + 1,
+        try:
+            admitted = self._admitted.get(h) if recheck else None
+            if admitted is not None:
+                mempool.still_admissible(self.state, admitted)
+                return TxResult(0)
+            admitted = mempool.admit(self.state, tx, self.chain, self.verified,
+                                     self.max_tx_bytes)
+        except MedledgerError as err:
+            self._admitted.pop(h, None)
+            return TxResult(err.code, str(err))
+        self.verified.add(h, admitted.signer)
+        self._admitted[h] = admitted
+        if len(self._admitted) > self.verified.size:
+            self._admitted.popitem(last=False)
+        return TxResult(0)
+
+    def precheck(self, tx: bytes) -> TxResult:
+        """The full state transition against committed state, writes discarded: would
+        this tx apply now? For a node's own submissions, before they are broadcast."""
+        try:  # the signature once, remembered for CheckTx and the block
+            admitted = mempool.admit(self.state, tx, self.chain, self.verified,
+                                     self.max_tx_bytes)
+        except MedledgerError as err:
+            return TxResult(err.code, str(err))
+        self.verified.add(admitted.tx_hash, admitted.signer)
+        result = machine.check_tx(self.state, tx, self.chain, self.height + 1,
                                   self.last_time_ns, self.verified)
-        if result.code == 0:
-            self.verified.add(h)
         return TxResult(result.code, result.log)
 
     def finalize_block(self, height: int, time_ns: int, txs: list[bytes], proposer: bytes,
                        block_hash: bytes) -> BlockOutcome:
-        block = BlockInput(self.chain, height, time_ns, tuple(txs), self.store.app_hash,
-                           self.store.last_header_hash, self.store.state_acc)
-        applied = machine.apply_block(self.store, block, self.verified)
+        block = BlockInput(self.chain, height, time_ns, tuple(txs), self.app_hash,
+                           self.header_hash, self.state_acc)
+        applied = machine.apply_block(self.state, block, self.verified)
         self.pending = (applied, tuple(txs))
         results = tuple(TxResult(r.code, r.log, r.data.encode()) for r in applied.results)
         return BlockOutcome(results, applied.app_hash, applied.validator_updates)
@@ -93,7 +265,20 @@ class LedgerApp:
         applied, txs = self.pending
         self.store.commit_block(applied, txs)
         self.pending = None
+        self.state.apply(applied.writes)
+        # a signer whose entry changed (key rotated, deactivated) is judged afresh
+        changed = {key.split("/", 1)[1] for key in applied.writes
+                   if key.startswith(("actor/", "org/"))}
+        if changed:
+            self.verified.forget_signers(changed)
+            for h in [h for h, a in self._admitted.items() if a.signer in changed]:
+                del self._admitted[h]
+        self.height = int(applied.header["height"])
+        self.app_hash, self.header_hash = applied.app_hash, applied.header_hash
+        self.state_acc = applied.state_acc
         self.last_time_ns = applied.header["time_ns"]
+        for h in applied.tx_hashes:
+            self._admitted.pop(h, None)
         for listener in list(self.on_commit):
             try:
                 listener(applied, txs)
@@ -102,12 +287,12 @@ class LedgerApp:
         return 0
 
     def query(self, path: str, data: bytes, height: int) -> QueryResult:
-        h = self.store.height
+        h = self.height
         if path == "/state":
             value = self.store.get(data.decode("utf-8", "replace"))
             return QueryResult(0 if value is not None else 8, value or b"", "", h)
         if path == "/status":
-            return QueryResult(0, canonical({"height": h, "app_hash": self.store.app_hash.hex(),
+            return QueryResult(0, canonical({"height": h, "app_hash": self.app_hash.hex(),
                                              "chain": self.chain}), "", h)
         return QueryResult(2, b"", f"unknown query path {path}", h)
 

@@ -42,13 +42,13 @@ from typing import Any
 import httpx
 import orjson
 
-from medledger.consensus import cometbft
+from medledger.consensus import cometbft, quorum
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
 from medledger.consensus.cometbft import CometRpc, CometRpcError
 from medledger.consensus.solo import Committed
 from medledger.core.machine import BlockApplied
 from medledger.crypto import keys
-from medledger.crypto.canonical import b64e, sha256
+from medledger.crypto.canonical import b64d, b64e, loads, sha256
 from medledger.errors import (
     Conflict,
     IntegrityError,
@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "COMMIT_TIMEOUT_S",
     "CometSubmitter",
+    "ConsensusMonitor",
     "Member",
     "MemberStatus",
     "Network",
@@ -72,7 +73,9 @@ __all__ = [
     "create_network",
     "load_network",
     "network_status",
+    "group_members",
     "pid_alive",
+    "reap_group",
     "start_member",
     "start_members",
     "start_network_mode",
@@ -83,6 +86,80 @@ __all__ = [
 
 COMMIT_TIMEOUT_S = 30.0
 _WATCH_INTERVAL_S = 1.0
+_MONITOR_INTERVAL_S = 1.0
+
+
+class ConsensusMonitor:
+    """Polls this node's CometBFT once a second and judges progress (``consensus.quorum``).
+
+    ``quorum`` is the latest judgement (``None`` until the first poll answers; a CometBFT
+    that does not answer is reported as such in ``problem``).
+    """
+
+    def __init__(self, rpc: CometRpc, store: Any, *,
+                 stall_after_s: float = quorum.STALL_AFTER_S,
+                 on_change: Callable[[quorum.Quorum], None] = lambda _: None) -> None:
+        self.rpc = rpc
+        self.store = store
+        self.stall_after_s = stall_after_s
+        self.on_change = on_change
+        self.quorum: quorum.Quorum | None = None
+        self.problem = ""
+        self._height = -1
+        self._moved_at = time.monotonic()
+
+    def validators(self, answer: dict[str, Any]) -> list[quorum.Validator]:
+        names = {}
+        for _, raw in self.store.scan("org/"):
+            org = loads(raw)
+            if org.get("validator_pub"):
+                names[quorum.validator_address(b64d(org["validator_pub"]))] = org["id"]
+        return [quorum.Validator(str(v["address"]), int(v["voting_power"]),
+                                 names.get(str(v["address"]), ""))
+                for v in answer.get("validators", [])]
+
+    async def poll(self) -> quorum.Quorum | None:
+        try:
+            status = await self.rpc.status()
+            if status.height != self._height:
+                self._height, self._moved_at = status.height, time.monotonic()
+            cs = await self.rpc.call("consensus_state")
+            unconfirmed = await self.rpc.call("num_unconfirmed_txs")
+            vals = await self.rpc.call("validators", {"per_page": "100"})
+        except CometRpcError as exc:
+            self.problem = f"CometBFT does not answer: {exc}"
+            self.quorum = None
+            return None
+        self.problem = ""
+        q = quorum.assess(status.height, time.monotonic() - self._moved_at,
+                          int(unconfirmed.get("n_txs", 0)), self.validators(vals), cs,
+                          self.stall_after_s)
+        changed = self.quorum is None or (self.quorum.committing, self.quorum.quorum) != (
+            q.committing, q.quorum)
+        self.quorum = q
+        if changed:
+            if q.committing:
+                log.info("consensus: committing at height %d", q.height)
+            else:
+                log.warning("consensus: %s", q.reason)
+            self.on_change(q)
+        return q
+
+    @property
+    def refusal(self) -> str:
+        """Why writes should fail now (empty when they may go ahead). A network that is
+        only slow (every validator still voting) is waited for, not refused."""
+        if self.quorum is not None and not self.quorum.quorum:
+            return self.quorum.reason
+        return self.problem
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except Exception:  # never let the monitor die silently
+                log.exception("consensus monitor failed")
+            await asyncio.sleep(_MONITOR_INTERVAL_S)
 
 
 # =========================================================================== in the node
@@ -103,6 +180,7 @@ class CometSubmitter:
         self.rpc = CometRpc(rpc_url)
         self.timeout_s = timeout_s
         self.refusal: str | None = None  # set when the node must not take writes
+        self.monitor = ConsensusMonitor(self.rpc, app.store, on_change=self._on_consensus)
         self._waiting: dict[bytes, list[asyncio.Future[Committed]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         app.on_commit.append(self._on_commit)
@@ -110,7 +188,15 @@ class CometSubmitter:
     async def submit(self, raw: bytes) -> Committed:
         if self.refusal:
             raise Unavailable(f"node refuses to serve: {self.refusal}")
+        if self.monitor.refusal:  # fail fast: nothing would commit
+            raise Unavailable(f"{self.monitor.refusal}. The write was not sent: retry once "
+                              "the missing validators are back")
         tx_hash = sha256(raw)
+        # The full state transition here, once: CheckTx on the validators only admits
+        # (core.mempool), so a policy refusal would otherwise cost a block and the nonce.
+        checked: TxResult = self.app.precheck(raw)
+        if checked.code != 0:
+            return Committed(checked.code, checked.log, b"", 0, tx_hash)
         # Register before broadcasting: the block may commit before the RPC call returns.
         fut: asyncio.Future[Committed] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(tx_hash, []).append(fut)
@@ -163,6 +249,17 @@ class CometSubmitter:
                 if not fut.done():
                     fut.set_result(Committed(r.code, r.log, r.data.encode(), height, tx_hash))
 
+    def _on_consensus(self, q: quorum.Quorum) -> None:
+        """Quorum lost: fail every waiting write now, with the reason."""
+        if q.quorum:
+            return
+        for futs in self._waiting.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(Unavailable(
+                        f"{q.reason}. The tx was sent and stays in the mempool: it may "
+                        "still commit when quorum returns"))
+
     def refuse(self, reason: str) -> None:
         """Stop taking writes and fail every waiting submitter with ``reason``."""
         self.refusal = reason
@@ -173,8 +270,11 @@ class CometSubmitter:
         self._waiting.clear()
 
     def watch(self, node: Any, server: Any) -> None:
-        """Background check: a fatal ABCI error (CometBFT halted here) stops serving."""
-        self._tasks.append(asyncio.get_running_loop().create_task(self._watch(node, server)))
+        """Background checks: a fatal ABCI error (CometBFT halted here) stops serving; the
+        consensus monitor judges whether the network commits."""
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._watch(node, server)))
+        self._tasks.append(loop.create_task(self.monitor.run()))
 
     async def _watch(self, node: Any, server: Any) -> None:
         while True:
@@ -493,6 +593,11 @@ def start_members(net: Network, which: Sequence[int | str], password: str, *,
     started: list[subprocess.Popen[bytes]] = []
     node_procs: dict[int, subprocess.Popen[bytes]] = {}
     env = {**os.environ, "MEDLEDGER_PASSWORD": password}
+    for m in members:  # what a crashed run of this member left behind goes first
+        if not pid_alive(m.comet_pid):
+            reap_group(m.comet_pid)
+        if not pid_alive(m.node_pid):
+            reap_group(m.node_pid)
     for m in members:
         if not pid_alive(m.node_pid):
             proc = _spawn([sys.executable, "-m", "medledger", "node", "start",
@@ -521,8 +626,39 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (from /proc; empty where there is none)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def reap_group(pgid: int | None) -> list[int]:
+    """SIGKILL what is left of a member process's group after its leader died (e.g. a
+    kill -9 of the node left a validation worker or multiprocessing's resource tracker).
+    Returns the pids killed. The group of a live leader is left alone."""
+    if not pgid or pid_alive(pgid):
+        return []
+    left = group_members(pgid)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
 def _terminate(pid: int | None, timeout: float, kill: bool) -> None:
     if not pid_alive(pid):
+        reap_group(pid)
         return
     assert pid is not None
     _signal_group(pid, signal.SIGKILL if kill else signal.SIGTERM)
@@ -534,6 +670,7 @@ def _terminate(pid: int | None, timeout: float, kill: bool) -> None:
         deadline = time.monotonic() + 5
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+    reap_group(pid)
 
 
 def stop_member(net: Network, which: int | str, *, kill: bool = False,
@@ -569,6 +706,7 @@ class MemberStatus:
     app_hash: str
     problem: str = ""
     consensus_height: int | None = None
+    consensus: str = ""  # "" = committing; else why not (no quorum: who is missing)
 
 
 def member_status(m: Member, client: httpx.Client) -> MemberStatus:
@@ -582,6 +720,13 @@ def member_status(m: Member, client: httpx.Client) -> MemberStatus:
         problem = doc.get("problem", "")
     except (httpx.HTTPError, ValueError, KeyError):
         problem = "API unreachable"
+    consensus = ""
+    if serving:
+        try:
+            ready = client.get(m.api_url + "/readyz", timeout=2)
+            consensus = "" if ready.status_code == 200 else str(ready.json().get("reason", ""))
+        except (httpx.HTTPError, ValueError):
+            consensus = "readiness unknown (API did not answer /readyz)"
     consensus_height = None
     if comet_up:
         try:
@@ -593,7 +738,7 @@ def member_status(m: Member, client: httpx.Client) -> MemberStatus:
     elif node_up and serving and not problem:
         problem = "CometBFT is not running"
     return MemberStatus(m, node_up, comet_up, serving, height, app_hash, problem,
-                        consensus_height)
+                        consensus_height, consensus)
 
 
 def network_status(net: Network) -> list[MemberStatus]:

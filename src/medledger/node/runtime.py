@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -25,6 +26,27 @@ from medledger.node.service import Node
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies
+    (``prctl(PR_SET_PDEATHSIG)``), so a kill -9 of a node leaves no orphaned workers."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers exit when their pipe closes
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def worker_init() -> None:
+    """Initializer of the node's validation workers: tied to the node, models loaded."""
+    die_with_parent()
+    from medledger.fhir.validate import preload_models
+    preload_models()
 
 
 def password_from_env(var: str = "MEDLEDGER_PASSWORD") -> str:
@@ -96,11 +118,10 @@ class NodeRuntime:
             raise InvalidInput(f"unknown consensus mode {node.config.mode!r}")
         workers = int(node.config.extra.get("validation_workers", 1))
         if workers > 0:
-            from medledger.fhir.validate import preload_models
             self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                            initializer=preload_models)
+                                            initializer=worker_init)
             node.validator_pool = self.pool
-            self.pool.submit(preload_models)  # start the worker now, not on the first write
+            self.pool.submit(os.getpid)  # start the worker now, not on the first write
         purged = node.replica.purge_erased()  # a restored backup must not serve erased data
         if purged:
             log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
@@ -150,6 +171,30 @@ class NodeRuntime:
             await self.comet.aclose()
         self.node.close_search()
         self.node.store.close()
+
+
+def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
+    """Can this node take writes now? ``(ready, document)`` for ``/readyz``.
+
+    Not ready when the node refuses to serve (its ledger failed a check), or in network
+    mode when its CometBFT does not answer or the network is not committing (the
+    document then names the validators that are not voting)."""
+    doc: dict[str, Any] = {"org": node.org.id, "mode": node.config.mode,
+                           "height": node.app.height, "reason": ""}
+    if node.integrity_failure:
+        doc["reason"] = f"refusing to serve: {node.integrity_failure}"
+        return False, doc
+    monitor = getattr(node.submitter, "monitor", None)
+    if monitor is None:
+        ready = node.submitter is not None
+        doc["reason"] = "" if ready else "no consensus driver is running"
+        return ready, doc
+    q = monitor.quorum
+    if q is not None:
+        doc["consensus"] = q.to_dict()
+    doc["reason"] = monitor.problem or (q.reason if q is not None else
+                                        "waiting for the first answer from CometBFT")
+    return not doc["reason"], doc
 
 
 def _app_state(genesis: dict[str, Any]) -> bytes:

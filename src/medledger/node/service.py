@@ -51,7 +51,7 @@ from medledger.fhir import ips, match
 from medledger.fhir.labels import classify
 from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
-from medledger.node import onboarding, recovery, shares
+from medledger.node import idempotency, onboarding, recovery, shares
 from medledger.node.audit import Auditor
 from medledger.node.auth import LOGIN_FAILED, Authenticator, LoginGuard, Session
 from medledger.node.home import Config, Home
@@ -157,6 +157,7 @@ class Node:
         self.seal_org: Callable[[keys.Identity], bytes] | None = None
         self._jobs: set[asyncio.Task[Any]] = set()
         app.on_commit.append(self.on_commit_keys)
+        self.journal = idempotency.Journal(store)
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -172,12 +173,19 @@ class Node:
             raise Unavailable("this node has no consensus driver running")
         if self.integrity_failure:
             raise Unavailable(f"node refuses to serve: {self.integrity_failure}")
+        req = idempotency.current()
+        if req is not None:  # a retried request resubmits, or answers with, its first tx
+            return await idempotency.submit_once(self, req, identity, kind, body)
         tx = make_tx(identity.id, identity.signer(), self.chain, kind, body, self._nonce())
         return await self.submit_raw(tx.raw)
 
     async def submit_raw(self, raw: bytes) -> Any:
         if self.submitter is None:
             raise Unavailable("this node has no consensus driver running")
+        if idempotency.current() is not None:
+            first = idempotency.committed_outcome(self.store, sha256(raw))
+            if first is not None:
+                return first
         committed = await self.submitter.submit(raw)
         if committed.code != 0:
             raise error_for(committed.code, committed.log)
@@ -547,7 +555,7 @@ class Node:
         if rid is not None and resource.get("id") not in (None, rid):
             raise InvalidInput(f"resource id {resource.get('id')!r} does not match the URL id "
                                f"{rid!r}")
-        rid = rid or str(uuid.uuid4())
+        rid = rid or idempotency.next_record_id()
         ops: list[dict[str, Any]] = []
         warning, detail, patient_key, secret = None, "", None, None
         if rtype == "Patient" and new:
@@ -577,9 +585,12 @@ class Node:
             else:
                 await self.submit(self.org, "record.put", body)
         except MedledgerError as err:
-            if ops:  # the registration did not happen: drop the keystore made for it
+            # a 503 (Unavailable) may still commit, and a retry with the same
+            # Idempotency-Key resubmits this very tx: keep what it needs
+            if ops and not isinstance(err, Unavailable):  # the registration did not happen
                 self.home.user_keystore(rid).unlink(missing_ok=True)
-            self._drop_blobs([body])
+            if not isinstance(err, Unavailable):
+                self._drop_blobs([body])
             self._audit(session, "create" if new else "update", patient,
                         [f"{rtype}/{rid}"], outcome="4" if err.http_status < 500 else "8",
                         reason=str(err))

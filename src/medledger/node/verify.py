@@ -6,24 +6,32 @@ valid signature; replaying the block through the core machine reproduces the
 stored header (tx, results, writes and audit roots, app hash), the stored
 result codes and the anchored audit events. At the end the replayed state must
 equal the stored state table, key for key.
+
+Memory stays bounded whatever the ledger's size: the replayed state lives in a scratch
+SQLite file next to the ledger (``ScratchState``, deleted afterwards) behind a read
+cache bounded in bytes, and both states are compared by walking them in key order, page by page.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from medledger.core import machine
 from medledger.core import state as st
 from medledger.core.machine import BlockInput
-from medledger.core.state import MemoryState
 from medledger.core.tx import decode_tx
 from medledger.crypto import merkle
 from medledger.crypto.canonical import b64d, loads, sha256
 from medledger.crypto.signing import verify
 from medledger.errors import IntegrityError, MedledgerError
+from medledger.node.ledger_app import _MISSING, BoundedCache
 from medledger.storage.blobs import BlobStore
 from medledger.storage.sqlite import SqliteStore
 
@@ -37,14 +45,87 @@ class VerifyReport:
     audit_events: int
 
 
+class ScratchState:
+    """The replayed state, on disk: a throw-away SQLite file and a bounded read cache.
+
+    A ``StateReader`` for the machine; ``apply`` writes one block's writes in one
+    transaction. Durability is off (the file is deleted when verify ends).
+    """
+
+    def __init__(self, directory: Path | str | None = None,
+                 cache_bytes: int = 32 * 1024 * 1024) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=".verify-scratch-", suffix=".db",
+                                         dir=directory)
+        os.close(fd)
+        self.db = sqlite3.connect(self.path, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-16384",
+                       "temp_store=MEMORY"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE state (key TEXT PRIMARY KEY, value BLOB NOT NULL) "
+                        "WITHOUT ROWID")
+        self._cache = BoundedCache(cache_bytes)
+
+    def get(self, key: str) -> bytes | None:
+        hit = self._cache.lookup(key)
+        if hit is not _MISSING:
+            return hit  # type: ignore[return-value]
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        value = None if row is None else bytes(row[0])
+        self._cache.put(key, value)
+        return value
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else "\U0010ffff"
+        rows = self.db.execute("SELECT key, value FROM state WHERE key >= ? AND key < ? "
+                               "ORDER BY key", (prefix, upper)).fetchall()
+        for k, v in rows:
+            yield k, bytes(v)
+
+    def apply(self, writes: dict[str, bytes | None]) -> None:
+        self.db.execute("BEGIN")
+        self.db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)",
+                            [(k, v) for k, v in writes.items() if v is not None])
+        self.db.executemany("DELETE FROM state WHERE key = ?",
+                            [(k,) for k, v in writes.items() if v is None])
+        self.db.execute("COMMIT")
+        self._cache.invalidate(writes)
+
+    def items(self, page: int = 4096) -> Iterator[tuple[str, bytes]]:
+        """Every entry in key order, fetched in pages."""
+        last = ""
+        while True:
+            rows = self.db.execute("SELECT key, value FROM state WHERE key > ? ORDER BY key "
+                                   "LIMIT ?", (last, page)).fetchall()
+            if not rows:
+                return
+            for k, v in rows:
+                yield k, bytes(v)
+            last = rows[-1][0]
+
+    def close(self) -> None:
+        self.db.close()
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            try:
+                os.unlink(self.path + suffix)
+            except FileNotFoundError:
+                pass
+
+
 def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None = None,
                  from_height: int = 1) -> VerifyReport:
     """Raise ``IntegrityError`` naming block/tx at the first problem; else a report."""
     chain_raw, genesis_raw = store.meta("chain"), store.meta("genesis")
     if chain_raw is None or genesis_raw is None:
         raise IntegrityError("the store has no genesis: nothing to verify")
-    chain = chain_raw.decode()
-    replay = MemoryState()
+    replay = ScratchState(Path(store.path).parent if store.path != ":memory:" else None)
+    try:
+        return _verify(store, replay, chain_raw.decode(), genesis_raw, progress)
+    finally:
+        replay.close()
+
+
+def _verify(store: SqliteStore, replay: ScratchState, chain: str, genesis_raw: bytes,
+            progress: Callable[[int, int], None] | None) -> VerifyReport:
     writes = machine.genesis_writes(loads(genesis_raw))
     replay.apply(writes)
     app_hash = machine.genesis_app_hash(chain, writes)
@@ -64,7 +145,7 @@ def verify_store(store: SqliteStore, progress: Callable[[int, int], None] | None
     return VerifyReport(top, n_txs, n_bytes, n_keys, n_audit)
 
 
-def _replay_blocks(store: SqliteStore, replay: MemoryState, chain: str,
+def _replay_blocks(store: SqliteStore, replay: ScratchState, chain: str,
                    pool: ThreadPoolExecutor, progress: Callable[[int, int], None] | None,
                    app_hash: bytes, prev_hash: bytes, top: int, acc: bytes
                    ) -> tuple[int, int, int, int, bytes, bytes]:
@@ -151,15 +232,15 @@ def _bad_signatures(pending: list[tuple[int, bytes, Any, bytes | None]]
             if pub is not None and not verify(pub, tx.signing_bytes, tx.sig)]
 
 
-def replay_with(base: MemoryState, writes: dict[str, bytes | None]) -> st.Overlay:
+def replay_with(base: st.StateReader, writes: dict[str, bytes | None]) -> st.Overlay:
     overlay = st.Overlay(base)
     overlay.writes.update(writes)
     return overlay
 
 
-def _compare_state(store: SqliteStore, replay: MemoryState) -> int:
+def _compare_state(store: SqliteStore, replay: ScratchState) -> int:
     """Walk the stored state and the replayed state in key order, in step."""
-    replayed = iter(sorted(replay.data.items()))
+    replayed = replay.items()
     n = 0
     for key, value in store.state_items():
         expected = next(replayed, None)

@@ -1,0 +1,113 @@
+"""LedgerApp over a real SQLite store: CheckTx admits, rechecks cheaply, and no signature is
+verified twice (CheckTx -> recheck -> FinalizeBlock); the state cache stays true."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medledger.core import machine, mempool
+from medledger.core.tx import make_tx
+from medledger.crypto import keys
+from medledger.crypto.canonical import b64e, canonical
+from medledger.crypto.signing import verify as real_verify
+from medledger.errors import Forbidden, Replay
+from medledger.node.home import org_genesis_entry
+from medledger.node.ledger_app import LedgerApp
+from medledger.storage.sqlite import SqliteStore
+
+CHAIN = "medledger-app-test"
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[LedgerApp, keys.Identity]:
+    org = keys.new_identity("org-a", "org")
+    app = LedgerApp(SqliteStore(tmp_path / "ledger.db"), CHAIN)
+    app.init_chain(CHAIN, canonical({"orgs": [org_genesis_entry(org, "A")]}), 0)
+    return app, org
+
+
+def _register(org: keys.Identity, pid: str, nonce: str) -> bytes:
+    p = keys.new_identity(pid, "patient")
+    body = {"id": pid, "kind": "patient", "sign_pub": b64e(p.sign_public),
+            "enc_pub": b64e(p.enc_public)}
+    return make_tx(org.id, org.signer(), CHAIN, "actor.register", body, nonce).raw
+
+
+def test_each_signature_is_verified_once(world: tuple[LedgerApp, keys.Identity],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    app, org = world
+    calls: list[bytes] = []
+
+    def counting(public: bytes, message: bytes, sig: bytes) -> bool:
+        calls.append(sig)
+        return real_verify(public, message, sig)
+
+    monkeypatch.setattr(mempool, "verify", counting)
+    monkeypatch.setattr(machine, "verify", counting)
+    raws = [_register(org, f"pat-{i}", f"{i:016x}") for i in range(5)]
+    assert all(app.check_tx(r).code == 0 for r in raws)
+    assert len(calls) == 5
+    assert all(app.check_tx(r, True).code == 0 for r in raws)  # recheck: no decode, no verify
+    assert len(calls) == 5
+    outcome = app.finalize_block(1, 10**18, raws, b"", b"")
+    app.commit()
+    assert [r.code for r in outcome.tx_results] == [0] * 5
+    assert len(calls) == 5, "FinalizeBlock verified a signature CheckTx had verified"
+    # a tx first met in a block (never CheckTx'd here) is verified there
+    fresh = _register(org, "pat-9", "9" * 16)
+    app.finalize_block(2, 10**18 + 1, [fresh], b"", b"")
+    app.commit()
+    assert len(calls) == 6
+
+
+def test_recheck_drops_txs_whose_nonce_a_block_used(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    app, org = world
+    raw = _register(org, "pat-1", "a" * 16)
+    twin = _register(org, "pat-2", "a" * 16)  # same signer and nonce, other content
+    assert app.check_tx(raw).code == 0 and app.check_tx(twin).code == 0
+    app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.commit()
+    assert app.check_tx(twin, True).code == Replay.code
+    assert app.check_tx(raw).code == Replay.code  # a replay of the committed tx
+
+
+def test_precheck_runs_policy_check_tx_does_not(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    app, org = world
+    consent: dict[str, Any] = {"id": "c1", "patient": "pat-1", "decision": "permit"}
+    raw = make_tx(org.id, org.signer(), CHAIN, "consent.put", consent, "b" * 16).raw
+    assert app.precheck(raw).code == Forbidden.code  # a consent is the patient's to sign
+    assert app.check_tx(raw).code == 0  # the mempool admits it; the block refuses it
+    outcome = app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.commit()
+    assert outcome.tx_results[0].code == Forbidden.code
+    assert app.check_tx(raw).code == Replay.code  # its nonce is burnt
+
+
+def test_state_cache_follows_commits(world: tuple[LedgerApp, keys.Identity],
+                                     tmp_path: Path) -> None:
+    app, org = world
+    assert app.state.get("actor/pat-1") is None  # cached miss
+    raw = _register(org, "pat-1", "c" * 16)
+    app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.commit()
+    assert app.state.get("actor/pat-1") == app.store.get("actor/pat-1") is not None
+    assert (app.height, app.app_hash) == (app.store.height, app.store.app_hash)
+    reopened = LedgerApp(SqliteStore(tmp_path / "ledger.db"))
+    assert (reopened.height, reopened.app_hash) == (1, app.app_hash)
+
+
+def test_scan_cache_forgets_a_prefix_when_a_key_under_it_is_written(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    app, org = world
+    assert list(app.state.scan("actor/")) == []  # cached (empty)
+    assert [k for k, _ in app.state.scan("org/")] == ["org/org-a"]
+    app.finalize_block(1, 10**18, [_register(org, "pat-1", "d" * 16)], b"", b"")
+    app.commit()
+    assert [k for k, _ in app.state.scan("actor/")] == ["actor/pat-1"]
+    assert list(app.state.scan("actor/")) == list(app.store.scan("actor/"))
+    assert [k for k, _ in app.state.scan("org/")] == ["org/org-a"]
