@@ -420,6 +420,9 @@ def test_two_of_four_down_quorum_visible_writes_fail_fast_and_retry_is_idempoten
     assert ready["consensus"]["quorum"] is False, ready
     assert set(ready["consensus"]["missing_validators"]) == missing, ready
     assert "no quorum" in ready["reason"] and all(o in ready["reason"] for o in missing)
+    # both survivors notice on their own (each within a few seconds of the other)
+    eventually(lambda: httpx.get(tn.urls[1] + "/readyz", timeout=5).status_code == 503, 30,
+               "node 1 to report the lost quorum")
     result = CliRunner().invoke(app, ["net", "status", "--dir", tn.net.dir])
     assert result.exit_code == 3, result.output
     reasons = [line for line in result.output.splitlines() if "no quorum:" in line]
