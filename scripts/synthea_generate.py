@@ -21,7 +21,8 @@ Bundles), so the files are what a Synthea user gets. ``-p 5 -s 42`` yields 9 rec
 A population already generated with the same settings is reused (``generated.json``
 records the settings and the files); generation writes to a temporary directory
 renamed into place, under a lock, so a crash or a concurrent run never leaves half a
-population. Needs Java >= 11 and Maven (exit status 3 names what is missing).
+population. Needs Java >= 11 (exit status 3 without it) and, to install Synthea the
+first time, Maven.
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ _PATIENT_LINE = re.compile(r"^\d+ -- .*\(\d+ y/o [MF]\)")
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    for tool in ("java", "mvn"):
-        if shutil.which(tool) is None:
-            print(f"error: '{tool}' not found on PATH: Synthea needs Java >= 11 and Maven "
-                  "(apt-get install openjdk-17-jre-headless maven)", file=sys.stderr)
-            return MISSING_TOOL
-    subprocess.run([str(ROOT / "scripts" / "install_synthea.sh")], check=True,
-                   stdout=sys.stderr)
+    if shutil.which("java") is None:
+        print("error: 'java' not found on PATH: Synthea needs Java >= 11 "
+              "(apt-get install openjdk-17-jre-headless)", file=sys.stderr)
+        return MISSING_TOOL
+    installed = subprocess.run([str(ROOT / "scripts" / "install_synthea.sh")],
+                               stdout=sys.stderr)  # needs Maven unless already installed
+    if installed.returncode != 0:
+        return installed.returncode
     settings = _settings(args)
     out = DATA / _dir_name(args)
     DATA.mkdir(parents=True, exist_ok=True)
