@@ -23,6 +23,7 @@ from medledger.api import ledger_routes, portal_routes
 from medledger.api.common import fhir_json, outcome_response
 from medledger.api.fhir_routes import router as fhir_router
 from medledger.errors import MedledgerError, TooLarge
+from medledger.node.home import Config
 from medledger.node.runtime import NodeRuntime
 from medledger.node.service import Node, WrongPasscode
 
@@ -52,7 +53,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
     # pure ASGI (no BaseHTTPMiddleware task per request): Content-Length checked up front,
     # chunked bodies counted as they arrive
-    app.add_middleware(_StreamedBodyLimit, limit=lambda: node.config.max_body_bytes)
+    app.add_middleware(_StreamedBodyLimit, limit=lambda scope: _body_limit(node.config, scope))
 
     @app.exception_handler(WrongPasscode)
     async def wrong_passcode(request: Request, exc: WrongPasscode) -> Response:
@@ -104,6 +105,13 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     return app
 
 
+def _body_limit(config: Config, scope: Any) -> int:
+    """Bundles posted to the FHIR base have their own (larger) limit."""
+    if scope.get("method") == "POST" and scope.get("path") in ("/fhir", "/fhir/"):
+        return config.max_bundle_bytes
+    return config.max_body_bytes
+
+
 class _StreamedBodyLimit:
     """Enforce ``max_body_bytes`` on bodies without a Content-Length (chunked uploads).
 
@@ -111,7 +119,7 @@ class _StreamedBodyLimit:
     inside the route, which the error handler turns into a 413 OperationOutcome.
     """
 
-    def __init__(self, app: Any, limit: Callable[[], int]) -> None:
+    def __init__(self, app: Any, limit: Callable[[Any], int]) -> None:
         self.app = app
         self.limit = limit
 
@@ -119,7 +127,7 @@ class _StreamedBodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, seen = self.limit(), 0
+        limit, seen = self.limit(scope), 0
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 response = outcome_response(TooLarge(

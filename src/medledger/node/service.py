@@ -45,14 +45,14 @@ from medledger.errors import (
     Unavailable,
     UnknownSigner,
 )
-from medledger.fhir import bundle as fbundle
 from medledger.fhir import ips, match
 from medledger.fhir.labels import classify
 from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
-from medledger.node import shares
+from medledger.node import bundles, shares
 from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session, scope_allows
+from medledger.node.bundles import BundleResult
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
@@ -156,6 +156,7 @@ class Node:
         self.integrity_failure: str | None = None
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
+        self.identifiers = bundles.IdentifierLookup(self)  # conditional queries of Bundles
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -472,10 +473,13 @@ class Node:
         if not ops:
             return
         body = {"ops": ops}
-        if len(ops) <= MAX_BATCH_OPS and len(canonical(body)) <= STAGE_PART_BYTES:
+        # config extra "import_part_bytes": match a smaller CometBFT mempool.max_tx_bytes
+        part_bytes = min(int(self.config.extra.get("import_part_bytes", STAGE_PART_BYTES)),
+                         STAGE_PART_BYTES)
+        if len(ops) <= MAX_BATCH_OPS and len(canonical(body)) <= part_bytes:
             await self.submit(self.org, "batch", body)
             return
-        parts = list(_parts(ops, STAGE_PART_BYTES))
+        parts = list(_parts(ops, part_bytes))
         iid = os.urandom(16).hex()
         await self.submit(self.org, "import.begin", {"id": iid, "parts": len(parts)})
         try:
@@ -575,76 +579,10 @@ class Node:
             raise self._deny(session, "register", None, [],
                              f"{writer['id']} ({role.name}) may not register patients")
 
-    async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
-        """Load a FHIR transaction Bundle atomically (one ``batch`` tx, or a staged import
-        when it is larger than a tx) or reject it whole."""
-        self._need_scope(session, "*", "c")
-        self._writer_of(session)
-        plan = await self._off_loop(fbundle.plan_transaction, data, _new_uuid)
-        ops: list[dict[str, Any]] = []
-        bodies: list[dict[str, Any]] = []
-        new_patient_keys: dict[str, bytes] = {}
-        statuses: list[tuple[str, str, str]] = []
-        try:
-            for entry in plan:
-                if entry.resource_type == "Patient" and st.record_head(
-                        self.store, "Patient", entry.resource_id) is None:
-                    self._authorise_registration(session)
-                    try:
-                        self._duplicate_check(dict(entry.resource))
-                    except Conflict as err:
-                        raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
-                    reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
-                                                                   None)
-                    ops.extend(reg_ops)
-                    new_patient_keys[entry.resource_id] = identity.enc_public
-            for entry in plan:
-                resource = dict(entry.resource)
-                cls = classify({**resource, "id": entry.resource_id})
-                patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
-                try:
-                    body, head, _ = await self._prepare_put_in_bundle(
-                        session, resource, entry, patient, new_patient_keys)
-                except MedledgerError as err:
-                    raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
-                                    f"{entry.resource_id}): {err.message}") from err
-                if body is None:
-                    statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
-                    continue
-                ops.append({"kind": "record.put", "body": body})
-                bodies.append(body)
-                statuses.append((entry.resource_type, entry.resource_id,
-                                 "201 Created" if head is None else "200 OK"))
-            try:
-                await self.submit_ops(ops)
-            except MedledgerError as err:
-                self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
-                raise
-        except MedledgerError:
-            # nothing was registered: drop the keystores and blobs made for this bundle
-            for pid in new_patient_keys:
-                self.home.user_keystore(pid).unlink(missing_ok=True)
-            self._drop_blobs(bodies)
-            raise
-        out = []
-        patients = set()
-        for rtype, rid, status in statuses:
-            meta = st.record_head(self.store, rtype, rid)
-            assert meta is not None
-            patients.add(meta["patient"])
-            out.append((Stored({}, meta), status))
-        for p in sorted(patients, key=str):
-            self._audit(session, "transaction", p, [], detail=f"{len(plan)} bundle entries")
-        return out
-
-    async def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
-                                     entry: fbundle.PlannedEntry, patient: str | None,
-                                     new_patient_keys: dict[str, bytes]) -> Prepared:
-        if patient in new_patient_keys:
-            # the patient is registered by this same batch: wrap to their new key
-            return await self._prepare_put(session, resource, entry.resource_id,
-                                           entry.if_match, patient, new_patient_keys[patient])
-        return await self._prepare_put(session, resource, entry.resource_id, entry.if_match)
+    async def process_bundle(self, session: Session, data: bytes | str) -> BundleResult:
+        """A FHIR transaction (all or nothing) or batch (entry by entry) Bundle: see
+        ``node.bundles``."""
+        return await bundles.process_bundle(self, session, data)
 
     # ------------------------------------------------------------ reads
     def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None
