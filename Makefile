@@ -36,8 +36,10 @@ synthea-if-java:
 	@if command -v java >/dev/null 2>&1; then $(PY) scripts/synthea_generate.py; \
 	else echo "java not found: tests that need Synthea output will be skipped"; fi
 
+SYNTHEA_DIR := .tools/synthea-data/p5-s42/fhir
+
 demo: install synthea
-	$(BIN)/medledger demo
+	$(BIN)/medledger demo --synthea $(SYNTHEA_DIR)
 
 test: install chromium synthea-if-java
 	$(PYTEST) -q -p no:cacheprovider tests
