@@ -35,6 +35,7 @@ from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
 from medledger.errors import InvalidInput
+from medledger.fhir.schema import conformant_copy
 
 __all__ = [
     "MAX_ERRORS",
@@ -391,18 +392,24 @@ def parse_resource(
             f"expected a {expected_type} resource, got resourceType {resource_type!r}"
         )
     model = resource_model(resource_type)
+    # certainly valid, common-shape JSON is accepted by the compiled check (fhir.schema);
+    # everything else, and every error message, comes from the models
+    fast = conformant_copy(raw, model) if type(raw) is dict else None
     problems: list[str] = []
-    try:
-        instance = model.model_validate(raw)
-    except ValidationError as exc:
-        problems.extend(_describe_validation_error(resource_type, exc))
-        instance = None
+    instance = None
+    if fast is None:
+        try:
+            instance = model.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_describe_validation_error(resource_type, exc))
     problems.extend(_check_required_bindings(resource_type, raw))
     if problems:
         shown = "; ".join(problems[:MAX_ERRORS])
         more = len(problems) - MAX_ERRORS
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more > 0 else ""
         raise InvalidInput(f"{resource_type} is invalid: {shown}{suffix}")
+    if fast is not None:
+        return fast
     assert instance is not None
     conformant = _conformant_copy(raw, instance)
     if conformant is not None:
