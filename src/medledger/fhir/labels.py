@@ -29,6 +29,7 @@ __all__ = [
     "Classification",
     "classify",
     "patient_id_from_reference",
+    "patient_of",
     "sensitivity_labels",
 ]
 
@@ -381,6 +382,12 @@ def sensitivity_labels(resource: Mapping[str, Any]) -> frozenset[str]:
             if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
                 labels.add(coding["code"])
     return frozenset(labels)
+
+
+def patient_of(resource: Mapping[str, Any]) -> str | None:
+    """The patient a resource is about (``classify(resource).patient_id``, without the
+    labelling work)."""
+    return _patient_id(str(resource.get("resourceType", "")), resource)
 
 
 def patient_id_from_reference(reference: object) -> str | None:

@@ -31,7 +31,7 @@ from medledger.core import state as st
 from medledger.crypto.canonical import loads
 from medledger.errors import InvalidInput, MedledgerError, PreconditionFailed
 from medledger.fhir import bundle as fb
-from medledger.fhir.labels import classify
+from medledger.fhir.labels import patient_of
 from medledger.fhir.outcome import (
     EntryResponse,
     etag,
@@ -152,10 +152,11 @@ async def _prepare(node: Node, session: Session, entry: fb.PlannedEntry,
         if head is None:
             node._authorise_registration(session)
             node._duplicate_check(resource)
+            _set_aside_orphan_keystore(node, patient)
             ops, identity, _ = await node._patient_ops(resource, None)
             new_patient_keys[patient] = identity.enc_public
     else:
-        patient = classify(resource).patient_id
+        patient = patient_of(resource)
     try:
         if patient in new_patient_keys:  # registered by this Bundle: wrap to their new key
             body, head, _ = await node._prepare_put(session, resource, entry.resource_id,
@@ -172,6 +173,20 @@ async def _prepare(node: Node, session: Session, entry: fb.PlannedEntry,
     if body is not None:
         ops.append({"kind": "record.put", "body": body})
     return _Write(entry, ops, body, head)
+
+
+def _set_aside_orphan_keystore(node: Node, pid: str) -> None:
+    """A keystore made for a registration that an earlier run of this node never
+    committed (killed mid-import) would block the client's retry: it is renamed aside
+    (kept, not deleted) when its patient is not registered and the file predates this
+    process. A keystore being written by this process is never touched."""
+    path = node.home.user_keystore(pid)
+    try:
+        made = path.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if st.principal(node.store, pid) is None and made < node.started_s:
+        path.rename(path.with_name(f"{path.name}.orphan-{int(made)}"))
 
 
 def _entry_error(entry: fb.EntryPlan | fb.PlannedEntry, err: MedledgerError) -> MedledgerError:

@@ -142,6 +142,7 @@ class Node:
         self.org = org
         self.chain = app.chain
         self.clock = clock
+        self.started_s = clock()  # files older than this were left by an earlier run
         self.blobs = blobs if blobs is not None else BlobStore(home.blobs_path)
         self.replica = Replicator(self)
         app.on_commit.append(self.replica.on_commit)
