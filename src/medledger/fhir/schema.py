@@ -35,7 +35,7 @@ from typing import Any
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import TypeAdapter, ValidationError
 
-__all__ = ["conformant_copy"]
+__all__ = ["compile_schema", "conformant_copy"]
 
 _MAX_MEMO = 200_000  # memoised primitive values per type, before the memo is cleared
 
@@ -67,6 +67,19 @@ def conformant_copy(raw: Mapping[str, Any], model: type[FHIRAbstractModel]
         return _object(raw, _schema(model))
     except _Unsure:
         return None
+
+
+def compile_schema(model: type[FHIRAbstractModel]) -> None:
+    """Build the checks of ``model`` and of every element model it contains, now."""
+    pending, seen = [model], set()
+    while pending:
+        current = pending.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for field in _schema(current).fields.values():
+            if field.model is not None:
+                pending.append(field.model)
 
 
 # -- the walk ---------------------------------------------------------------------------------
