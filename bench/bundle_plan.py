@@ -59,7 +59,8 @@ def _child(path: Path) -> dict[str, Any]:
     gc.collect()
     return {"file": path.name, "mb": path.stat().st_size / 1e6, "entries": len(plan.entries),
             "seconds": seconds, "cpu_seconds": cpu,
-            "resources_per_s": len(plan.entries) / seconds, "mb_per_s": path.stat().st_size / 1e6 / seconds,
+            "resources_per_s": len(plan.entries) / seconds,
+            "mb_per_s": path.stat().st_size / 1e6 / seconds,
             "rss_before_mib": before, "peak_rss_mib": peak, "plan_held_mib": _rss_mib() - before}
 
 

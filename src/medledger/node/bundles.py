@@ -22,6 +22,7 @@ new version. Functions here are the node's own (they use ``Node``'s write helper
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,10 +40,11 @@ from medledger.fhir.outcome import (
     searchset_bundle,
     status_line,
 )
+from medledger.node.records import seal_record
+from medledger.node.service import Node, PutJob, iso
 
 if TYPE_CHECKING:
     from medledger.node.auth import Session
-    from medledger.node.service import Node
 
 __all__ = ["BundleResult", "IdentifierLookup", "process_bundle"]
 
@@ -129,17 +131,20 @@ async def process_bundle(node: Node, session: Session, data: bytes | str) -> Bun
 
 @dataclass(slots=True)
 class _Write:
-    """A planned write sealed and ready: its ops (registration + record.put) or unchanged."""
+    """A planned write: authorised (``job``, to be sealed) or unchanged (``body`` None),
+    with the registration ops of a patient it creates."""
 
     entry: fb.PlannedEntry
     ops: list[dict[str, Any]]
-    body: dict[str, Any] | None
+    job: PutJob | None
     head: dict[str, Any] | None
+    body: dict[str, Any] | None = None  # the record.put body once sealed
 
 
-async def _prepare(node: Node, session: Session, entry: fb.PlannedEntry,
-                   new_patient_keys: dict[str, bytes]) -> _Write:
-    """Seal one write (a new Patient also gets its ``actor.register`` op and keystore)."""
+async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
+                     new_patient_keys: dict[str, bytes]) -> _Write:
+    """Authorise one write (a new Patient also gets its ``actor.register`` op and
+    keystore); sealing comes after, for all writes at once (:func:`_seal`)."""
     resource = dict(entry.resource)
     head = st.record_head(node.store, entry.resource_type, entry.resource_id)
     if entry.if_none_match == "*" and head is not None:
@@ -159,20 +164,49 @@ async def _prepare(node: Node, session: Session, entry: fb.PlannedEntry,
         patient = patient_of(resource)
     try:
         if patient in new_patient_keys:  # registered by this Bundle: wrap to their new key
-            body, head, _ = await node._prepare_put(session, resource, entry.resource_id,
-                                                    entry.if_match, patient,
-                                                    new_patient_keys[patient])
+            job = await node._authorise_put(session, resource, entry.resource_id,
+                                            entry.if_match, patient, new_patient_keys[patient])
         else:
-            body, head, _ = await node._prepare_put(session, resource, entry.resource_id,
-                                                    entry.if_match)
+            job = await node._authorise_put(session, resource, entry.resource_id,
+                                            entry.if_match)
     except MedledgerError:
         if ops:  # not registered after all: its keystore goes
             node.home.user_keystore(entry.resource_id).unlink(missing_ok=True)
             new_patient_keys.pop(entry.resource_id, None)
         raise
-    if body is not None:
-        ops.append({"kind": "record.put", "body": body})
-    return _Write(entry, ops, body, head)
+    if isinstance(job, PutJob):
+        return _Write(entry, ops, job, job.head)
+    return _Write(entry, ops, None, job.head)
+
+
+SEAL_CHUNK = 256  # writes per sealing task on the worker pool
+
+
+async def _seal(node: Node, writes: list[_Write]) -> None:
+    """Seal every authorised write (AES-GCM + a key wrap per reader: the costliest part
+    of a write after validation) on the worker pool, in parallel chunks; store the
+    blobs in one go, before the ledger references them; complete the ops."""
+    pending = [w for w in writes if w.job is not None]
+    chunks = [pending[i:i + SEAL_CHUNK] for i in range(0, len(pending), SEAL_CHUNK)]
+    sealed = await asyncio.gather(*(node._off_loop(
+        seal_many, node.chain,
+        [(w.job.resource, w.job.patient, w.job.version, w.job.readers)
+         for w in chunk if w.job is not None]) for chunk in chunks))
+    blobs: list[tuple[str, bytes]] = []
+    for chunk, results in zip(chunks, sealed, strict=True):
+        for w, (fields, blob) in zip(chunk, results, strict=True):
+            assert w.job is not None
+            w.body = w.job.prepared(fields).body
+            w.ops.append({"kind": "record.put", "body": w.body})
+            blobs.append((fields["blob"], blob))
+    node.blobs.put(blobs)
+
+
+def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]
+              ) -> list[tuple[dict[str, Any], bytes]]:
+    """``seal_record`` for many writes (runs on the worker pool)."""
+    return [seal_record(chain, resource, patient, version, readers)
+            for resource, patient, version, readers in items]
 
 
 def _set_aside_orphan_keystore(node: Node, pid: str) -> None:
@@ -215,9 +249,10 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan
     try:
         for entry in ordered:
             try:
-                writes.append(await _prepare(node, session, entry, new_patient_keys))
+                writes.append(await _authorise(node, session, entry, new_patient_keys))
             except MedledgerError as err:
                 raise _entry_error(entry, err) from err
+        await _seal(node, writes)
         ops = [op for w in writes for op in w.ops]
         try:
             await node.submit_ops(ops)
@@ -247,9 +282,10 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan) -> dict[int,
     new_patient_keys: dict[str, bytes] = {}
     for entry in sorted(plan.writes(), key=lambda e: e.resource_type != "Patient"):
         try:
-            writes.append(await _prepare(node, session, entry, new_patient_keys))
+            writes.append(await _authorise(node, session, entry, new_patient_keys))
         except MedledgerError as err:
             responses[entry.index] = _failed(_entry_error(entry, err))
+    await _seal(node, writes)
     pending = [w for w in writes if w.ops]
     try:
         await node.submit_ops([op for w in pending for op in w.ops])
@@ -297,8 +333,6 @@ def _matched(node: Node, plan: fb.BundlePlan) -> dict[int, EntryResponse]:
 
 
 def _located(meta: dict[str, Any], status: str) -> EntryResponse:
-    from medledger.node.service import iso
-
     return EntryResponse(status, f"{meta['type']}/{meta['id']}/_history/{meta['v']}",
                          etag(meta["v"]), iso(meta["time_ns"]))
 
@@ -328,8 +362,6 @@ async def _reads(node: Node, session: Session, plan: fb.BundlePlan
 
 
 async def _read(node: Node, session: Session, entry: fb.EntryPlan) -> EntryResponse:
-    from medledger.node.service import iso
-
     url = entry.url or ""
     path, _, query = url.partition("?")
     parts = path.split("/")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from medledger.core import policy
 from medledger.core import state as st
@@ -49,16 +49,18 @@ from medledger.fhir import ips, match
 from medledger.fhir.labels import classify
 from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
-from medledger.node import bundles, shares
+from medledger.node import shares
 from medledger.node.audit import Auditor
 from medledger.node.auth import Authenticator, Session, scope_allows
-from medledger.node.bundles import BundleResult
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_as, open_blob, rewrap_key, seal_record
 from medledger.node.replica import Replicator
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from medledger.node.bundles import BundleResult
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,23 @@ class Prepared(NamedTuple):
 
 
 @dataclass(frozen=True)
+class PutJob:
+    """An authorised write waiting to be sealed (``seal_record``): the resource with its
+    new meta, who may read it, and the ``record.put`` body without the seal's fields."""
+
+    resource: dict[str, Any]
+    patient: str | None
+    version: int
+    readers: dict[str, bytes]
+    body: dict[str, Any]
+    head: dict[str, Any] | None
+
+    def prepared(self, seal_fields: dict[str, Any]) -> Prepared:
+        """The write once sealed (its blob stored): body = metadata + commitment fields."""
+        return Prepared({**self.body, **seal_fields}, self.head, self.resource)
+
+
+@dataclass(frozen=True)
 class Withheld:
     ref: str
     category: str
@@ -119,7 +138,10 @@ def iso(time_ns: int) -> str:
 
 
 ANCHOR_MAX_BYTES = 512 * 1024
-STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
+# An import part (the whole signed tx) stays inside CometBFT's defaults: mempool
+# max_tx_bytes (1 MiB) and the RPC request that carries it base64-encoded in JSON
+# (rpc.max_body_bytes, 1,000,000 bytes): 4/3 x 720 KiB + the envelope < 1,000,000.
+STAGE_PART_BYTES = 720 * 1024
 # Resource types outside every patient compartment: directory records (ADR 5).
 # TODO(search): replaced by the Patient CompartmentDefinition (search/compartment.py).
 DIRECTORY_TYPES = frozenset({
@@ -157,7 +179,8 @@ class Node:
         self.integrity_failure: str | None = None
         self.validator_pool: Executor | None = None
         self._share_locks: dict[str, asyncio.Lock] = {}
-        self.identifiers = bundles.IdentifierLookup(self)  # conditional queries of Bundles
+        from medledger.node.bundles import IdentifierLookup  # (bundles builds on Node)
+        self.identifiers = IdentifierLookup(self)  # conditional queries of Bundles
 
     # ------------------------------------------------------------ plumbing
     @property
@@ -418,6 +441,22 @@ class Node:
                            break_glass: str | None = None) -> Prepared:
         """Authorise, then build a ``record.put`` body and store its sealed blob locally
         (body None when the content is identical to the head)."""
+        job = await self._authorise_put(session, resource, rid, if_match, patient_override,
+                                        new_patient_key, break_glass)
+        if isinstance(job, Prepared):
+            return job
+        fields, blob = seal_record(self.chain, job.resource, job.patient, job.version,
+                                   job.readers)
+        self.blobs.put([(fields["blob"], blob)])  # stored before the ledger references it
+        return job.prepared(fields)
+
+    async def _authorise_put(self, session: Session, resource: dict[str, Any], rid: str,
+                             if_match: int | None, patient_override: str | None = None,
+                             new_patient_key: bytes | None = None,
+                             break_glass: str | None = None) -> PutJob | Prepared:
+        """Everything of a write but the sealing (which bulk imports do on the worker
+        pool): policy, preconditions, the version, its metadata and readers. Identical
+        content to the head answers ``Prepared`` with no body."""
         rtype = resource["resourceType"]
         resource = {**resource, "id": rid}
         patient, category, labels = self._record_kind(resource, patient_override)
@@ -457,16 +496,13 @@ class Node:
         readers = self.readers_for(patient)
         if new_patient_key is not None and patient is not None:
             readers[patient] = new_patient_key
-        fields, blob = seal_record(self.chain, resource, patient, version, readers)
-        self.blobs.put([(fields["blob"], blob)])  # stored before the ledger references it
         body = {"type": rtype, "id": rid, "version": version,
                 "prev": "" if head is None else head["hash"], "patient": patient,
                 "category": category, "labels": labels,
-                "author": session.actor_id if session.kind == "practitioner" else self.org.id,
-                **fields}
+                "author": session.actor_id if session.kind == "practitioner" else self.org.id}
         if decision.break_glass:
             body["break_glass"] = True
-        return Prepared(body, head, resource)
+        return PutJob(resource, patient, version, readers, body, head)
 
     async def submit_ops(self, ops: list[dict[str, Any]]) -> None:
         """Commit ``actor.register``/``record.put`` ops all or nothing: one ``batch`` tx when
@@ -583,6 +619,7 @@ class Node:
     async def process_bundle(self, session: Session, data: bytes | str) -> BundleResult:
         """A FHIR transaction (all or nothing) or batch (entry by entry) Bundle: see
         ``node.bundles``."""
+        from medledger.node import bundles
         return await bundles.process_bundle(self, session, data)
 
     # ------------------------------------------------------------ reads
