@@ -62,8 +62,11 @@ def _blobs(home: str) -> int:
 
 @pytest.fixture(scope="module")
 def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[network.Network]:
+    # the import.commit block applies 34,600 record versions on each of four validators
+    # sharing two cores: allow it more than the default 30 s to commit
     n = network.create_network(tmp_path_factory.mktemp("synthea-net"), 4, PW,
-                               chain="medledger-synthea-net", scrypt_n=2**12)
+                               chain="medledger-synthea-net", scrypt_n=2**12,
+                               commit_timeout_s=300)
     procs = network.start_members(n, [0, 1, 2, 3], PW, die_with_parent=True)
     try:
         yield n

@@ -519,10 +519,16 @@ class Node:
         parts = list(_parts(ops, part_bytes))
         iid = os.urandom(16).hex()
         await self.submit(self.org, "import.begin", {"id": iid, "parts": len(parts)})
+        # a few parts in flight: blocks stay a few MB, so each commits quickly on a
+        # network (flooding the mempool packs ~20 MB blocks that take rounds to agree)
+        in_flight = asyncio.Semaphore(int(self.config.extra.get("import_parts_in_flight", 4)))
+
+        async def submit_part(seq: int, part: list[dict[str, Any]]) -> None:
+            async with in_flight:
+                await self.submit(self.org, "import.part", {"id": iid, "seq": seq, "ops": part})
+
         try:
-            await asyncio.gather(*(self.submit(self.org, "import.part",
-                                               {"id": iid, "seq": i, "ops": part})
-                                   for i, part in enumerate(parts)))
+            await asyncio.gather(*(submit_part(i, part) for i, part in enumerate(parts)))
             await self.submit(self.org, "import.commit", {"id": iid})
         except MedledgerError:
             try:
