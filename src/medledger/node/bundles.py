@@ -121,6 +121,7 @@ async def process_bundle(node: Node, session: Session, data: bytes | str) -> Bun
     draft = await node._off_loop(fb.read_bundle, data, _new_uuid)
     answers = await node.identifiers.answer(draft.queries)
     plan = fb.finish_plan(draft, answers)
+    del draft  # the plan holds the resources now
     if plan.kind == "transaction":
         responses = await _transaction(node, session, plan)
     else:
@@ -180,6 +181,7 @@ async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
 
 
 SEAL_CHUNK = 256  # writes per sealing task on the worker pool
+SEAL_CHUNKS_IN_FLIGHT = 4
 
 
 async def _seal(node: Node, writes: list[_Write]) -> None:
@@ -188,16 +190,23 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
     blobs in one go, before the ledger references them; complete the ops."""
     pending = [w for w in writes if w.job is not None]
     chunks = [pending[i:i + SEAL_CHUNK] for i in range(0, len(pending), SEAL_CHUNK)]
-    sealed = await asyncio.gather(*(node._off_loop(
-        seal_many, node.chain,
-        [(w.job.resource, w.job.patient, w.job.version, w.job.readers)
-         for w in chunk if w.job is not None]) for chunk in chunks))
+    in_flight = asyncio.Semaphore(SEAL_CHUNKS_IN_FLIGHT)  # bounds what waits pickled
+
+    async def seal_chunk(chunk: list[_Write]) -> list[tuple[dict[str, Any], bytes]]:
+        async with in_flight:
+            return await node._off_loop(  # type: ignore[no-any-return]
+                seal_many, node.chain,
+                [(w.job.resource, w.job.patient, w.job.version, w.job.readers)
+                 for w in chunk if w.job is not None])
+
+    sealed = await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks))
     blobs: list[tuple[str, bytes]] = []
     for chunk, results in zip(chunks, sealed, strict=True):
         for w, (fields, blob) in zip(chunk, results, strict=True):
             assert w.job is not None
             w.body = w.job.prepared(fields).body
             w.ops.append({"kind": "record.put", "body": w.body})
+            w.job = None  # the resource is sealed: drop this reference to it
             blobs.append((fields["blob"], blob))
     node.blobs.put(blobs)
 
