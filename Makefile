@@ -6,8 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: install cometbft proto chromium demo test test-unit test-integration test-network \
-        test-browser bench lint clean
+.PHONY: install cometbft proto chromium synthea synthea-if-java demo test test-unit \
+        test-integration test-network test-browser bench lint clean
 
 install: $(STAMP) cometbft proto
 
@@ -26,16 +26,28 @@ proto: $(STAMP)
 chromium:
 	scripts/install_chromium.sh
 
-demo: install
-	$(BIN)/medledger demo
+# Synthea 3.3.0 (Maven Central, into .tools/synthea) and its fixed-seed population
+# (.tools/synthea-data/p5-s42: 9 patients + hospital/practitioner batches), both cached.
+synthea:
+	$(PY) scripts/synthea_generate.py
 
-test: install chromium
+# Tests skip real-data cases without Java; everything else about Synthea must work.
+synthea-if-java:
+	@if command -v java >/dev/null 2>&1; then $(PY) scripts/synthea_generate.py; \
+	else echo "java not found: tests that need Synthea output will be skipped"; fi
+
+SYNTHEA_DIR := .tools/synthea-data/p5-s42/fhir
+
+demo: install synthea
+	$(BIN)/medledger demo --synthea $(SYNTHEA_DIR)
+
+test: install chromium synthea-if-java
 	$(PYTEST) -q -p no:cacheprovider tests
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) synthea-if-java
 	$(PYTEST) -q tests/unit
 
-test-integration: install
+test-integration: install synthea-if-java
 	$(PYTEST) -q tests/integration -m "not network and not browser"
 
 test-network: install

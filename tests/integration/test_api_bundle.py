@@ -21,7 +21,8 @@ MAX_BODY = 3_000_000
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeHandle]:
-    with running_node(tmp_path_factory.mktemp("bundle") / "home", max_body_bytes=MAX_BODY) as n:
+    with running_node(tmp_path_factory.mktemp("bundle") / "home", max_body_bytes=MAX_BODY,
+                      max_bundle_bytes=MAX_BODY) as n:
         yield n
 
 

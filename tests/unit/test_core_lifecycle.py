@@ -221,6 +221,27 @@ def test_staged_import_is_all_or_nothing_and_abortable(c: Chain) -> None:
     assert imp is not None and imp["status"] == "aborted"
 
 
+def test_import_commit_admission_checks_the_import_not_every_operation(c: Chain) -> None:
+    """CheckTx admits a complete import's commit without applying its operations (the
+    block does, all or nothing); an incomplete one is refused at admission already."""
+    iid = "k" * 32
+    assert c.run("org-a", "import.begin", {"id": iid, "parts": 2}).code == OK
+    assert c.run("org-a", "import.part", {"id": iid, "seq": 0, "ops": _ops(2)}).code == OK
+    early = machine.check_tx(c.state, c.tx("org-a", "import.commit", {"id": iid}), c.chain,
+                             c.height, T0)
+    assert early.code == CONFLICT  # part 1 missing
+    bad = [{"kind": "record.put", "body": record_body(
+        "y1", 1, "", category="mental-health", author="nurse-n")}]
+    assert c.run("org-a", "import.part", {"id": iid, "seq": 1, "ops": bad}).code == OK
+    commit = c.tx("org-a", "import.commit", {"id": iid})
+    admitted = machine.check_tx(c.state, commit, c.chain, c.height, T0)
+    assert (admitted.code, admitted.data) == (OK, "3")  # admitted: 3 staged operations
+    assert st.record_head(c.state, "Observation", "s0") is None  # nothing applied
+    r = c.block(commit).results[0]  # the block applies them, and refuses the import whole
+    assert r.code == FORBIDDEN and r.log.startswith(f"import {iid} part 1 op 2"), r.log
+    assert st.record_head(c.state, "Observation", "s0") is None
+
+
 @pytest.mark.parametrize(
     ("kind", "body", "code"),
     [("import.begin", {"id": "short", "parts": 1}, INVALID),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st_h
+
 from medledger.core import state as st
 from medledger.crypto.canonical import canonical
 
@@ -68,3 +71,38 @@ def test_typed_readers() -> None:
     assert st.patient_records(o, "pat-1", "Observation") == [("Observation", "o1")]
     assert [x["id"] for x in st.shares_of(o, "pat-1")] == ["s1"]
     assert st.get_json(o, "missing") is None
+
+
+_keys = st_h.lists(st_h.tuples(
+    st_h.sampled_from(["a/", "a/x/", "a/x/y/", "b/", "ab/", "a"]),
+    st_h.sampled_from(["1", "2", "x", "x/1", ""]),
+    st_h.one_of(st_h.none(), st_h.just(b"v"))), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(base_writes=_keys, writes=_keys, via_update=st_h.booleans(),
+       prefix=st_h.sampled_from(["", "a", "a/", "a/x/", "a/x/y/", "ab", "ab/", "b/", "c/"]))
+def test_overlay_scan_equals_a_full_scan(base_writes: list[tuple[str, str, bytes | None]],
+                                         writes: list[tuple[str, str, bytes | None]],
+                                         via_update: bool, prefix: str) -> None:
+    """The prefix index answers exactly what walking every pending write would."""
+    base_state = st.MemoryState({p + k: b"base" for p, k, _ in base_writes})
+    overlay = st.Overlay(base_state)
+    pending = {p + k: v for p, k, v in writes}
+    if via_update:
+        overlay.writes.update(pending)
+    else:
+        for key, value in pending.items():
+            overlay.put(key, value)
+    inner = st.Overlay(overlay)
+    inner.put(prefix + "new", b"n")
+    inner.merge_into(overlay)
+    pending[prefix + "new"] = b"n"
+    expected = {k: v for k, v in base_state.scan(prefix)}
+    for key, value in pending.items():
+        if key.startswith(prefix):
+            if value is None:
+                expected.pop(key, None)
+            else:
+                expected[key] = value
+    assert list(overlay.scan(prefix)) == sorted(expected.items())

@@ -12,6 +12,7 @@ from medledger.fhir.labels import (
     CATEGORIES,
     classify,
     patient_id_from_reference,
+    patient_of,
     sensitivity_labels,
 )
 from medledger.fhir.validate import parse_resource
@@ -31,6 +32,7 @@ def test_label_vector(vector: dict[str, Any]) -> None:
     assert got.category in CATEGORIES
     assert sorted(got.labels) == expected["labels"]
     assert got.patient_id == expected["patient_id"]
+    assert patient_of(resource) == expected["patient_id"]
     if "date" in expected:
         assert got.date == expected["date"]
     if "codes" in expected:

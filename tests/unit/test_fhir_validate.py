@@ -172,3 +172,49 @@ def test_canonical_form_is_deterministic_and_idempotent(seed: int, pid: str) -> 
     assert canonical_bytes(parse_resource(synthetic_observation(pid, seed))) == canonical_bytes(
         once
     )
+
+
+def test_valid_input_is_kept_as_sent() -> None:
+    """The canonical form of valid FHIR JSON is the input itself (date-times, element
+    order and precision as sent), minus nulls and empty arrays."""
+    sent = {**OBS, "issued": "2024-01-02T03:04:05.520+00:00", "note": [], "method": None}
+    out = parse_resource(sent)
+    assert out == {k: v for k, v in sent.items() if k not in ("note", "method")}
+    assert list(out) == [k for k in sent if k not in ("note", "method")]
+    assert out["effectiveDateTime"] == "2024-01-02T03:04:05+00:00"
+    assert out is not sent and out["code"] is not sent["code"]  # a copy
+
+
+@pytest.mark.parametrize(
+    ("element", "sent", "canonical"),
+    [
+        ("valueInteger", "5", 5),
+        ("valueInteger", 5.0, 5),
+        ("valueBoolean", "true", True),
+        ("valueBoolean", 1, True),
+        ("valueQuantity", {"value": "1.5"}, {"value": 1.5}),
+    ],
+)
+def test_coerced_values_are_written_in_fhir_json_form(
+    element: str, sent: object, canonical: object
+) -> None:
+    base = {k: v for k, v in OBS.items() if k != "valueQuantity"}
+    out = parse_resource({**base, element: sent})
+    assert out[element] == canonical
+    assert type(out[element]) is type(canonical)
+
+
+def test_primitive_extension_arrays_stay_aligned() -> None:
+    ext = {"extension": [{"url": "http://example.org/x", "valueString": "y"}]}
+    sent = {"resourceType": "Patient", "name": [{"given": ["A", None], "_given": [None, ext]}]}
+    assert parse_resource(sent) == sent
+
+
+def test_contained_resources_are_checked_like_the_container() -> None:
+    eob_coverage = {"resourceType": "Coverage", "id": "coverage", "status": "active",
+                    "beneficiary": {"reference": "Patient/p"}, "payor": [{"display": "x"}]}
+    out = parse_resource({**OBS, "contained": [eob_coverage]})
+    assert out["contained"] == [eob_coverage]
+    message = _error({**OBS, "contained": [{**eob_coverage, "status": "on"}]})
+    assert "'on' is not a valid code" in message
+    assert "at Observation.contained[0].status" in message

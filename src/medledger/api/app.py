@@ -34,6 +34,7 @@ from medledger.api import ledger_routes, portal_routes, rights_routes
 from medledger.api.common import WorkLimiter, fhir_json, outcome_response
 from medledger.api.fhir_routes import router as fhir_router
 from medledger.errors import InvalidInput, MedledgerError, TooLarge, Unavailable
+from medledger.node.home import Config
 from medledger.node.runtime import NodeRuntime
 from medledger.node.service import Node, WrongPasscode
 
@@ -66,7 +67,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
 
     node.auditor.deferred = True
     # pure ASGI (no BaseHTTPMiddleware task per request); the last added is the outermost
-    app.add_middleware(_StreamedBodyLimit, limit=lambda: node.config.max_body_bytes)
+    app.add_middleware(_StreamedBodyLimit, limit=lambda scope: _body_limit(node.config, scope))
     app.add_middleware(_RefuseWhenTampered, node=node)
     app.add_middleware(_ErrorBoundary)
     app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
@@ -260,6 +261,13 @@ class _RefuseWhenTampered:
         await self.app(scope, receive, send)
 
 
+def _body_limit(config: Config, scope: Any) -> int:
+    """Bundles posted to the FHIR base have their own (larger) limit."""
+    if scope.get("method") == "POST" and scope.get("path") in ("/fhir", "/fhir/"):
+        return config.max_bundle_bytes
+    return config.max_body_bytes
+
+
 class _StreamedBodyLimit:
     """Enforce ``max_body_bytes`` on bodies without a Content-Length (chunked uploads).
 
@@ -267,7 +275,7 @@ class _StreamedBodyLimit:
     inside the route, which the error handler turns into a 413 OperationOutcome.
     """
 
-    def __init__(self, app: Any, limit: Callable[[], int]) -> None:
+    def __init__(self, app: Any, limit: Callable[[Any], int]) -> None:
         self.app = app
         self.limit = limit
 
@@ -275,7 +283,7 @@ class _StreamedBodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, seen = self.limit(), 0
+        limit, seen = self.limit(scope), 0
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 response = outcome_response(TooLarge(

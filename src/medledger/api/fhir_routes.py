@@ -25,10 +25,15 @@ from medledger.api.consent_fhir import fhir_to_rule, rule_to_fhir
 from medledger.core.machine import RESOURCE_TYPE_RE
 from medledger.errors import InvalidInput, MedledgerError
 from medledger.fhir import match
-from medledger.fhir.outcome import etag, history_bundle, searchset_bundle
+from medledger.fhir.outcome import (
+    etag,
+    history_bundle,
+    searchset_bundle,
+    transaction_response_bundle,
+)
 from medledger.fhir.validate import resource_model
 from medledger.node import audit as audit_mod
-from medledger.node.service import Stored, iso
+from medledger.node.service import Stored
 from medledger.search import bundle as search_bundle
 from medledger.search.engine import SearchResult
 
@@ -96,15 +101,10 @@ async def metadata(request: Request) -> Response:
 @router.post("")
 @router.post("/")
 async def transaction(request: Request) -> Response:
+    """A transaction Bundle (all or nothing) or a batch (entry by entry)."""
     node, session = node_of(request), session_of(request)
-    results = await node.transaction(session, await request.body())
-    entries = [{"response": {
-        "status": status,
-        "location": f"{s.meta['type']}/{s.meta['id']}/_history/{s.meta['v']}",
-        "etag": etag(s.meta["v"]), "lastModified": iso(s.meta["time_ns"])}}
-        for s, status in results]
-    return fhir_json({"resourceType": "Bundle", "type": "transaction-response",
-                      "entry": entries})
+    result = await node.process_bundle(session, await request.body())
+    return fhir_json(transaction_response_bundle(result.entries, batch=result.kind == "batch"))
 
 
 @router.post("/Patient/$match", openapi_extra=json_body_schema({"type": "object"}))

@@ -1,4 +1,10 @@
-"""``medledger demo``: a node with synthetic patients, staff and consents, ready to explore."""
+"""``medledger demo``: a node with patients and staff, ready to explore.
+
+With ``--synthea DIR`` (what ``make demo`` passes) it loads real Synthea output the way
+FHIR servers are loaded: the hospital and practitioner batches, then each patient's
+transaction Bundle (the patient registered first, so they can log in with the demo
+password). Without it, the project's own small synthetic patients.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import orjson
 import typer
-from rich.progress import track
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, track
 
 from medledger.cli.common import app, console, handle_errors
 from medledger.client import Client
@@ -63,8 +69,8 @@ def stop_node_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
-def seed(base_url: str, home: Path, n_patients: int) -> dict[str, str]:
-    """Register staff and load synthetic patients; returns patient id -> name."""
+def _register_staff(base_url: str, home: Path) -> keys.Identity:
+    """Register the demo staff (once); returns the physician who loads the data."""
     from medledger.node.home import Home
     org = Home(home).unlock_org(DEMO_PASSWORD)
     staff_dir = home / "demo-keys"
@@ -76,20 +82,75 @@ def seed(base_url: str, home: Path, n_patients: int) -> dict[str, str]:
             doc = c.post("/admin/practitioners", {"id": pid, "role": role,
                                                   "password": DEMO_PASSWORD})
             (staff_dir / f"{pid}.json").write_bytes(orjson.dumps(doc["keystore"]))
-    clerk = keys.load_keystore(staff_dir / "dr-house.json", DEMO_PASSWORD)
+    return keys.load_keystore(staff_dir / "dr-house.json", DEMO_PASSWORD)
+
+
+def seed(base_url: str, home: Path, n_patients: int) -> dict[str, str]:
+    """Register staff and load synthetic patients; returns patient id -> name."""
+    clerk = _register_staff(base_url, home)
     patients: dict[str, str] = {}
     with Client(base_url, clerk) as c:
         for seed_no in track(range(n_patients), description="loading synthetic patients"):
             bundle = synthetic_patient_bundle(seed_no, n_encounters=4)
             patient = bundle["entry"][0]["resource"]
-            name = patient["name"][0]
-            patients[patient["id"]] = f"{' '.join(name.get('given', []))} {name['family']}"
-            if c.request("GET", "/ledger/status", auth=False) and _exists(c, patient["id"]):
+            patients[patient["id"]] = _name(patient)
+            if _exists(c, patient["id"]):
                 continue
             c.request("PUT", f"/fhir/Patient/{patient['id']}", patient,
                       headers={"X-Medledger-Patient-Password": DEMO_PASSWORD})
             c.post("/fhir", bundle)
     return patients
+
+
+def seed_synthea(base_url: str, home: Path, fhir_dir: Path, max_entries: int,
+                 n_patients: int) -> dict[str, str]:
+    """Load Synthea output: directory batches, then up to ``n_patients`` patient Bundles
+    of at most ``max_entries`` resources each, smallest first; returns id -> name."""
+    files = sorted(fhir_dir.glob("*.json"), key=lambda p: p.stat().st_size)
+    loads: list[tuple[bytes, int, dict[str, Any] | None]] = []  # (body, entries, patient)
+    for path in files:
+        if path.name.startswith(("hospitalInformation", "practitionerInformation")):
+            data = path.read_bytes()
+            loads.insert(0, (data, len(orjson.loads(data)["entry"]), None))
+    n_directory = len(loads)
+    for path in files:
+        if len(loads) - n_directory >= n_patients or path.name.startswith(
+                ("hospitalInformation", "practitionerInformation")):
+            continue
+        data = path.read_bytes()
+        entries = orjson.loads(data)["entry"]
+        if len(entries) <= max_entries:
+            patient = next(e["resource"] for e in entries
+                           if e["resource"]["resourceType"] == "Patient")
+            loads.append((data, len(entries), patient))
+    if len(loads) == n_directory:
+        raise Unavailable(f"no Synthea patient files of at most {max_entries} resources "
+                          f"in {fhir_dir} (run `make synthea`)")
+    loader = _register_staff(base_url, home)
+    patients: dict[str, str] = {}
+    columns = (TextColumn("{task.description:<40}"), BarColumn(),
+               TextColumn("{task.completed:,}/{task.total:,} resources"), TimeElapsedColumn())
+    with Client(base_url, loader, timeout=1800) as c, Progress(*columns,
+                                                                console=console) as bar:
+        task = bar.add_task("loading Synthea output", total=sum(n for _, n, _ in loads))
+        for data, n, patient in loads:
+            if patient is None:
+                bar.update(task, description="directory: organisations, practitioners")
+            else:
+                patients[patient["id"]] = _name(patient)
+                bar.update(task, description=patients[patient["id"]][:40])
+                if not _exists(c, patient["id"]):  # registered first: the demo password
+                    c.request("PUT", f"/fhir/Patient/{patient['id']}", patient,
+                              headers={"X-Medledger-Patient-Password": DEMO_PASSWORD})
+            c.request("POST", "/fhir", data)
+            bar.advance(task, n)
+    return patients
+
+
+def _name(patient: dict[str, Any]) -> str:
+    name = (patient.get("name") or [{}])[0]
+    return f"{' '.join(name.get('given', []))} {name.get('family', '')}".strip() or \
+        str(patient.get("id"))
 
 
 def _exists(c: Client, pid: str) -> bool:
@@ -104,10 +165,15 @@ def _exists(c: Client, pid: str) -> bool:
 @handle_errors
 def demo(home: Annotated[Path, typer.Option(help="Demo node home.")] = Path(".demo/node"),
          port: Annotated[int, typer.Option()] = 8700,
-         patients: Annotated[int, typer.Option(help="Synthetic patients to load.")] = 12,
+         patients: Annotated[int, typer.Option(help="Patients to load.")] = 12,
+         synthea: Annotated[Path | None, typer.Option(
+             help="Load this Synthea output folder (its fhir/ directory) instead of the "
+                  "built-in synthetic patients.")] = None,
+         synthea_max_entries: Annotated[int, typer.Option(
+             help="Skip Synthea patients with more resources than this.")] = 10_000,
          exit_after_seed: Annotated[bool, typer.Option(help="Stop after seeding.")] = False
          ) -> None:
-    """Start a node with synthetic patients and print where to look."""
+    """Start a node with patients and print where to look."""
     from medledger.node.home import init_home
     if not (home / "config.json").exists():
         init_home(home, "org-stmary", "St Mary's Hospital", DEMO_PASSWORD,
@@ -123,7 +189,8 @@ def demo(home: Annotated[Path, typer.Option(help="Demo node home.")] = Path(".de
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, proc)
-        names = seed(base_url, home, patients)
+        names = (seed_synthea(base_url, home, synthea, synthea_max_entries, patients)
+                 if synthea is not None else seed(base_url, home, patients))
         first = next(iter(names))
         console.rule("[bold]medledger demo is running")
         console.print(f"Portal:        {base_url}/   (FHIR API {base_url}/fhir, docs "

@@ -29,7 +29,7 @@ machine sees its own writes and can drop them whole when a batch fails.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 from medledger.crypto.canonical import canonical, loads
@@ -43,12 +43,55 @@ class StateReader(Protocol):
         ...
 
 
+class Writes(dict[str, bytes | None]):
+    """An overlay's pending writes, indexed by every ``/``-terminated prefix of their keys.
+
+    State is scanned by such prefixes (``consent/{patient}/``, ``ver/{type}/{id}/``...),
+    once or more per operation; a block or a staged import holds up to hundreds of
+    thousands of writes, so a scan must not walk them all. Keys are never removed
+    (a deletion is a ``None`` value), so the index only grows.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._by_prefix: dict[str, set[str]] = {}
+
+    def __setitem__(self, key: str, value: bytes | None) -> None:
+        if key not in self:
+            end = key.find("/")
+            while end != -1:
+                self._by_prefix.setdefault(key[:end + 1], set()).add(key)
+                end = key.find("/", end + 1)
+        super().__setitem__(key, value)
+
+    def update(self, *others: Any, **more: Any) -> None:
+        for other in (*others, more):
+            items = other.items() if hasattr(other, "items") else other
+            for key, value in items:
+                self[key] = value
+
+    def setdefault(self, key: str, default: bytes | None = None) -> bytes | None:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __ior__(self, other: Any) -> Writes:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def with_prefix(self, prefix: str) -> Iterable[str]:
+        """Keys starting with ``prefix`` (any order)."""
+        if prefix.endswith("/") or not prefix:
+            return self._by_prefix.get(prefix, ()) if prefix else list(self)
+        return [key for key in self if key.startswith(prefix)]
+
+
 class Overlay:
     """Pending writes over a base reader. ``None`` marks a deletion."""
 
     def __init__(self, base: StateReader) -> None:
         self.base = base
-        self.writes: dict[str, bytes | None] = {}
+        self.writes = Writes()
 
     def get(self, key: str) -> bytes | None:
         if key in self.writes:
@@ -57,12 +100,12 @@ class Overlay:
 
     def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
         merged = dict(self.base.scan(prefix))
-        for key, value in self.writes.items():
-            if key.startswith(prefix):
-                if value is None:
-                    merged.pop(key, None)
-                else:
-                    merged[key] = value
+        for key in self.writes.with_prefix(prefix):
+            value = self.writes[key]
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
         for key in sorted(merged):
             yield key, merged[key]
 

@@ -1,61 +1,757 @@
-"""Planning of FHIR ``transaction`` and ``batch`` Bundles (Synthea loads).
+"""Planning of FHIR R4 ``transaction`` and ``batch`` Bundles (http.html#transaction).
 
-This module owns turning a submitted Bundle into an ordered list of validated
-writes (:class:`PlannedEntry`): it checks the Bundle's shape, assigns every
-entry its resource id, rewrites every ``urn:uuid:`` (and other ``fullUrl``)
-reference to ``<Type>/<id>``, and validates each rewritten resource with
-:func:`~medledger.fhir.validate.parse_resource`.
+This module owns turning a submitted Bundle into a :class:`BundlePlan`: for every
+entry, what to do (write a validated resource, reuse an existing one, read) or why
+it fails, in the order the specification processes them. It does no I/O: whatever
+must be looked up in stored records — the matches of conditional creates
+(``ifNoneExist``), conditional updates (``PUT Type?query``) and conditional
+references (``Practitioner?identifier=...``) — is asked of a *resolver* the node
+provides, which answers a :class:`Query` with the ids of the stored resources that
+match it.
 
-Id rule: an entry whose ``fullUrl`` is ``urn:uuid:<uuid>`` gets ``<uuid>`` as
-its id, so loading the same Synthea bundle twice writes the same records
-(idempotent).  ``PUT Type/<id>`` keeps ``<id>``; other creates call ``new_id``.
-Records are never deleted, so ``DELETE`` entries are refused.
+Planning runs in two steps so the costly one can run on a worker process:
 
-Conditional requests (``PUT Patient?identifier=...`` or ``ifNoneExist``) are
-planned with a provisional id and their ``condition``; resolving the condition
-against stored records is the node's job (see :func:`rewrite_references` to
-re-point references if it picks an existing id).
+1. :func:`read_bundle` parses the JSON once (orjson), checks the Bundle's shape and
+   each entry's request, assigns ids and validates every resource with
+   :func:`~medledger.fhir.validate.parse_resource`. It returns a :class:`BundleDraft`
+   whose ``queries`` are the distinct conditional queries the Bundle needs. When it
+   parsed the bytes itself it drops each raw entry as soon as the entry is drafted,
+   so a large Bundle is held roughly once, not twice.
+2. :func:`finish_plan` takes the resolver's answers and resolves conditional
+   creates/updates, rewrites ``urn:uuid:`` (any ``fullUrl``) and conditional
+   references to ``Type/id`` in place, and orders the entries.
 
-Pure: no I/O, no clock; ids come from ``new_id``.
+:func:`plan_bundle` does both with a resolver callback.
+
+Rules (FHIR R4 http.html#transaction, with medledger's choices):
+
+* **Ids.** An entry whose ``fullUrl`` is ``urn:uuid:<uuid>`` gets ``<uuid>`` as its id,
+  so loading the same Synthea file twice writes the same records (idempotent).
+  ``PUT Type/<id>`` keeps ``<id>``; other creates get ``new_id()``.
+* **Order.** DELETE, then POST, then PUT/PATCH, then GET/HEAD; conditional references
+  are resolved last, so they see the resources this Bundle writes. The plan lists
+  entries in that order; ``index`` gives each one's place in ``Bundle.entry`` (the
+  response lists entries in request order).
+* **Conditional create** (``ifNoneExist``): no match -> create; one match -> no write,
+  the entry's ``fullUrl`` points at the match (action ``match``); several -> 412.
+* **Conditional update** (``PUT Type?query``): no match -> create (with the body's id if
+  it has one); one match -> update it; several -> 412.
+* **Conditional reference** (``Type?query``, transactions): exactly one match ->
+  ``Type/id``; none -> 404; several -> 412. Matches are the resolver's stored ids plus
+  this Bundle's own writes for the ``identifier`` and ``_id`` parameters (what
+  conditional references use), which :func:`bundle_match` evaluates.
+* **Preconditions**: ``ifMatch`` (``W/"3"``) on PUT, ``ifNoneMatch`` ``*`` on PUT
+  (create only) or a version on GET; the node checks them against stored versions.
+* **Contained resources** stay inside their container; ``#id`` references must name a
+  contained resource (or ``#`` the container) and are left as they are.
+* **Transactions** are all or nothing: the first problem raises, naming the entry.
+  **Batches** are independent entries: each problem is kept on its entry
+  (``problem``, with its HTTP status) and the others go ahead; a batch entry may not
+  reference another entry (that is what transactions are for).
+* DELETE and PATCH are refused: records are append-only versions (erasure is a
+  separate, audited operation).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import unquote
 
-from medledger.errors import InvalidInput
+from medledger.errors import InvalidInput, MedledgerError, NotFound, PreconditionFailed
 from medledger.fhir.validate import parse_json, parse_resource
 
-__all__ = ["PlannedEntry", "parse_if_match", "plan_transaction", "rewrite_references"]
+__all__ = [
+    "Action",
+    "BundleDraft",
+    "BundlePlan",
+    "EntryPlan",
+    "PlannedEntry",
+    "Query",
+    "Resolver",
+    "bundle_match",
+    "finish_plan",
+    "no_stored_matches",
+    "parse_if_match",
+    "parse_query",
+    "plan_bundle",
+    "plan_transaction",
+    "read_bundle",
+    "rewrite_references",
+]
+
+Action = Literal["write", "match", "read", "fail"]
+"""``write``: store ``resource`` at ``Type/id`` (create, or a new version if it exists
+and differs); ``match``: a conditional create found ``Type/id``, nothing is written;
+``read``: a GET/HEAD the node answers after the writes; ``fail``: a batch entry that
+cannot be processed (see ``problem``)."""
 
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
 _IF_MATCH_RE = re.compile(r'^(?:W/)?"?([0-9]+)"?$')
+_CONDITIONAL_REF_RE = re.compile(r"^([A-Z][A-Za-z]+)\?(.+)$")
 _LOCAL_URN_PREFIXES = ("urn:uuid:", "urn:oid:")
+# Search result parameters select or shape results; they cannot identify a resource.
+_RESULT_PARAMS = frozenset({"_count", "_sort", "_include", "_revinclude", "_summary",
+                            "_elements", "_contained", "_containedType", "_total",
+                            "_format", "_pretty"})
+_METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A conditional search, e.g. ``Practitioner?identifier=http://hl7.org/fhir/sid/us-npi|1``.
+
+    ``params`` are the decoded ``(name, value)`` pairs, sorted, so the same search
+    written in another order is the same query.
+    """
+
+    resource_type: str
+    params: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        return f"{self.resource_type}?" + "&".join(f"{k}={v}" for k, v in self.params)
+
+
+Resolver = Callable[[Query], Iterable[str]]
+"""Ids of the *stored* resources of ``query.resource_type`` that match ``query``."""
+
+
+def no_stored_matches(query: Query) -> Iterable[str]:
+    """A resolver for a node that holds nothing yet (every query matches nothing)."""
+    return ()
+
+
+def parse_query(resource_type: str, text: str) -> Query:
+    """``identifier=sys|val&_id=x`` for ``resource_type`` -> :class:`Query`.
+
+    Values are percent-decoded (``+`` stays a plus: FHIR search values are
+    RFC 3986 encoded). Result parameters (``_count``, ``_sort``...) are refused.
+    """
+    if not _TYPE_RE.match(resource_type):
+        raise InvalidInput(f"{resource_type!r} is not a FHIR resource type")
+    params: list[tuple[str, str]] = []
+    for part in text.split("&"):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = unquote(name)
+        if not sep or not name or not value:
+            raise InvalidInput(f"search {resource_type}?{text} is malformed: "
+                               f"{part!r} is not name=value")
+        if name.split(":", 1)[0] in _RESULT_PARAMS:
+            raise InvalidInput(f"search {resource_type}?{text} uses {name!r}, which selects "
+                               "results and cannot identify a resource")
+        params.append((name, unquote(value)))
+    if not params:
+        raise InvalidInput(f"search {resource_type}?{text} has no parameters")
+    return Query(resource_type, tuple(sorted(params)))
+
+
+def bundle_match(query: Query, resource: Mapping[str, Any]) -> bool | None:
+    """Whether ``resource`` matches ``query``, for the parameters a planner can judge
+    (``_id`` and ``identifier`` tokens: ``system|value``, ``|value``, ``value``,
+    ``system|``; comma = any of). ``None`` when the query uses anything else."""
+    if resource.get("resourceType") != query.resource_type:
+        return False
+    for name, value in query.params:
+        if name == "_id":
+            matched = resource.get("id") in value.split(",")
+        elif name == "identifier":
+            matched = any(_identifier_matches(token, resource.get("identifier"))
+                          for token in value.split(","))
+        else:
+            return None
+        if not matched:
+            return False
+    return True
+
+
+def _identifier_matches(token: str, identifiers: object) -> bool:
+    if not isinstance(identifiers, list):
+        return False
+    system, sep, value = token.partition("|")
+    for ident in identifiers:
+        if not isinstance(ident, Mapping):
+            continue
+        if not sep:  # "value": any system
+            if ident.get("value") == token:
+                return True
+        elif not system:  # "|value": no system
+            if "system" not in ident and ident.get("value") == value:
+                return True
+        elif ident.get("system") == system and (not value or ident.get("value") == value):
+            return True
+    return False
+
+
+# -- plan types -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EntryPlan:
+    """What to do with one ``Bundle.entry`` (see :data:`Action`)."""
+
+    index: int  # position in Bundle.entry
+    method: str  # request.method
+    action: Action
+    resource_type: str | None
+    resource_id: str | None  # the write's or the match's id; a read's id if the url names one
+    resource: dict[str, Any] | None = None  # ``write``: validated, references resolved, id set
+    full_url: str | None = None
+    url: str | None = None  # request.url
+    if_match: int | None = None  # version precondition (PUT)
+    if_none_match: int | Literal["*"] | None = None  # "*" on PUT: create only; version on GET
+    condition: Query | None = None  # ifNoneExist / conditional update query
+    problem: MedledgerError | None = None  # ``fail``: why (its http_status is the entry's)
+
+    @property
+    def target(self) -> str | None:
+        """``Type/id`` of the write or match."""
+        if self.resource_type is None or self.resource_id is None:
+            return None
+        return f"{self.resource_type}/{self.resource_id}"
 
 
 @dataclass(frozen=True, slots=True)
 class PlannedEntry:
-    """One validated write of a transaction/batch Bundle, in Bundle order."""
+    """A ``write`` entry, typed for the node that stores it."""
 
     index: int
-    method: str  # "POST" (create) or "PUT" (create-or-update)
+    method: str  # POST or PUT
     resource_type: str
     resource_id: str
-    resource: dict[str, Any]  # canonical, references rewritten, ``id`` set
-    if_match: int | None  # version precondition from request.ifMatch
+    resource: dict[str, Any]
+    if_match: int | None
+    if_none_match: Literal["*"] | None
     full_url: str | None
-    condition: str | None = None  # conditional query (PUT Type?query / POST ifNoneExist)
+    condition: Query | None
+
+
+@dataclass(frozen=True, slots=True)
+class BundlePlan:
+    """The planned entries of one Bundle, in processing order."""
+
+    kind: Literal["transaction", "batch"]
+    entries: tuple[EntryPlan, ...]
+
+    def writes(self) -> Iterator[PlannedEntry]:
+        for e in self.entries:
+            if e.action != "write":
+                continue
+            assert e.resource_type and e.resource_id and e.resource is not None
+            yield PlannedEntry(e.index, e.method, e.resource_type, e.resource_id, e.resource,
+                               e.if_match, "*" if e.if_none_match == "*" else None,
+                               e.full_url, e.condition)
+
+    def in_request_order(self) -> list[EntryPlan]:
+        return sorted(self.entries, key=lambda e: e.index)
+
+
+@dataclass(slots=True)
+class _Draft:
+    """One entry after :func:`read_bundle`: request parsed, resource validated."""
+
+    index: int
+    method: str
+    resource_type: str | None
+    resource_id: str | None  # the id it will have if it is created
+    full_url: str | None
+    url: str | None
+    resource: dict[str, Any] | None = None
+    references: tuple[str, ...] = ()  # distinct Reference.reference strings, sorted
+    if_match: int | None = None
+    if_none_match: int | Literal["*"] | None = None
+    condition: Query | None = None
+    conditional_update: bool = False
+    body_id: bool = False  # the resource names its own id (conditional update as create)
+    problem: MedledgerError | None = None
+
+
+@dataclass(slots=True)
+class BundleDraft:
+    """A Bundle after :func:`read_bundle`; planned once by :func:`finish_plan`."""
+
+    kind: Literal["transaction", "batch"]
+    drafts: list[_Draft]
+    queries: frozenset[Query]
+    finished: bool = field(default=False)
+
+
+# -- step 1: read -----------------------------------------------------------------------------
+
+
+def read_bundle(bundle: Mapping[str, Any] | bytes | str,
+                new_id: Callable[[], str]) -> BundleDraft:
+    """Parse, check and validate a transaction/batch Bundle (step 1, the costly one).
+
+    A transaction raises on its first bad entry (InvalidInput naming it, e.g.
+    ``Bundle.entry[17] (urn:uuid:..., Observation): ...``); a batch keeps the problem
+    on the entry. A dict argument is never mutated.
+    """
+    owned = isinstance(bundle, bytes | str)
+    raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
+    kind, entries = _bundle_entries(raw)
+    drafts: list[_Draft] = []
+    for index in range(len(entries)):
+        draft = _read_entry(index, entries[index], new_id)
+        if owned:
+            entries[index] = None  # release the raw entry: only the validated copy stays
+        if draft.problem is not None and kind == "transaction":
+            raise draft.problem
+        drafts.append(draft)
+    queries = {d.condition for d in drafts if d.condition is not None and d.problem is None}
+    for draft in drafts:
+        if draft.problem is not None:
+            continue
+        for ref in draft.references:
+            query = _conditional_reference(ref)
+            if query is not None:
+                queries.add(query)
+    return BundleDraft(kind, drafts, frozenset(queries))
+
+
+def _bundle_entries(raw: object) -> tuple[Literal["transaction", "batch"], list[Any]]:
+    if not isinstance(raw, Mapping):
+        raise InvalidInput("expected a Bundle resource (a JSON object)")
+    if raw.get("resourceType") != "Bundle":
+        raise InvalidInput(f"expected a Bundle, got resourceType {raw.get('resourceType')!r}")
+    kind = raw.get("type")
+    if kind not in ("transaction", "batch"):
+        raise InvalidInput(
+            f"Bundle.type must be 'transaction' or 'batch' to be submitted, got {kind!r}"
+        )
+    entries = raw.get("entry", [])
+    if not isinstance(entries, list):
+        raise InvalidInput("Bundle.entry must be an array")
+    return kind, entries
+
+
+def _where(index: int, full_url: str | None, resource_type: str | None) -> str:
+    details = ", ".join(x for x in (full_url, resource_type) if x)
+    return f"Bundle.entry[{index}]" + (f" ({details})" if details else "")
+
+
+def _entry_error(draft: _Draft, problem: str,
+                 kind: type[MedledgerError] = InvalidInput) -> MedledgerError:
+    return kind(f"{_where(draft.index, draft.full_url, draft.resource_type)}: {problem}")
+
+
+def _read_entry(index: int, entry: object, new_id: Callable[[], str]) -> _Draft:
+    if not isinstance(entry, Mapping):
+        return _Draft(index, "?", None, None, None, None,
+                      problem=InvalidInput(f"Bundle.entry[{index}]: must be a JSON object"))
+    full_url = entry.get("fullUrl")
+    resource = entry.get("resource")
+    rtype = resource.get("resourceType") if isinstance(resource, Mapping) else None
+    draft = _Draft(index, "?", rtype if isinstance(rtype, str) else None, None,
+                   full_url if isinstance(full_url, str) else None, None)
+    try:
+        if full_url is not None and (not isinstance(full_url, str) or not full_url):
+            raise InvalidInput("fullUrl must be a non-empty string")
+        _read_request(draft, entry.get("request"), resource, new_id)
+    except InvalidInput as exc:
+        problem = exc.message
+        if draft.resource_type and problem.startswith(f"{draft.resource_type} is invalid: "):
+            problem = problem.removeprefix(f"{draft.resource_type} is invalid: ")
+        draft.problem = _entry_error(draft, problem)
+        draft.resource = None
+    return draft
+
+
+def _read_request(draft: _Draft, request: object, resource: object,
+                  new_id: Callable[[], str]) -> None:
+    if not isinstance(request, Mapping):
+        raise InvalidInput("missing request (a transaction entry needs request.method "
+                           "and request.url)")
+    method, url = request.get("method"), request.get("url")
+    if not isinstance(method, str) or method not in _METHOD_ORDER:
+        raise InvalidInput("request.method must be one of GET, HEAD, POST, PUT, PATCH, "
+                           f"DELETE, got {method!r}")
+    draft.method = method
+    if not isinstance(url, str) or not url.strip("/"):
+        raise InvalidInput("missing request.url (e.g. 'Patient' or 'Patient/<id>')")
+    draft.url = url.strip("/")
+    if method == "DELETE":
+        raise InvalidInput("DELETE is not supported: medledger records are never deleted "
+                           "(append-only versions; erasure is its own audited operation)")
+    if method == "PATCH":
+        raise InvalidInput("PATCH is not supported: send the whole resource with PUT")
+    _read_preconditions(draft, request)
+    if method in ("GET", "HEAD"):
+        url_type, url_id, _ = _split_request_url(draft.url)
+        draft.resource_type = url_type if _TYPE_RE.match(url_type) else None
+        draft.resource_id = url_id
+        return
+    _read_write(draft, request, resource, new_id)
+
+
+def _read_preconditions(draft: _Draft, request: Mapping[str, Any]) -> None:
+    if request.get("ifMatch") is not None:
+        if draft.method != "PUT":
+            raise InvalidInput(f"ifMatch applies to PUT, not {draft.method}")
+        draft.if_match = parse_if_match(request["ifMatch"])
+    none_match = request.get("ifNoneMatch")
+    if none_match is not None:
+        if draft.method == "PUT" and isinstance(none_match, str) and none_match.strip() == "*":
+            draft.if_none_match = "*"
+        elif draft.method in ("GET", "HEAD"):
+            draft.if_none_match = parse_if_match(none_match)
+        else:
+            raise InvalidInput(f"ifNoneMatch must be '*' on PUT or a version ETag on GET, "
+                               f"got {none_match!r} on {draft.method}")
+    if request.get("ifNoneExist") is not None and draft.method != "POST":
+        raise InvalidInput(f"ifNoneExist applies to POST, not {draft.method}")
+
+
+def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object,
+                new_id: Callable[[], str]) -> None:
+    assert draft.url is not None
+    if not isinstance(resource, Mapping):
+        raise InvalidInput(f"{draft.method} needs a resource (a JSON object)")
+    rtype = draft.resource_type
+    if rtype is None:
+        raise InvalidInput("resource has no resourceType")
+    url_type, url_id, query = _split_request_url(draft.url)
+    if url_type != rtype:
+        raise InvalidInput(f"request.url {draft.url!r} does not match resourceType {rtype!r}")
+    body_id = resource.get("id")
+    urn_id = _urn_uuid(draft.full_url)
+    if draft.method == "POST":
+        if url_id is not None or query is not None:
+            raise InvalidInput(f"POST goes to the type ({url_type!r}), not to {draft.url!r}; "
+                               "use PUT for an id or a conditional update")
+        if_none_exist = request.get("ifNoneExist")
+        if if_none_exist is not None:
+            if not isinstance(if_none_exist, str) or not if_none_exist.strip():
+                raise InvalidInput("ifNoneExist must be a search query like "
+                                   "'identifier=system|value'")
+            draft.condition = parse_query(rtype, if_none_exist.rpartition("?")[2])
+        draft.resource_id = urn_id or new_id()
+    elif query is not None:  # conditional update
+        draft.condition = parse_query(rtype, query)
+        draft.conditional_update = True
+        draft.body_id = isinstance(body_id, str)
+        draft.resource_id = body_id if isinstance(body_id, str) else (urn_id or new_id())
+    else:
+        if url_id is None:
+            raise InvalidInput(f"PUT needs an id or a search in request.url ('{rtype}/<id>' "
+                               f"or '{rtype}?identifier=...'), got {draft.url!r}")
+        if body_id is not None and body_id != url_id:
+            raise InvalidInput(f"resource.id {body_id!r} does not match request.url id "
+                               f"{url_id!r}")
+        draft.resource_id = url_id
+    if not _ID_RE.match(draft.resource_id):
+        raise InvalidInput(f"{draft.resource_id!r} is not a valid FHIR id "
+                           "(1-64 of A-Z a-z 0-9 - .)")
+    validated = parse_resource(resource, rtype)
+    validated["id"] = draft.resource_id
+    draft.references = tuple(sorted(set(_references(validated))))
+    _check_local_references(validated, draft.references)
+    draft.resource = validated
+
+
+def _split_request_url(url: str) -> tuple[str, str | None, str | None]:
+    """``Patient`` | ``Patient/<id>`` | ``Patient?query`` (absolute URLs too) -> parts."""
+    path, _, query = url.partition("?")
+    parts = path.split("/")
+    if len(parts) >= 4 and parts[-2] == "_history":  # Type/id/_history/vid (reads)
+        parts = parts[:-2]
+    if len(parts) >= 2 and _TYPE_RE.match(parts[-2] or ""):
+        return parts[-2], parts[-1], query or None
+    return parts[-1], None, query or None
+
+
+def _urn_uuid(full_url: str | None) -> str | None:
+    if full_url is None or not full_url.startswith("urn:uuid:"):
+        return None
+    return full_url.removeprefix("urn:uuid:") or None
+
+
+def _references(node: Any) -> Iterator[str]:
+    """Every ``reference`` string in ``node`` (contained resources included)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and isinstance(value, str):
+                yield value
+            elif isinstance(value, dict | list):
+                yield from _references(value)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict | list):
+                yield from _references(item)
+
+
+def _check_local_references(resource: Mapping[str, Any], refs: Iterable[str]) -> None:
+    """``#id`` must name a contained resource; ``#`` alone names the container (ref-1)."""
+    contained = {c.get("id") for c in resource.get("contained", ()) if isinstance(c, Mapping)}
+    for ref in refs:
+        if ref.startswith("#") and ref != "#" and ref[1:] not in contained:
+            where = _reference_path(resource, ref)
+            raise InvalidInput(f"reference {ref!r} at {where} names no contained resource "
+                               f"(contained ids: {sorted(i for i in contained if i) or 'none'})")
+
+
+def _conditional_reference(ref: str) -> Query | None:
+    match = _CONDITIONAL_REF_RE.match(ref)
+    if match is None:
+        return None
+    try:
+        return parse_query(match.group(1), match.group(2))
+    except InvalidInput:
+        return None  # reported with its place when the reference is resolved
+
+
+# -- step 2: resolve and order ----------------------------------------------------------------
+
+
+def finish_plan(draft: BundleDraft, answers: Mapping[Query, Iterable[str]]) -> BundlePlan:
+    """Resolve ``draft`` with the stored matches of its queries (step 2, cheap).
+
+    ``answers`` maps each query of ``draft.queries`` to the ids of the stored
+    resources that match it (missing = none). Rewrites the drafted resources in
+    place, so a draft is planned once. Transactions raise on the first problem
+    (InvalidInput 400, NotFound 404, PreconditionFailed 412).
+    """
+    if draft.finished:
+        raise ValueError("this BundleDraft was already planned")
+    draft.finished = True
+    stored = {q: frozenset(ids) for q, ids in answers.items()}
+    resolution = _Resolution(draft.kind, stored)
+    order = sorted(draft.drafts, key=lambda d: (_METHOD_ORDER.get(d.method, 9), d.index))
+    for d in order:
+        if d.problem is None and d.method in ("POST", "PUT"):
+            resolution.assign(d)
+    for d in order:
+        if d.problem is None and d.resource is not None and d.method in ("POST", "PUT"):
+            resolution.rewrite(d)
+    return BundlePlan(draft.kind, tuple(_planned(d, resolution) for d in order))
+
+
+def plan_bundle(bundle: Mapping[str, Any] | bytes | str, new_id: Callable[[], str],
+                resolve: Resolver = no_stored_matches) -> BundlePlan:
+    """:func:`read_bundle` then :func:`finish_plan`, asking ``resolve`` each query once."""
+    draft = read_bundle(bundle, new_id)
+    return finish_plan(draft, {query: tuple(resolve(query)) for query in draft.queries})
+
+
+def plan_transaction(bundle: Mapping[str, Any] | bytes | str, new_id: Callable[[], str],
+                     resolve: Resolver = no_stored_matches) -> list[PlannedEntry]:
+    """The writes of a Bundle planned as one transaction (any problem raises)."""
+    draft = read_bundle(bundle, new_id)
+    draft.kind = "transaction"
+    for d in draft.drafts:
+        if d.problem is not None:
+            raise d.problem
+    plan = finish_plan(draft, {query: tuple(resolve(query)) for query in draft.queries})
+    return list(plan.writes())
+
+
+class _Resolution:
+    """Ids and references of one Bundle being planned (see :func:`finish_plan`)."""
+
+    def __init__(self, kind: str, stored: Mapping[Query, frozenset[str]]) -> None:
+        self.kind = kind
+        self.stored = stored
+        self.mapping: dict[str, str] = {}  # fullUrl -> Type/id
+        self.targets: dict[str, int] = {}  # Type/id written -> entry index
+        self.own = _OwnWrites()
+        self.resolved: dict[Query, str] = {}  # conditional reference -> Type/id
+        self.matched: dict[int, str] = {}  # entry index -> id its conditional create found
+        self.full_urls: dict[str, int] = {}  # every entry's fullUrl -> index
+
+    def fail(self, d: _Draft, problem: MedledgerError) -> None:
+        if self.kind == "transaction":
+            raise problem
+        d.problem = problem
+        d.resource = None
+
+    def candidates(self, query: Query) -> frozenset[str]:
+        """Stored matches, corrected by this transaction's own writes so far."""
+        ids = set(self.stored.get(query, ()))
+        if self.kind != "transaction":
+            return frozenset(ids)  # batch entries see stored records only
+        own = self.own.matches(query)
+        if own is None:
+            return frozenset(ids)  # not judgeable on this Bundle's writes: stored only
+        ids -= self.own.ids_of(query.resource_type)  # their new content decides
+        return frozenset(ids | own)
+
+    def assign(self, d: _Draft) -> None:
+        """Decide the id of a POST/PUT and record its fullUrl and target."""
+        if d.full_url is not None:
+            if d.full_url in self.full_urls:
+                first = self.full_urls[d.full_url]
+                self.fail(d, _entry_error(d, f"duplicate fullUrl: Bundle.entry[{first}] "
+                                             "already uses it"))
+                return
+            self.full_urls[d.full_url] = d.index
+        if d.condition is not None:
+            found = self.candidates(d.condition)
+            how = "ifNoneExist" if d.method == "POST" else "conditional update"
+            if len(found) > 1:
+                self.fail(d, _entry_error(
+                    d, f"{how} {d.condition} matches {len(found)} resources "
+                       f"({', '.join(sorted(found)[:5])}): it must identify one",
+                    PreconditionFailed))
+                return
+            if found:
+                (match_id,) = found
+                if d.method == "POST":
+                    self.matched[d.index] = match_id
+                    d.resource_id = match_id
+                    if d.full_url is not None:
+                        self.mapping[d.full_url] = f"{d.resource_type}/{match_id}"
+                    return
+                if d.body_id and d.resource_id != match_id:
+                    self.fail(d, _entry_error(
+                        d, f"resource.id {d.resource_id!r} differs from {match_id!r}, "
+                           f"which {d.condition} matches"))
+                    return
+                d.resource_id = match_id
+        target = f"{d.resource_type}/{d.resource_id}"
+        if target in self.targets:
+            self.fail(d, _entry_error(d, f"{target} is already written by "
+                                         f"Bundle.entry[{self.targets[target]}]"))
+            return
+        self.targets[target] = d.index
+        if d.resource is not None:
+            d.resource["id"] = d.resource_id
+            self.own.add(d.resource)
+        if d.full_url is not None:
+            self.mapping[d.full_url] = target
+
+    def rewrite(self, d: _Draft) -> None:
+        """Point the entry's urn:uuid and conditional references at ``Type/id``."""
+        assert d.resource is not None
+        replace: dict[str, str] = {}
+        for ref in d.references:
+            try:
+                new = self._resolve_reference(d, ref)
+            except MedledgerError as exc:
+                where = _reference_path(d.resource, ref)
+                cls = type(exc)
+                self.fail(d, _entry_error(d, f"reference {ref!r} at {where} {exc.message}",
+                                          cls))
+                return
+            if new is not None and new != ref:
+                replace[ref] = new
+        if replace:
+            _rewrite_in_place(d.resource, replace)
+
+    def _resolve_reference(self, d: _Draft, ref: str) -> str | None:
+        mapped = self.mapping.get(ref)
+        if mapped is not None:
+            if self.kind == "batch":
+                raise InvalidInput("names another entry of this batch; batch entries are "
+                                   "independent (use a transaction Bundle to link entries)")
+            return mapped
+        if ref in self.full_urls:  # an entry that failed (batch) or was refused
+            raise InvalidInput("names an entry that is not written")
+        if ref.startswith(_LOCAL_URN_PREFIXES):
+            raise InvalidInput("does not resolve to any entry's fullUrl")
+        match = _CONDITIONAL_REF_RE.match(ref)
+        if match is None:
+            return None
+        query = parse_query(match.group(1), match.group(2))
+        known = self.resolved.get(query)
+        if known is not None:
+            return known
+        found = self.candidates(query)
+        if not found:
+            raise NotFound(f"matches no {query.resource_type} (conditional reference)")
+        if len(found) > 1:
+            raise PreconditionFailed(f"matches {len(found)} {query.resource_type} resources "
+                                     f"({', '.join(sorted(found)[:5])}): it must identify one")
+        (rid,) = found
+        self.resolved[query] = f"{query.resource_type}/{rid}"
+        return self.resolved[query]
+
+
+class _OwnWrites:
+    """An index of the resources a transaction writes, for ``_id``/``identifier`` matching
+    (what :func:`bundle_match` judges), so each lookup costs O(1), not O(entries)."""
+
+    def __init__(self) -> None:
+        self.by_type: dict[str, set[str]] = {}
+        self.tokens: dict[tuple[str, str], set[str]] = {}  # (type, token) -> ids
+
+    def add(self, resource: Mapping[str, Any]) -> None:
+        rtype, rid = resource["resourceType"], resource["id"]
+        self.by_type.setdefault(rtype, set()).add(rid)
+        for token in _identifier_tokens(resource.get("identifier")):
+            self.tokens.setdefault((rtype, token), set()).add(rid)
+
+    def ids_of(self, resource_type: str) -> set[str]:
+        return self.by_type.get(resource_type, set())
+
+    def matches(self, query: Query) -> set[str] | None:
+        result: set[str] | None = None
+        for name, value in query.params:
+            if name == "_id":
+                found = {v for v in value.split(",") if v in self.ids_of(query.resource_type)}
+            elif name == "identifier":
+                found = set()
+                for token in value.split(","):
+                    found |= self.tokens.get((query.resource_type, _token_key(token)), set())
+            else:
+                return None
+            result = found if result is None else result & found
+        return result if result is not None else set()
+
+
+def _token_key(token: str) -> str:
+    """Index key of an identifier search token: ``s|v``, ``|v`` (no system), ``v`` (any
+    system) or ``s|`` (any value)."""
+    return token if "|" in token else f"*|{token}"
+
+
+def _identifier_tokens(identifiers: object) -> Iterator[str]:
+    """The search tokens an identifier list answers to (see :func:`_token_key`)."""
+    if not isinstance(identifiers, list):
+        return
+    for ident in identifiers:
+        if not isinstance(ident, Mapping):
+            continue
+        system, value = ident.get("system"), ident.get("value")
+        if isinstance(value, str):
+            yield f"*|{value}"
+            yield f"{system}|{value}" if isinstance(system, str) else f"|{value}"
+        if isinstance(system, str):
+            yield f"{system}|"
+
+
+def _planned(d: _Draft, resolution: _Resolution) -> EntryPlan:
+    action: Action
+    resource_id, resource = d.resource_id, None
+    if d.problem is not None:
+        action = "fail"
+    elif d.method in ("GET", "HEAD"):
+        action = "read"
+    elif d.index in resolution.matched:
+        action, resource_id = "match", resolution.matched[d.index]
+    else:
+        action, resource = "write", d.resource
+    return EntryPlan(index=d.index, method=d.method, action=action,
+                        resource_type=d.resource_type, resource_id=resource_id,
+                        resource=resource, full_url=d.full_url, url=d.url,
+                        if_match=d.if_match, if_none_match=d.if_none_match,
+                        condition=d.condition, problem=d.problem)
+
+
+# -- references -------------------------------------------------------------------------------
 
 
 def parse_if_match(value: object) -> int:
-    """The version number in an ``If-Match`` ETag: ``W/"3"``, ``"3"`` or ``3`` -> 3."""
+    """The version number in an ETag: ``W/"3"``, ``"3"`` or ``3`` -> 3."""
     match = _IF_MATCH_RE.match(value.strip()) if isinstance(value, str) else None
     if match is None:
-        raise InvalidInput(f'ifMatch must be a version ETag like W/"3", got {value!r}')
+        raise InvalidInput(f'expected a version ETag like W/"3", got {value!r}')
     return int(match.group(1))
 
 
@@ -74,191 +770,40 @@ def rewrite_references(node: Any, mapping: Mapping[str, str]) -> Any:
     return node
 
 
-@dataclass(frozen=True, slots=True)
-class _Draft:
-    index: int
-    method: str
-    resource_type: str
-    resource_id: str
-    resource: Mapping[str, Any]
-    if_match: int | None
-    full_url: str | None
-    condition: str | None
-
-
-def plan_transaction(
-    bundle: Mapping[str, Any] | bytes | str, new_id: Callable[[], str]
-) -> list[PlannedEntry]:
-    """Validate a transaction/batch Bundle and plan its writes (see the module docstring).
-
-    Raises InvalidInput naming the entry (``Bundle.entry[17] (urn:uuid:..., Observation)``)
-    for the first problem found.
-    """
-    raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
-    entries = _bundle_entries(raw)
-    drafts: list[_Draft] = []
-    mapping: dict[str, str] = {}
-    targets: dict[str, int] = {}
-    for index, entry in enumerate(entries):
-        draft = _draft_entry(index, entry, new_id)
-        if draft.full_url is not None:
-            if draft.full_url in mapping:
-                raise _entry_error(draft, "duplicate fullUrl: another entry already uses it")
-            mapping[draft.full_url] = f"{draft.resource_type}/{draft.resource_id}"
-        target = f"{draft.resource_type}/{draft.resource_id}"
-        if target in targets:
-            raise _entry_error(
-                draft, f"{target} is already written by Bundle.entry[{targets[target]}]"
-            )
-        targets[target] = index
-        drafts.append(draft)
-    return [_finish_entry(draft, mapping) for draft in drafts]
-
-
-# -- internals ---------------------------------------------------------------------------------
-
-
-def _bundle_entries(raw: object) -> list[Any]:
-    if not isinstance(raw, Mapping):
-        raise InvalidInput("expected a Bundle resource (a JSON object)")
-    if raw.get("resourceType") != "Bundle":
-        raise InvalidInput(f"expected a Bundle, got resourceType {raw.get('resourceType')!r}")
-    bundle_type = raw.get("type")
-    if bundle_type not in ("transaction", "batch"):
-        raise InvalidInput(
-            f"Bundle.type must be 'transaction' or 'batch' to be submitted, got {bundle_type!r}"
-        )
-    entries = raw.get("entry", [])
-    if not isinstance(entries, list):
-        raise InvalidInput("Bundle.entry must be an array")
-    return entries
-
-
-def _where(index: int, full_url: str | None, resource_type: str | None) -> str:
-    details = ", ".join(x for x in (full_url, resource_type) if x)
-    return f"Bundle.entry[{index}]" + (f" ({details})" if details else "")
-
-
-def _entry_error(draft: _Draft, problem: str) -> InvalidInput:
-    return InvalidInput(f"{_where(draft.index, draft.full_url, draft.resource_type)}: {problem}")
-
-
-def _draft_entry(index: int, entry: object, new_id: Callable[[], str]) -> _Draft:
-    if not isinstance(entry, Mapping):
-        raise InvalidInput(f"Bundle.entry[{index}]: must be a JSON object")
-    full_url = entry.get("fullUrl")
-    if full_url is not None and (not isinstance(full_url, str) or not full_url):
-        raise InvalidInput(f"Bundle.entry[{index}]: fullUrl must be a non-empty string")
-    resource = entry.get("resource")
-    rtype = resource.get("resourceType") if isinstance(resource, Mapping) else None
-    rtype_str = rtype if isinstance(rtype, str) else None
-
-    def fail(problem: str) -> InvalidInput:
-        return InvalidInput(f"{_where(index, full_url, rtype_str)}: {problem}")
-
-    request = entry.get("request")
-    if not isinstance(request, Mapping):
-        raise fail("missing request (a transaction entry needs request.method and request.url)")
-    method, url = request.get("method"), request.get("url")
-    if method == "DELETE":
-        raise fail("DELETE is not supported: medledger records are never deleted (append-only)")
-    if method not in ("POST", "PUT"):
-        raise fail(f"request.method must be POST or PUT, got {method!r}")
-    if not isinstance(url, str) or not url.strip("/"):
-        raise fail("missing request.url (e.g. 'Patient' or 'Patient/<id>')")
-    if not isinstance(resource, Mapping):
-        raise fail(f"{method} needs a resource (a JSON object)")
-    if rtype_str is None:
-        raise fail("resource has no resourceType")
-    url_type, url_id, condition = _split_request_url(url.strip("/"))
-    if url_type != rtype_str:
-        raise fail(f"request.url {url!r} does not match resourceType {rtype_str!r}")
-    if_none_exist = request.get("ifNoneExist")
-    if isinstance(if_none_exist, str) and if_none_exist:
-        condition = if_none_exist
-    if_match = None
-    if request.get("ifMatch") is not None:
-        try:
-            if_match = parse_if_match(request.get("ifMatch"))
-        except InvalidInput as exc:
-            raise fail(exc.message) from None
-    urn_id = _urn_uuid(full_url)
-    if method == "PUT" and url_id is not None:
-        resource_id = url_id
-        body_id = resource.get("id")
-        if body_id is not None and body_id != url_id:
-            raise fail(f"resource.id {body_id!r} does not match request.url id {url_id!r}")
-    elif method == "POST" and url_id is not None:
-        raise fail(f"POST goes to the type ({url_type!r}), not to an id; use PUT {url!r}")
-    elif urn_id is not None:
-        resource_id = urn_id
-    elif method == "PUT" and isinstance(resource.get("id"), str):
-        resource_id = resource["id"]
-    else:
-        resource_id = new_id()
-    if not _ID_RE.match(resource_id):
-        raise fail(f"{resource_id!r} is not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")
-    return _Draft(
-        index, method, rtype_str, resource_id, resource, if_match, full_url, condition or None
-    )
-
-
-def _split_request_url(url: str) -> tuple[str, str | None, str | None]:
-    """``Patient`` | ``Patient/<id>`` | ``Patient?query`` -> (type, id, query)."""
-    path, _, query = url.partition("?")
-    parts = path.split("/")
-    if len(parts) >= 2 and _TYPE_RE.match(parts[-2] or ""):
-        return parts[-2], parts[-1], query or None
-    return parts[-1], None, query or None
-
-
-def _urn_uuid(full_url: str | None) -> str | None:
-    if full_url is None or not full_url.startswith("urn:uuid:"):
-        return None
-    value = full_url.removeprefix("urn:uuid:")
-    return value or None
-
-
-def _unresolved(node: Any, mapping: Mapping[str, str], path: str) -> tuple[str, str] | None:
-    """The first local (urn:) reference not in ``mapping``: (element path, reference)."""
+def _rewrite_in_place(node: Any, mapping: Mapping[str, str]) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "reference" and isinstance(value, str):
-                if value.startswith(_LOCAL_URN_PREFIXES) and value not in mapping:
-                    return f"{path}.reference", value
-            else:
-                found = _unresolved(value, mapping, f"{path}.{key}")
+                new = mapping.get(value)
+                if new is not None:
+                    node[key] = new
+            elif isinstance(value, dict | list):
+                _rewrite_in_place(value, mapping)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict | list):
+                _rewrite_in_place(item, mapping)
+
+
+def _reference_path(resource: Mapping[str, Any], ref: str) -> str:
+    """The element path of the first ``reference`` equal to ``ref`` (for messages)."""
+    found = _find_reference(resource, ref, str(resource.get("resourceType", "")))
+    return found or "?"
+
+
+def _find_reference(node: Any, ref: str, path: str) -> str | None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "reference" and value == ref:
+                return f"{path}.reference"
+            if isinstance(value, dict | list):
+                found = _find_reference(value, ref, f"{path}.{key}")
                 if found is not None:
                     return found
     elif isinstance(node, list):
         for i, item in enumerate(node):
-            found = _unresolved(item, mapping, f"{path}[{i}]")
+            found = _find_reference(item, ref, f"{path}[{i}]")
             if found is not None:
                 return found
     return None
 
-
-def _finish_entry(draft: _Draft, mapping: Mapping[str, str]) -> PlannedEntry:
-    missing = _unresolved(draft.resource, mapping, draft.resource_type)
-    if missing is not None:
-        where, ref = missing
-        raise _entry_error(
-            draft, f"reference {ref!r} at {where} does not resolve to any entry's fullUrl"
-        )
-    rewritten = rewrite_references(draft.resource, mapping)
-    rewritten["id"] = draft.resource_id
-    try:
-        resource = parse_resource(rewritten, draft.resource_type)
-    except InvalidInput as exc:
-        problem = exc.message.removeprefix(f"{draft.resource_type} is invalid: ")
-        raise _entry_error(draft, problem) from None
-    return PlannedEntry(
-        index=draft.index,
-        method=draft.method,
-        resource_type=draft.resource_type,
-        resource_id=draft.resource_id,
-        resource=resource,
-        if_match=draft.if_match,
-        full_url=draft.full_url,
-        condition=draft.condition,
-    )

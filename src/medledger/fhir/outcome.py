@@ -9,15 +9,19 @@ arguments; nothing reads the clock.  Every output validates as FHIR R4B.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any, Literal
 
 __all__ = [
+    "EntryResponse",
     "HistoryEntry",
     "TransactionResult",
     "etag",
     "history_bundle",
     "operation_outcome",
     "searchset_bundle",
+    "status_line",
     "transaction_response_bundle",
 ]
 
@@ -31,6 +35,26 @@ TransactionResult = tuple[str, str, str, str]
 ``("Patient/p1/_history/2", 'W/"2"', "2024-01-01T00:00:00Z", "201 Created")``."""
 
 _STATUS_BY_METHOD = {"POST": "201 Created", "PUT": "200 OK"}
+
+
+@dataclass(frozen=True, slots=True)
+class EntryResponse:
+    """``Bundle.entry.response`` of one transaction/batch entry (+ a read's resource)."""
+
+    status: str  # "201 Created", "404 Not Found" ... (see status_line)
+    location: str = ""
+    etag: str = ""
+    last_modified: str = ""
+    outcome: Mapping[str, Any] | None = None  # OperationOutcome of a failed batch entry
+    resource: Mapping[str, Any] | None = None  # what a GET entry read
+
+
+def status_line(code: int) -> str:
+    """``404`` -> ``"404 Not Found"`` (the form of Bundle.entry.response.status)."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:
+        return str(code)
 
 
 def etag(version_id: str | int) -> str:
@@ -117,19 +141,27 @@ def history_bundle(
 
 
 def transaction_response_bundle(
-    entries: Iterable[TransactionResult], *, batch: bool = False
+    entries: Iterable[TransactionResult | EntryResponse], *, batch: bool = False
 ) -> dict[str, Any]:
     """A ``transaction-response`` (or ``batch-response``) Bundle, one entry per request entry."""
     out = []
-    for location, tag, last_modified, status in entries:
-        response: dict[str, Any] = {"status": status}
-        if location:
-            response["location"] = location
-        if tag:
-            response["etag"] = tag
-        if last_modified:
-            response["lastModified"] = last_modified
-        out.append({"response": response})
+    for item in entries:
+        if not isinstance(item, EntryResponse):
+            location, tag, last_modified, status = item
+            item = EntryResponse(status, location, tag, last_modified)
+        response: dict[str, Any] = {"status": item.status}
+        if item.location:
+            response["location"] = item.location
+        if item.etag:
+            response["etag"] = item.etag
+        if item.last_modified:
+            response["lastModified"] = item.last_modified
+        if item.outcome is not None:
+            response["outcome"] = dict(item.outcome)
+        entry: dict[str, Any] = {"response": response}
+        if item.resource is not None:
+            entry["resource"] = dict(item.resource)
+        out.append(entry)
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "batch-response" if batch else "transaction-response",

@@ -36,6 +36,9 @@ class Config:
     public_url: str = ""
     token_ttl_s: int = 900
     max_body_bytes: int = 8 * 1024 * 1024
+    # transaction/batch Bundles (POST /fhir): a Synthea patient with decades of history is
+    # 20-90 MB; larger imports are staged over several ledger txs (ADR 4 section 5)
+    max_bundle_bytes: int = 256 * 1024 * 1024
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -20,7 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from medledger.core import policy, proofs
 from medledger.core import state as st
@@ -46,7 +46,6 @@ from medledger.errors import (
     Unavailable,
     UnknownSigner,
 )
-from medledger.fhir import bundle as fbundle
 from medledger.fhir import ips, match
 from medledger.fhir.labels import classify
 from medledger.fhir.validate import parse_resource
@@ -62,6 +61,9 @@ from medledger.search.engine import SearchResult
 from medledger.search.service import NodeSearch
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from medledger.node.bundles import BundleResult
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +106,32 @@ class Prepared(NamedTuple):
     resource: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class PutJob:
+    """An authorised write waiting to be sealed (``seal_record``): the resource with its
+    new meta, who may read it, and the ``record.put`` body without the seal's fields."""
+
+    resource: dict[str, Any]
+    patient: str | None
+    version: int
+    readers: dict[str, bytes]
+    body: dict[str, Any]
+    head: dict[str, Any] | None
+
+    def prepared(self, seal_fields: dict[str, Any]) -> Prepared:
+        """The write once sealed (its blob stored): body = metadata + commitment fields."""
+        return Prepared({**self.body, **seal_fields}, self.head, self.resource)
+
+
 def iso(time_ns: int) -> str:
     return datetime.fromtimestamp(time_ns / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 ANCHOR_MAX_BYTES = 512 * 1024
-STAGE_PART_BYTES = 900 * 1024  # an import part stays inside the 1 MiB tx limit
+# An import part (the whole signed tx) stays inside CometBFT's defaults: mempool
+# max_tx_bytes (1 MiB) and the RPC request that carries it base64-encoded in JSON
+# (rpc.max_body_bytes, 1,000,000 bytes): 4/3 x 720 KiB + the envelope < 1,000,000.
+STAGE_PART_BYTES = 720 * 1024
 # Resource types outside every patient compartment: directory records (ADR 5).
 # TODO(search): replaced by the Patient CompartmentDefinition (search/compartment.py).
 DIRECTORY_TYPES = frozenset({
@@ -131,6 +153,7 @@ class Node:
         self.org = org
         self.chain = app.chain
         self.clock = clock
+        self.started_s = clock()  # files older than this were left by an earlier run
         self.blobs = blobs if blobs is not None else BlobStore(home.blobs_path)
         self.replica = Replicator(self)
         app.on_commit.append(self.replica.on_commit)
@@ -452,6 +475,24 @@ class Node:
                            break_glass: str | None = None) -> Prepared:
         """Authorise, then build a ``record.put`` body and store its sealed blob locally
         (body None when the content is identical to the head)."""
+        job = await self._authorise_put(session, resource, rid, if_match, patient_override,
+                                        new_patient_key, break_glass)
+        if isinstance(job, Prepared):
+            return job
+        fields, blob = seal_record(self.chain, job.resource, job.patient, job.version,
+                                   job.readers)
+        # stored before the ledger references it; "pending" until a commit does
+        self.blobs.put([(fields["blob"], blob)],
+                       pending=f"{resource['resourceType']}/{rid}/{job.version}")
+        return job.prepared(fields)
+
+    async def _authorise_put(self, session: Session, resource: dict[str, Any], rid: str,
+                             if_match: int | None, patient_override: str | None = None,
+                             new_patient_key: bytes | None = None,
+                             break_glass: str | None = None) -> PutJob | Prepared:
+        """Everything of a write but the sealing (which bulk imports do on the worker
+        pool): policy, preconditions, the version, its metadata and readers. Identical
+        content to the head answers ``Prepared`` with no body."""
         rtype = resource["resourceType"]
         resource = {**resource, "id": rid}
         patient, category, labels = self._record_kind(resource, patient_override)
@@ -491,17 +532,13 @@ class Node:
         readers = self.readers_for(patient)
         if new_patient_key is not None and patient is not None:
             readers[patient] = new_patient_key
-        fields, blob = seal_record(self.chain, resource, patient, version, readers)
-        # stored before the ledger references it; "pending" until a commit does
-        self.blobs.put([(fields["blob"], blob)], pending=f"{rtype}/{rid}/{version}")
         body = {"type": rtype, "id": rid, "version": version,
                 "prev": "" if head is None else head["hash"], "patient": patient,
                 "category": category, "labels": labels,
-                "author": session.actor_id if session.kind == "practitioner" else self.org.id,
-                **fields}
+                "author": session.actor_id if session.kind == "practitioner" else self.org.id}
         if decision.break_glass:
             body["break_glass"] = True
-        return Prepared(body, head, resource)
+        return PutJob(resource, patient, version, readers, body, head)
 
     async def submit_ops(self, ops: list[dict[str, Any]]) -> None:
         """Commit ``actor.register``/``record.put`` ops all or nothing: one ``batch`` tx when
@@ -509,16 +546,25 @@ class Node:
         if not ops:
             return
         body = {"ops": ops}
-        if len(ops) <= MAX_BATCH_OPS and len(canonical(body)) <= STAGE_PART_BYTES:
+        # config extra "import_part_bytes": match a smaller CometBFT mempool.max_tx_bytes
+        part_bytes = min(int(self.config.extra.get("import_part_bytes", STAGE_PART_BYTES)),
+                         STAGE_PART_BYTES)
+        if len(ops) <= MAX_BATCH_OPS and len(canonical(body)) <= part_bytes:
             await self.submit(self.org, "batch", body)
             return
-        parts = list(_parts(ops, STAGE_PART_BYTES))
+        parts = list(_parts(ops, part_bytes))
         iid = os.urandom(16).hex()
         await self.submit(self.org, "import.begin", {"id": iid, "parts": len(parts)})
+        # a few parts in flight: blocks stay a few MB, so each commits quickly on a
+        # network (flooding the mempool packs ~20 MB blocks that take rounds to agree)
+        in_flight = asyncio.Semaphore(int(self.config.extra.get("import_parts_in_flight", 4)))
+
+        async def submit_part(seq: int, part: list[dict[str, Any]]) -> None:
+            async with in_flight:
+                await self.submit(self.org, "import.part", {"id": iid, "seq": seq, "ops": part})
+
         try:
-            await asyncio.gather(*(self.submit(self.org, "import.part",
-                                               {"id": iid, "seq": i, "ops": part})
-                                   for i, part in enumerate(parts)))
+            await asyncio.gather(*(submit_part(i, part) for i, part in enumerate(parts)))
             await self.submit(self.org, "import.commit", {"id": iid})
         except MedledgerError:
             try:
@@ -614,77 +660,11 @@ class Node:
         self._allowed(session, policy.decide_registration(self._caller(session), self.org.id),
                       "register", None)
 
-    async def transaction(self, session: Session, data: Any) -> list[tuple[Stored, str]]:
-        """Load a FHIR transaction Bundle atomically (one ``batch`` tx, or a staged import
-        when it is larger than a tx) or reject it whole."""
-        self._allowed(session, policy.decide_write_scope(self._caller(session), "*", True),
-                      "transaction", None)
-        self._writer_of(session)
-        plan = await self._off_loop(fbundle.plan_transaction, data, _new_uuid)
-        ops: list[dict[str, Any]] = []
-        bodies: list[dict[str, Any]] = []
-        new_patient_keys: dict[str, bytes] = {}
-        statuses: list[tuple[str, str, str]] = []
-        try:
-            for entry in plan:
-                if entry.resource_type == "Patient" and st.record_head(
-                        self.store, "Patient", entry.resource_id) is None:
-                    self._authorise_registration(session)
-                    try:
-                        await self._duplicate_check(session, dict(entry.resource))
-                    except Conflict as err:
-                        raise Conflict(f"Bundle.entry[{entry.index}]: {err.message}") from err
-                    reg_ops, identity, _ = await self._patient_ops(dict(entry.resource),
-                                                                   None)
-                    ops.extend(reg_ops)
-                    new_patient_keys[entry.resource_id] = identity.enc_public
-            for entry in plan:
-                resource = dict(entry.resource)
-                cls = classify({**resource, "id": entry.resource_id})
-                patient = entry.resource_id if entry.resource_type == "Patient" else cls.patient_id
-                try:
-                    body, head, _ = await self._prepare_put_in_bundle(
-                        session, resource, entry, patient, new_patient_keys)
-                except MedledgerError as err:
-                    raise type(err)(f"Bundle.entry[{entry.index}] ({entry.resource_type}/"
-                                    f"{entry.resource_id}): {err.message}") from err
-                if body is None:
-                    statuses.append((entry.resource_type, entry.resource_id, "200 OK"))
-                    continue
-                ops.append({"kind": "record.put", "body": body})
-                bodies.append(body)
-                statuses.append((entry.resource_type, entry.resource_id,
-                                 "201 Created" if head is None else "200 OK"))
-            try:
-                await self.submit_ops(ops)
-            except MedledgerError as err:
-                self._audit(session, "transaction", None, [], outcome="4", reason=str(err))
-                raise
-        except MedledgerError:
-            # nothing was registered: drop the keystores and blobs made for this bundle
-            for pid in new_patient_keys:
-                self.home.user_keystore(pid).unlink(missing_ok=True)
-            self._drop_blobs(bodies)
-            raise
-        out = []
-        patients = set()
-        for rtype, rid, status in statuses:
-            meta = st.record_head(self.store, rtype, rid)
-            assert meta is not None
-            patients.add(meta["patient"])
-            out.append((Stored({}, meta), status))
-        for p in sorted(patients, key=str):
-            self._audit(session, "transaction", p, [], detail=f"{len(plan)} bundle entries")
-        return out
-
-    async def _prepare_put_in_bundle(self, session: Session, resource: dict[str, Any],
-                                     entry: fbundle.PlannedEntry, patient: str | None,
-                                     new_patient_keys: dict[str, bytes]) -> Prepared:
-        if patient in new_patient_keys:
-            # the patient is registered by this same batch: wrap to their new key
-            return await self._prepare_put(session, resource, entry.resource_id,
-                                           entry.if_match, patient, new_patient_keys[patient])
-        return await self._prepare_put(session, resource, entry.resource_id, entry.if_match)
+    async def process_bundle(self, session: Session, data: bytes | str) -> BundleResult:
+        """A FHIR transaction (all or nothing) or batch (entry by entry) Bundle: see
+        ``node.bundles``."""
+        from medledger.node import bundles
+        return await bundles.process_bundle(self, session, data)
 
     # ------------------------------------------------------------ reads
     def _decide(self, session: Session, meta: dict[str, Any], break_glass: str | None

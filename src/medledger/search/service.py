@@ -33,7 +33,9 @@ from medledger.search.engine import (
     Engine,
     Scope,
     SearchResult,
+    candidates,
     check_patient_scope,
+    plan,
     ref,
 )
 from medledger.search.index import SearchIndex, index_key
@@ -95,6 +97,20 @@ class NodeSearch:
         """Fetch the page's content if this node lacks it (ADR 4), then decrypt it."""
         await self.node.ensure_blobs([h.meta for h in (*result.found, *result.included)])
         return self.engine.open(self.node, result, q_elements)
+
+    # ------------------------------------------------------------ conditional queries
+    async def resolve(self, rtype: str, params: Sequence[tuple[str, str]], limit: int = 2
+                      ) -> list[str]:
+        """Ids (at most ``limit``) of the current records of ``rtype`` that a conditional
+        query matches (a Bundle's ``ifNoneExist``, conditional update or reference). The
+        node's own lookup: no reader's policy, so callers use it for directory records
+        and search with the caller's session for patient records."""
+        await self.wait()
+        q = self.engine.parse(rtype, list(params), True)
+        p = plan(self.index, q, Scope(None, None, None))
+        if p is None:
+            return []
+        return [str(row[2]) for row in candidates(self.index, p, None, limit, False)]
 
     # ------------------------------------------------------------ search
     async def search(self, session: Any, rtype: str,

@@ -23,7 +23,7 @@ import hashlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,11 @@ class BlobStore:
                 raise StorageError(f"blob store write failed: {exc}") from exc
 
     # ------------------------------------------------------------ blobs
-    def put(self, items: Iterable[tuple[str, bytes]], pending: str | None = None) -> None:
+    def put(self, items: Iterable[tuple[str, bytes]],
+            pending: str | Mapping[str, str] | None = None) -> None:
         """Store blobs under their hex SHA-256, checking each (a wrong hash is refused).
-        ``pending`` (a ref such as "Observation/o1/2") marks blobs sealed here for a write
-        not yet committed."""
+        ``pending`` (a ref such as "Observation/o1/2", or one per hash) marks blobs sealed
+        here for writes not yet committed."""
         rows = []
         for h, data in items:
             if blob_hash(data) != h:
@@ -90,7 +91,8 @@ class BlobStore:
         if pending is not None:
             now = time.time()
             self._write("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
-                        [(r[0], pending, now) for r in rows])
+                        [(r[0], pending if isinstance(pending, str)
+                          else pending[bytes(r[0]).hex()], now) for r in rows])
 
     def settle(self, hashes: Iterable[str]) -> None:
         """These blobs are referenced by committed txs now."""
