@@ -108,6 +108,25 @@ def test_passcode_lockout(node: NodeHandle) -> None:
     assert resp.status_code == 410 and "locked" in resp.text
 
 
+def test_passcode_budget_holds_with_a_reused_idempotency_key(node: NodeHandle) -> None:
+    """A guesser who sends every wrong passcode with the same Idempotency-Key gets each
+    failure counted: the key made the node resubmit the first ``share.attempt`` (a
+    replay, no new count), so a 4-digit passcode fell to unlimited guessing."""
+    share = _create(node, selection={"types": ["AllergyIntolerance"]}, passcode=PASSCODE,
+                    expires_in_s=3600)
+    url = shl.decode_shlink(share["shlink"]).url
+    remaining = []
+    for _ in range(6):
+        resp = httpx.post(url, json={"recipient": "Mallory", "passcode": "guess-guess"},
+                          headers={"Idempotency-Key": "same-key-every-time"})
+        remaining.append(resp.json().get("remainingAttempts"))
+        if resp.status_code == 410:
+            break
+    assert remaining[:5] == [4, 3, 2, 1, 0], remaining
+    resp = _manifest(share["shlink"], "Mallory", PASSCODE)
+    assert resp.status_code == 410 and "locked" in resp.text
+
+
 def test_expired_share(node: NodeHandle) -> None:
     share = _create(node, selection={"categories": ["allergies"]}, expires_in_s=2)
     time.sleep(2.6)

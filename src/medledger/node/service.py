@@ -1065,7 +1065,13 @@ class Node:
         self._share_open_or_gone(grant, audit)
         expected = shares.passcode_verifier(self._passcode_key, share_id, passcode)
         if verifier is None or not hmac.compare_digest(expected, verifier):
-            await self.submit(self.org, "share.attempt", {"id": share_id})
+            # every failure is a new tx: never the "retry" of an earlier one that a
+            # guesser's reused Idempotency-Key would otherwise answer with
+            outside_request = idempotency.set_current(None)
+            try:
+                await self.submit(self.org, "share.attempt", {"id": share_id})
+            finally:
+                idempotency.reset_current(outside_request)
             left = st.share(self.store, share_id)
             remaining = left["attempts_left"] if left else 0
             audit("4", "wrong passcode")
