@@ -416,7 +416,7 @@ class Node:
         identity = keys.new_identity(pid, "patient")
         ops = [{"kind": "actor.register", "body": self._register_body(identity, None)}]
         if password is None:  # imported: escrowed until the patient activates (ADR 7)
-            await self._off_loop(onboarding.escrow_keystore, self.home, self.org.enc_private,
+            await self._off_loop(onboarding.escrow_keystore, self.home, self.org.secret_root,
                                  identity, self.clock())
             return ops, identity, ""
         # exclusive: never replace someone's keystore (a concurrent or hostile create)
