@@ -127,6 +127,24 @@ def test_passcode_budget_holds_with_a_reused_idempotency_key(node: NodeHandle) -
     assert resp.status_code == 410 and "locked" in resp.text
 
 
+def test_recipient_name_is_not_plaintext_on_the_ledger(node: NodeHandle) -> None:
+    """The recipient a link is opened by is free text (a name, a clinic): it was the
+    plaintext ``agent`` of the anchored share-access event, on every member's ledger."""
+    share = _create(node, selection={"types": ["AllergyIntolerance"]}, expires_in_s=3600)
+    name = "Dr Quentin Zabriskie, Harbour Oncology"
+    _open(share["shlink"], name)
+    deadline = time.time() + 30
+    while True:
+        events = [e for e in _access_log(node) if e["subtype"] == "share-access"
+                  and e["detail"] == name]  # the patient reads it, unsealed for them
+        if events and all(e["anchored_height"] for e in events) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert events and all(e["anchored_height"] for e in events), events
+    for path in node.home.glob("ledger.db*"):
+        assert b"Zabriskie" not in path.read_bytes(), path
+
+
 def test_expired_share(node: NodeHandle) -> None:
     share = _create(node, selection={"categories": ["allergies"]}, expires_in_s=2)
     time.sleep(2.6)

@@ -1018,7 +1018,10 @@ class Node:
         recipient = (recipient or "unnamed recipient")[:200]
 
         def audit(outcome: str, reason: str) -> None:
-            ev = self.auditor.event("share-access", agent=recipient[:64], agent_org="external",
+            # the recipient's name is free text: sealed in ``detail`` only, never the
+            # plaintext agent of an event anchored on every member's ledger
+            ev = self.auditor.event("share-access", agent=f"shl:{share_id[:8]}",
+                                    agent_org="external",
                                     agent_role="share-recipient", patient=grant["patient"],
                                     entity=[f"{t}/{i}/_history/{v}" for t, i, v in
                                             grant["records"]],
