@@ -145,6 +145,17 @@ def test_recipient_name_is_not_plaintext_on_the_ledger(node: NodeHandle) -> None
         assert b"Zabriskie" not in path.read_bytes(), path
 
 
+def test_defaults_are_time_limited_and_never_everything_by_omission(node: NodeHandle) -> None:
+    """A link made without an expiry never expired; a portal form with no box ticked
+    (empty lists) shared every record, PSY and HIV-labelled ones included."""
+    made = _create(node)  # nothing said: every record, but for a week (the CLI's default)
+    assert made["exp"] is not None and made["exp"] <= time.time() + 7 * 86400 + 60
+    with node.login(node.patients[0]) as h:
+        resp = h.post("/api/shares", json={"selection": {"categories": [], "types": []},
+                                           "expires_in_s": 3600})
+    assert resp.status_code == 400 and "selection is empty" in resp.text, resp.text
+
+
 def test_expired_share(node: NodeHandle) -> None:
     share = _create(node, selection={"categories": ["allergies"]}, expires_in_s=2)
     time.sleep(2.6)
