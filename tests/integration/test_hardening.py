@@ -35,6 +35,7 @@ from helpers import (
 )
 
 from medledger.client import Client
+from medledger.fhir.synthetic import synthetic_patient_bundle
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
 from medledger.node.home import Home
 
@@ -181,6 +182,18 @@ def test_tls_secure_cookie_and_https_audience(tmp_path: Path) -> None:
         assert resp.status_code == 200, resp.text
         cookie = resp.headers["set-cookie"].lower()
         assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+        # an imported patient's activation signs them in too: the same Secure cookie
+        bundle = synthetic_patient_bundle(3, n_encounters=1)
+        pid = bundle["entry"][0]["resource"]["id"]
+        org = {"Authorization": f"Bearer {tok}", "Content-Type": "application/fhir+json"}
+        assert httpx.post(node.url + "/fhir", verify=ctx, headers=org,
+                          json=bundle).status_code == 200
+        code = httpx.post(f"{node.url}/api/onboarding/{pid}/code", verify=ctx, headers=org,
+                          json={}).json()["code"]
+        resp = httpx.post(node.url + "/auth/activate", verify=ctx, json={
+            "id": pid, "code": code, "password": "long-enough-1"})
+        assert resp.status_code == 200, resp.text
+        assert "secure" in resp.headers["set-cookie"].lower()
     finally:
         node.kill9()
 

@@ -30,7 +30,7 @@ from helpers import (
 from medledger.client import Client, NodeError
 from medledger.crypto import keys
 from medledger.fhir import shl
-from medledger.fhir.synthetic import synthetic_observation
+from medledger.fhir.synthetic import synthetic_observation, synthetic_patient_bundle
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
 from medledger.node.home import Home
 
@@ -192,3 +192,35 @@ def test_org_key_rotate(node: NodeHandle) -> None:
             log = h.get("/api/access-log?count=1000").json()
         assert any(e["detail"].startswith("share ") for e in log)
     assert not (node.home / "keystores" / "org.next.json").exists()
+
+
+def test_imported_patients_activate_after_an_org_key_rotation(node: NodeHandle) -> None:
+    """An imported patient's key is escrowed under a secret derived from the organisation
+    key, and their activation code is checked with a key derived from it: both came from
+    the *current* key, so after `medledger key rotate --home` the code was "wrong" and the
+    escrowed keystore would not open ("wrong password for keystore") - never activatable."""
+    def import_patient(seed: int) -> str:
+        bundle = synthetic_patient_bundle(seed, n_encounters=1)
+        with node.client(ORG_ID) as c:
+            c.post("/fhir", bundle)
+        return str(bundle["entry"][0]["resource"]["id"])
+
+    def code_for(pid: str) -> str:
+        with node.client(ORG_ID) as c:
+            return str(c.post(f"/api/onboarding/{pid}/code", {"valid_days": 3})["code"])
+
+    def activate(pid: str, code: str) -> None:
+        resp = httpx.post(node.url + "/auth/activate",
+                          json={"id": pid, "code": code, "password": "long-enough-1"})
+        assert resp.status_code == 200, resp.text
+        assert httpx.post(node.url + "/auth/login", json={
+            "id": pid, "password": "long-enough-1"}).status_code == 200
+
+    before = import_patient(8)
+    code_before = code_for(before)
+    res = run_cli("key", "rotate", "--home", str(node.home))
+    assert res.returncode == 0, res.stdout + res.stderr
+    node.org = Home(node.home).unlock_org(PASSWORD)
+    activate(before, code_before)  # escrowed and issued before the rotation
+    after = import_patient(9)  # escrowed under the rotated organisation
+    activate(after, code_for(after))

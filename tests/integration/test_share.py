@@ -108,6 +108,54 @@ def test_passcode_lockout(node: NodeHandle) -> None:
     assert resp.status_code == 410 and "locked" in resp.text
 
 
+def test_passcode_budget_holds_with_a_reused_idempotency_key(node: NodeHandle) -> None:
+    """A guesser who sends every wrong passcode with the same Idempotency-Key gets each
+    failure counted: the key made the node resubmit the first ``share.attempt`` (a
+    replay, no new count), so a 4-digit passcode fell to unlimited guessing."""
+    share = _create(node, selection={"types": ["AllergyIntolerance"]}, passcode=PASSCODE,
+                    expires_in_s=3600)
+    url = shl.decode_shlink(share["shlink"]).url
+    remaining = []
+    for _ in range(6):
+        resp = httpx.post(url, json={"recipient": "Mallory", "passcode": "guess-guess"},
+                          headers={"Idempotency-Key": "same-key-every-time"})
+        remaining.append(resp.json().get("remainingAttempts"))
+        if resp.status_code == 410:
+            break
+    assert remaining[:5] == [4, 3, 2, 1, 0], remaining
+    resp = _manifest(share["shlink"], "Mallory", PASSCODE)
+    assert resp.status_code == 410 and "locked" in resp.text
+
+
+def test_recipient_name_is_not_plaintext_on_the_ledger(node: NodeHandle) -> None:
+    """The recipient a link is opened by is free text (a name, a clinic): it was the
+    plaintext ``agent`` of the anchored share-access event, on every member's ledger."""
+    share = _create(node, selection={"types": ["AllergyIntolerance"]}, expires_in_s=3600)
+    name = "Dr Quentin Zabriskie, Harbour Oncology"
+    _open(share["shlink"], name)
+    deadline = time.time() + 30
+    while True:
+        events = [e for e in _access_log(node) if e["subtype"] == "share-access"
+                  and e["detail"] == name]  # the patient reads it, unsealed for them
+        if events and all(e["anchored_height"] for e in events) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert events and all(e["anchored_height"] for e in events), events
+    for path in node.home.glob("ledger.db*"):
+        assert b"Zabriskie" not in path.read_bytes(), path
+
+
+def test_defaults_are_time_limited_and_never_everything_by_omission(node: NodeHandle) -> None:
+    """A link made without an expiry never expired; a portal form with no box ticked
+    (empty lists) shared every record, PSY and HIV-labelled ones included."""
+    made = _create(node)  # nothing said: every record, but for a week (the CLI's default)
+    assert made["exp"] is not None and made["exp"] <= time.time() + 7 * 86400 + 60
+    with node.login(node.patients[0]) as h:
+        resp = h.post("/api/shares", json={"selection": {"categories": [], "types": []},
+                                           "expires_in_s": 3600})
+    assert resp.status_code == 400 and "selection is empty" in resp.text, resp.text
+
+
 def test_expired_share(node: NodeHandle) -> None:
     share = _create(node, selection={"categories": ["allergies"]}, expires_in_s=2)
     time.sleep(2.6)

@@ -108,6 +108,25 @@ def test_bad_dates_and_numbers() -> None:
     assert implicit_range("x") is None
 
 
+def test_dates_at_the_ends_of_the_calendar() -> None:
+    """A birth date of 9999-12-31 (a common "unknown" placeholder) or an early date with a
+    positive offset has a range: it used to raise OverflowError, which failed the index
+    update of its whole block and, at the next start, every search of the node."""
+    from datetime import UTC, datetime
+    last_day = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp() * 1000)
+    assert date_range("9999-12-31") == (last_day, last_day + 86_400_000)
+    assert date_range("9999-12-31T23:59:59Z") == (last_day + 86_399_000, last_day + 86_400_000)
+    assert date_range("9999") == (int(datetime(9999, 1, 1, tzinfo=UTC).timestamp() * 1000),
+                                  last_day + 86_400_000)
+    first = int(datetime(1, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    assert date_range("0001-01-01T00:30:00+01:00") == (first - 1_800_000, first - 1_799_000)
+    for resource in ({"resourceType": "Patient", "id": "p", "birthDate": "9999-12-31"},
+                     {"resourceType": "Observation", "id": "o", "status": "final",
+                      "code": {"text": "x"}, "subject": {"reference": "Patient/p"},
+                      "effectiveDateTime": "0001-01-01T00:30:00+01:00"}):
+        assert extract(resource).dates, resource
+
+
 def test_normalize_and_references() -> None:
     assert normalize("  Zoë  ÅSA ") == "zoe asa"
     assert parse_reference("Patient/1") == ("Patient", "1")

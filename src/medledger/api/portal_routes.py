@@ -88,6 +88,7 @@ async def publish_share(request: Request) -> Response:
 
 
 MAX_SHARE_LIFETIME_S = 366 * 24 * 3600
+DEFAULT_SHARE_LIFETIME_S = 7 * 24 * 3600  # as `medledger share create`: links are time-limited
 MAX_LABEL = 80
 MAX_RECIPIENT = 200
 SELECTION_KEYS = ("categories", "types", "ids")
@@ -113,6 +114,9 @@ def _selection(value: Any) -> dict[str, list[str]]:
                                                   for i in items) or len(items) > 1000:
             raise InvalidInput(f"selection.{key} must be a list of non-empty strings")
         out[key] = items
+    if out and not any(out.values()):  # lists given, every one empty: nothing ticked
+        raise InvalidInput("the selection is empty: choose at least one category, type or "
+                           "record (leave selection out to share every record)")
     bad = set(out.get("categories", ())) - set(policy.CATEGORIES)
     if bad:
         raise InvalidInput(f"unknown data categories {sorted(bad)}; known: "
@@ -129,17 +133,19 @@ def _text(body: dict[str, Any], key: str, limit: int) -> str:
     return value
 
 
-def _share_expiry(body: dict[str, Any], now_s: int) -> int | None:
+def _share_expiry(body: dict[str, Any], now_s: int) -> int:
     exp, ttl = body.get("exp"), body.get("expires_in_s")
     if exp is not None and ttl is not None:
         raise InvalidInput("give either exp or expires_in_s, not both")
+    if exp is None and ttl is None:
+        return now_s + DEFAULT_SHARE_LIFETIME_S
     if ttl is not None:
         if not _is_int(ttl) or not 0 < ttl <= MAX_SHARE_LIFETIME_S:
             raise InvalidInput(f"expires_in_s must be a whole number of seconds between 1 and "
                                f"{MAX_SHARE_LIFETIME_S}")
         return now_s + int(ttl)
-    if exp is not None and (not _is_int(exp) or not now_s < exp <= now_s +
-                            MAX_SHARE_LIFETIME_S):
+    if not isinstance(exp, int) or isinstance(exp, bool) or not \
+            now_s < exp <= now_s + MAX_SHARE_LIFETIME_S:
         raise InvalidInput("exp must be epoch seconds in the future, at most a year ahead")
     return exp
 

@@ -93,14 +93,14 @@ async def activation_code(request: Request, pid: str) -> Response:
     return _json(onboarding.issue_code(node, session, pid, days * 86400), 201)
 
 
-def _login_response(node: Any, identity: Any) -> Response:
+def _login_response(request: Request, node: Any, identity: Any) -> Response:
     token, session = node.auth.login(identity)
     resp = _json({"access_token": token, "token_type": "bearer",
                   "expires_in": int(session.expires_s - node.clock()),
                   "actor": session.actor_id, "kind": session.kind, "role": session.role,
                   "org": session.org, "scope": " ".join(sorted(session.scopes))})
     resp.set_cookie("medledger_token", token, httponly=True, samesite="strict",
-                    max_age=node.config.token_ttl_s)
+                    max_age=node.config.token_ttl_s, secure=request.url.scheme == "https")
     resp.headers["Cache-Control"] = "no-store"
     return resp
 
@@ -117,7 +117,8 @@ async def activate(request: Request) -> Response:
     """Redeem an activation code with a new password; signs the patient in."""
     node = node_of(request)
     pid, code, password = _fields(await json_body(request), "id", "code", "password")
-    return _login_response(node, await onboarding.activate(node, pid, code, password))
+    return _login_response(request, node, await onboarding.activate(node, pid, code,
+                                                                     password))
 
 
 # ------------------------------------------------------------------ key recovery
@@ -236,4 +237,5 @@ async def recover(request: Request) -> Response:
     node = node_of(request)
     pid, rid, code, password = _fields(await json_body(request), "id", "request", "code",
                                        "password")
-    return _login_response(node, await recovery.finish(node, pid, rid, code, password))
+    return _login_response(request, node, await recovery.finish(node, pid, rid, code,
+                                                                password))

@@ -309,7 +309,8 @@ def audit_log(node: NodeOpt, key: KeyOpt, count: int = 50) -> None:
     table = Table("when", "who", "role", "org", "what", "outcome", "why")
     for ev in events:
         style = "bold red" if ev.get("break_glass") else None
-        table.add_row(ev["recorded"][:19], ev["agent"], ev.get("agent_role", ""),
+        who = ev.get("detail") if ev.get("subtype") == "share-access" else None  # sealed
+        table.add_row(ev["recorded"][:19], who or ev["agent"], ev.get("agent_role", ""),
                       ev.get("agent_org", ""), ev.get("subtype", ""),
                       "ok" if ev.get("outcome") == "0" else "denied",
                       ev.get("reason") or ev.get("basis", ""), style=style)

@@ -82,9 +82,26 @@ def is_escrowed(home: Home, patient: str) -> bool:
     return marker(home, patient).exists()
 
 
-def _verifier(node: Node, patient: str, code: str) -> bytes:
-    key = derive_key(node.org.enc_private, "activation code verifier v1")
+def _org_secrets(node: Node) -> tuple[bytes, ...]:
+    """What escrow secrets and code verifiers are derived from: the organisation's
+    ``secret_root`` (local secrets must survive a key rotation, like the seal and
+    passcode keys), then every key it has held (escrows made under the key that was
+    current then)."""
+    return tuple(dict.fromkeys((node.org.secret_root, *node.org.enc_privates)))
+
+
+def _verifier(secret: bytes, patient: str, code: str) -> bytes:
+    key = derive_key(secret, "activation code verifier v1")
     return hmac.new(key, canonical([patient, normalise(code)]), "sha256").digest()
+
+
+def _unlock_escrow(path: Path, secrets: tuple[bytes, ...], patient: str) -> keys.Identity:
+    for secret in secrets[:-1]:
+        try:
+            return keys.load_keystore(path, escrow_secret(secret, patient))
+        except Unauthenticated:
+            continue
+    return keys.load_keystore(path, escrow_secret(secrets[-1], patient))
 
 
 def normalise(code: str) -> str:
@@ -114,7 +131,8 @@ def issue_code(node: Node, session: Session, patient: str, ttl_s: int = DEFAULT_
                        "a password, activated already, or registered at another node")
     code = new_code()
     exp = node.now_s + ttl_s
-    state["code"] = {"verifier": b64e(_verifier(node, patient, code)), "exp": exp,
+    state["code"] = {"verifier": b64e(_verifier(node.org.secret_root, patient, code)),
+                     "exp": exp,
                      "attempts_left": MAX_ATTEMPTS, "issued_at": node.now_s}
     _write(marker(node.home, patient), state)
     node._audit(session, "activation-code", patient, [f"Patient/{patient}"],
@@ -148,14 +166,15 @@ async def activate(node: Node, patient: str, code: str, password: str) -> keys.I
     if len(password) < 8:
         raise InvalidInput("choose a password of at least 8 characters")
     expected = base64.urlsafe_b64decode(ticket["verifier"] + "=" * (-len(ticket["verifier"]) % 4))
-    if not hmac.compare_digest(_verifier(node, patient, code), expected):
+    if not any(hmac.compare_digest(_verifier(secret, patient, code), expected)
+               for secret in _org_secrets(node)):
         ticket["attempts_left"] -= 1
         _write(marker(node.home, patient), state)
         _audit_patient(node, patient, "activate", "4", "wrong activation code")
         raise Unauthenticated(f"wrong activation code; {ticket['attempts_left']} tries left")
     path = node.home.user_keystore(patient)
-    identity: keys.Identity = await node._off_loop(
-        keys.load_keystore, path, escrow_secret(node.org.enc_private, patient))
+    identity: keys.Identity = await node._off_loop(_unlock_escrow, path, _org_secrets(node),
+                                                   patient)
     await node._off_loop(keys.save_keystore, path, identity, password)
     marker(node.home, patient).unlink(missing_ok=True)  # the code is spent, escrow ends
     _audit_patient(node, patient, "activate", "0", "escrow ended: the patient set a password")

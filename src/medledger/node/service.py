@@ -439,7 +439,7 @@ class Node:
         identity = keys.new_identity(pid, "patient")
         ops = [{"kind": "actor.register", "body": self._register_body(identity, None)}]
         if password is None:  # imported: escrowed until the patient activates (ADR 7)
-            await self._off_loop(onboarding.escrow_keystore, self.home, self.org.enc_private,
+            await self._off_loop(onboarding.escrow_keystore, self.home, self.org.secret_root,
                                  identity, self.clock())
             return ops, identity, ""
         # exclusive: never replace someone's keystore (a concurrent or hostile create)
@@ -998,7 +998,10 @@ class Node:
         recipient = (recipient or "unnamed recipient")[:200]
 
         def audit(outcome: str, reason: str) -> None:
-            ev = self.auditor.event("share-access", agent=recipient[:64], agent_org="external",
+            # the recipient's name is free text: sealed in ``detail`` only, never the
+            # plaintext agent of an event anchored on every member's ledger
+            ev = self.auditor.event("share-access", agent=f"shl:{share_id[:8]}",
+                                    agent_org="external",
                                     agent_role="share-recipient", patient=grant["patient"],
                                     entity=[f"{t}/{i}/_history/{v}" for t, i, v in
                                             grant["records"]],
@@ -1045,7 +1048,13 @@ class Node:
         self._share_open_or_gone(grant, audit)
         expected = shares.passcode_verifier(self._passcode_key, share_id, passcode)
         if verifier is None or not hmac.compare_digest(expected, verifier):
-            await self.submit(self.org, "share.attempt", {"id": share_id})
+            # every failure is a new tx: never the "retry" of an earlier one that a
+            # guesser's reused Idempotency-Key would otherwise answer with
+            outside_request = idempotency.set_current(None)
+            try:
+                await self.submit(self.org, "share.attempt", {"id": share_id})
+            finally:
+                idempotency.reset_current(outside_request)
             left = st.share(self.store, share_id)
             remaining = left["attempts_left"] if left else 0
             audit("4", "wrong passcode")

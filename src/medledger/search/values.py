@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 # Dates are instants in milliseconds since 1970-01-01T00:00Z; a value is the half-open
@@ -39,7 +39,9 @@ def _ms(dt: datetime) -> int:
 def date_range(text: str) -> tuple[int, int] | None:
     """[low, high) in ms of a FHIR date, dateTime or instant; None if not one.
 
-    A dateTime without a zone is taken as UTC (the spec leaves it to the server).
+    A dateTime without a zone is taken as UTC (the spec leaves it to the server). The
+    arithmetic is in whole milliseconds, so dates at the ends of the calendar (a birth
+    date of 9999-12-31, 0001-01-01T00:30+01:00) have ranges too instead of overflowing.
     """
     m = _DATE_RE.match(text.strip())
     if m is None:
@@ -48,30 +50,42 @@ def date_range(text: str) -> tuple[int, int] | None:
     try:
         year = int(g["y"])
         if g["m"] is None:
-            lo = datetime(year, 1, 1, tzinfo=UTC)
-            return _ms(lo), _ms(datetime(year + 1, 1, 1, tzinfo=UTC))
+            return _ms(datetime(year, 1, 1, tzinfo=UTC)), _year_end_ms(year)
         month = int(g["m"])
         if g["d"] is None:
-            lo = datetime(year, month, 1, tzinfo=UTC)
-            hi = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
-            return _ms(lo), _ms(hi)
-        day = datetime(year, month, int(g["d"]), tzinfo=UTC)
-        if g["H"] is None:
-            return _ms(day), _ms(day + timedelta(days=1))
-        tz = g["tz"] or "Z"
-        offset = timedelta(0) if tz == "Z" else (
-            (1 if tz[0] == "+" else -1) * timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])))
-        lo = day + timedelta(hours=int(g["H"]), minutes=int(g["M"])) - offset
-        if g["S"] is None:
-            return _ms(lo), _ms(lo + timedelta(minutes=1))
-        lo += timedelta(seconds=int(g["S"]))
-        if g["f"] is None:
-            return _ms(lo), _ms(lo + timedelta(seconds=1))
-        frac = g["f"][:3]
-        lo += timedelta(milliseconds=int(frac.ljust(3, "0")))
-        return _ms(lo), _ms(lo) + 10 ** (3 - len(frac))
+            return _ms(datetime(year, month, 1, tzinfo=UTC)), _month_end_ms(year, month)
+        day = _ms(datetime(year, month, int(g["d"]), tzinfo=UTC))
     except ValueError:  # 2023-02-30 and the like
         return None
+    if g["H"] is None:
+        return day, day + _DAY_MS
+    tz = g["tz"] or "Z"
+    offset_min = 0 if tz == "Z" else (1 if tz[0] == "+" else -1) * (
+        int(tz[1:3]) * 60 + int(tz[4:6]))
+    lo = day + (int(g["H"]) * 60 + int(g["M"]) - offset_min) * 60_000
+    if g["S"] is None:
+        return lo, lo + 60_000
+    lo += int(g["S"]) * 1000
+    if g["f"] is None:
+        return lo, lo + 1000
+    frac = g["f"][:3]
+    lo += int(frac.ljust(3, "0"))
+    return lo, lo + 10 ** (3 - len(frac))
+
+
+_DAY_MS = 86_400_000
+
+
+def _year_end_ms(year: int) -> int:
+    """The first millisecond after ``year`` (year 9999 included)."""
+    return _ms(datetime(year, 12, 31, tzinfo=UTC)) + _DAY_MS
+
+
+def _month_end_ms(year: int, month: int) -> int:
+    """The first millisecond after ``month`` of ``year``."""
+    if month == 12:
+        return _year_end_ms(year)
+    return _ms(datetime(year, month + 1, 1, tzinfo=UTC))
 
 
 def decimal_of(value: object) -> Decimal | None:

@@ -99,6 +99,11 @@ function describeWhat(ev) {
     .filter(Boolean);
 }
 
+// a share link's recipient is sealed free text (detail); the event's agent is the link
+function shareRecipient(ev) {
+  return ev.subtype === "share-access" ? ev.detail : "";
+}
+
 function accessRow(ev) {
   const mine = ev.agent === state.me;
   const [outcome, kind] = OUTCOMES[ev.outcome] || [ev.outcome, ""];
@@ -116,7 +121,7 @@ function accessRow(ev) {
   h("td", {}, h("time", { datetime: ev.recorded }, formatDateTime(ev.recorded)),
     h("br"), h("span", { class: "muted small" },
       ev.anchored_height ? `anchored in block ${ev.anchored_height}` : "anchoring pending")),
-  h("td", {}, mine ? "You" : ev.agent, h("br"),
+  h("td", {}, mine ? "You" : shareRecipient(ev) || ev.agent, h("br"),
     h("span", { class: "muted small" }, [ev.agent_role, ev.agent_org].filter(Boolean).join(" · "))),
   h("td", {}, ev.break_glass ? [badge("Break the glass", "bg-badge"), " "] : null, what,
     more.length ? [h("br"), h("span", { class: "muted small" }, more.join(" · "))] : null),
