@@ -14,6 +14,7 @@ allows everything and whose "decryption" regenerates the resource and AES-GCM-op
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
@@ -136,8 +137,9 @@ def _extract_chunk(args: tuple[str, int, int, int]) -> list[tuple[dict[str, Any]
 
 
 def build(path: Path, n_resources: int, n_patients: int, workers: int,
-          progress: Callable[[int], None] | None = None) -> tuple[SearchIndex, float]:
-    index = SearchIndex(path, os.urandom(32))
+          progress: Callable[[int], None] | None = None,
+          key: bytes | None = None) -> tuple[SearchIndex, float]:
+    index = SearchIndex(path, key or os.urandom(32))
     chunk = 5000
     jobs = [("p", s, min(s + chunk, n_patients), n_patients) for s in range(0, n_patients, chunk)]
     n_obs = n_resources - n_patients
@@ -308,11 +310,28 @@ def extraction_cost(limit: int = 400) -> dict[str, float]:
             "fhirpathpy_us": round(ref * 1e6), "speedup": round(ref / fast, 1)}
 
 
+def _kept(keep: Path, n_resources: int) -> tuple[Path, bytes, float | None]:
+    """The index kept in ``keep`` for this size (its key, and its build time if built)."""
+    keep.mkdir(parents=True, exist_ok=True)
+    meta = keep / f"index-{n_resources}.json"
+    if meta.exists():
+        kept = json.loads(meta.read_text())
+        return keep / f"index-{n_resources}.db", bytes.fromhex(kept["key"]), kept["build_s"]
+    for stale in keep.glob(f"index-{n_resources}.db*"):
+        stale.unlink()
+    return keep / f"index-{n_resources}.db", os.urandom(32), None
+
+
 def run(n_resources: int, reps: int = 300, workers: int = 2, work: Path | None = None,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+        log: Callable[[str], None] = print, keep: Path | None = None) -> dict[str, Any]:
+    """Build (or, with ``keep``, reuse) an index of ``n_resources`` and time the queries.
+
+    ``keep`` keeps the built index in that folder, so that it can be built once (slow)
+    and queried again later, e.g. on a quieter machine."""
     n_patients = max(1, n_resources // 10)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        path = Path(tmp) / "index.db"
+        path, key, build_s_kept = (Path(tmp) / "index.db", os.urandom(32), None) \
+            if keep is None else _kept(keep, n_resources)
         last = [time.perf_counter()]
 
         def progress(done: int) -> None:
@@ -320,7 +339,13 @@ def run(n_resources: int, reps: int = 300, workers: int = 2, work: Path | None =
                 last[0] = time.perf_counter()
                 log(f"  indexed {done:,}/{n_resources:,}")
 
-        index, build_s = build(path, n_resources, n_patients, workers, progress)
+        if build_s_kept is None:
+            index, build_s = build(path, n_resources, n_patients, workers, progress, key)
+            if keep is not None:
+                (keep / f"index-{n_resources}.json").write_text(
+                    json.dumps({"key": key.hex(), "build_s": build_s}))
+        else:
+            index, build_s = SearchIndex(path, key), build_s_kept
         size = index.size_bytes()
         rows = {t: index.query(f"SELECT count(*) FROM {t}")[0][0]
                 for t in ("res", "s", "t", "d", "q", "r", "c", "blk")}
@@ -342,13 +367,32 @@ def iter_sizes(full: bool) -> Iterator[int]:
         yield 10_000_000
 
 
+def _print_every_100k(done: int) -> None:
+    if done % 100_000 < 5000:
+        print(f"  indexed {done:,}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--resources", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the built index in this folder and reuse it on the next run")
+    ap.add_argument("--build-only", action="store_true", help="with --keep: build, no queries")
     args = ap.parse_args()
-    res = run(args.resources, args.reps, args.workers)
+    if args.build_only:
+        if args.keep is None:
+            ap.error("--build-only needs --keep")
+        path, key, kept = _kept(args.keep, args.resources)
+        if kept is None:
+            index, build_s = build(path, args.resources, max(1, args.resources // 10),
+                                   args.workers, _print_every_100k, key)
+            (args.keep / f"index-{args.resources}.json").write_text(
+                json.dumps({"key": key.hex(), "build_s": build_s}))
+            print(f"built {args.resources:,} in {build_s:.0f}s")
+        return
+    res = run(args.resources, args.reps, args.workers, keep=args.keep)
     for name, fig in res["queries"].items():
         print(f"{name:45s} {fig}")
     print({k: v for k, v in res.items() if k != "queries"})
