@@ -19,6 +19,8 @@ from fhirpy.base.searchset import Raw
 from helpers import NodeHandle, assert_outcome, run_cli, running_node
 from synthea_compat import load_synthea
 
+from medledger.fhir.labels import classify
+
 pytestmark = pytest.mark.timeout(300)
 LOINC = "http://loinc.org"
 PSY_CODES = {"44261-6", "55757-9", "70274-6", "69737-5"}  # PHQ-9, PHQ-2, GAD-7
@@ -45,6 +47,12 @@ def fhir(node: NodeHandle, who: str = "dr-house") -> SyncFHIRClient:
 def of(loaded: dict[str, Any], name: str, rtype: str) -> list[dict[str, Any]]:
     patient, rest = loaded["data"][name]
     return [patient] if rtype == "Patient" else [r for r in rest if r["resourceType"] == rtype]
+
+
+def psychiatrist_reads(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Those a psychiatrist may read: every label but PSY and ETH withholds (e.g. HARK's
+    SDV, an HIV result)."""
+    return [r for r in resources if classify(r).labels <= {"PSY", "ETH"}]
 
 
 def ids(resources: Any) -> set[str]:
@@ -105,9 +113,11 @@ def test_patient_demographics(node: NodeHandle, loaded: dict[str, Any]) -> None:
 
 def test_observations_codes_dates_values_and_paging(node: NodeHandle,
                                                     loaded: dict[str, Any]) -> None:
-    client = fhir(node, "dr-freud")  # a psychiatrist reads PSY too: every Observation
+    client = fhir(node, "dr-freud")  # a psychiatrist reads PSY too, not SDV or HIV
     p = of(loaded, "audie", "Patient")[0]
-    obs = of(loaded, "audie", "Observation")
+    obs = psychiatrist_reads(of(loaded, "audie", "Observation"))
+    withheld = ids(of(loaded, "audie", "Observation")) - ids(obs)
+    assert withheld  # HARK screenings (SDV)
     search = client.resources("Observation").search(patient=p["id"])
     walked = search.limit(10).fetch_all()  # follows `next` links to the end
     assert len(walked) == len(obs) and ids(walked) == ids(obs)
@@ -349,7 +359,7 @@ def test_index_catches_up_and_rebuilds(node: NodeHandle, loaded: dict[str, Any])
     """Last in this module: it restarts the node. A deleted index is rebuilt on start
     (catch-up); `medledger index rebuild` recreates it from the ledger."""
     p = of(loaded, "audie", "Patient")[0]
-    want = ids(of(loaded, "audie", "Observation"))
+    want = ids(psychiatrist_reads(of(loaded, "audie", "Observation")))
 
     def observations() -> set[str]:
         return ids(fhir(node, "dr-freud").resources("Observation").search(patient=p["id"])
