@@ -59,20 +59,28 @@ def _labels(resource: dict[str, Any]) -> set[str]:
     return {s.get("code") for s in resource.get("meta", {}).get("security", [])}
 
 
-def _everything(node: NodeHandle, who: str, pid: str, **headers: str) -> dict[str, Any]:
+def _get(node: NodeHandle, who: str, path: str, **headers: str) -> dict[str, Any]:
+    """GET as a FHIR client does: a 503 with Retry-After (the search index catching up
+    after a large import) is retried after the time it names, for at most 10 minutes."""
+    deadline = time.time() + 600
     with node.client(who) as c:
-        resp = httpx.get(f"{node.url}/fhir/Patient/{pid}/$everything", timeout=600,
-                         headers={"Authorization": f"Bearer {c.token()}", **headers})
+        headers = {"Authorization": f"Bearer {c.token()}", **headers}
+        while True:
+            resp = httpx.get(f"{node.url}/fhir/{path}", timeout=600, headers=headers)
+            retry = resp.headers.get("Retry-After")
+            if resp.status_code != 503 or retry is None or time.time() > deadline:
+                break
+            time.sleep(int(retry))
     assert resp.status_code == 200, resp.text[:500]
     return dict(resp.json())
+
+
+def _everything(node: NodeHandle, who: str, pid: str, **headers: str) -> dict[str, Any]:
+    return _get(node, who, f"Patient/{pid}/$everything", **headers)
 
 
 def _search(node: NodeHandle, who: str, query: str) -> dict[str, Any]:
-    with node.client(who) as c:
-        resp = httpx.get(f"{node.url}/fhir/{query}", timeout=600,
-                         headers={"Authorization": f"Bearer {c.token()}"})
-    assert resp.status_code == 200, resp.text[:500]
-    return dict(resp.json())
+    return _get(node, who, query)
 
 
 def _matches(bundle: dict[str, Any]) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from medledger.errors import (
     NotFound,
     StorageError,
     Unavailable,
+    busy,
 )
 from medledger.fhir import match
 from medledger.fhir.validate import parse_resource
@@ -89,8 +90,11 @@ class NodeSearch:
         if self.index.height < height:
             ok = await asyncio.to_thread(self.sync.wait_for, height, WAIT_S)
             if not ok:
-                raise Unavailable(self.sync.error or "the search index is still catching up "
-                                  "with the ledger; retry in a moment")
+                if self.sync.error:
+                    raise Unavailable(self.sync.error)
+                raise busy("the search index is still catching up with the ledger "
+                           f"(at block {self.index.height} of {height}); retry in a moment",
+                           retry_after_s=2)
 
     async def _opened(self, q_elements: tuple[str, ...] | None, result: SearchResult
                       ) -> SearchResult:
