@@ -187,6 +187,33 @@ def test_delete_is_refused(node: NodeHandle) -> None:
     assert resp.status_code != 500, "refusing a delete is not an internal error"
 
 
+def test_directory_records_follow_the_patient_compartment(node: NodeHandle) -> None:
+    """A type outside every patient compartment (here SpecimenDefinition, which no
+    hand list named) and a CareTeam naming no patient are directory records that any
+    staff member reads; a Binary or an Observation naming no patient is refused."""
+    spec = {"resourceType": "SpecimenDefinition", "id": "serum-tube",
+            "typeCollected": {"text": "Serum"}}
+    team = {"resourceType": "CareTeam", "id": "night-shift", "status": "active",
+            "name": "Night shift, ward 3"}
+    with node.client("dr-house") as c:
+        for r in (spec, team):
+            resp = c.http.put(f"/fhir/{r['resourceType']}/{r['id']}", content=orjson.dumps(r),
+                              headers={"Authorization": f"Bearer {c.token()}"})
+            assert resp.status_code == 201, resp.text
+        binary = {"resourceType": "Binary", "id": "scan", "contentType": "text/plain",
+                  "data": "aGVsbG8="}
+        orphan = {**synthetic_observation(node.patients[0], 404), "id": "orphan"}
+        del orphan["subject"]
+        for r in (binary, orphan):
+            resp = c.http.put(f"/fhir/{r['resourceType']}/{r['id']}", content=orjson.dumps(r),
+                              headers={"Authorization": f"Bearer {c.token()}"})
+            assert_outcome(resp, 400, "must reference its patient")
+    with node.client("nurse-joy") as c:
+        assert c.get("/fhir/SpecimenDefinition/serum-tube")["typeCollected"] == {
+            "text": "Serum"}
+        assert c.get("/fhir/CareTeam/night-shift")["name"] == "Night shift, ward 3"
+
+
 # ---------------------------------------------------------------- search
 
 def _effective(r: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from medledger.search import fastpath
-from medledger.search.compartment import patient_refs
+from medledger.search.compartment import directory_type, patient_refs
 from medledger.search.differential import compare, resources_in
 from medledger.search.extract import extract, indexed_params
 from medledger.search.registry import registry
@@ -148,3 +148,14 @@ def test_compartment_follows_the_definition() -> None:
     assert patient_refs({"resourceType": "Patient", "id": "me"}) == {"me"}
     assert patient_refs({"resourceType": "Organization", "id": "o"}) == set()
     assert patient_refs({"resourceType": "Medication", "id": "m"}) == set()
+
+
+@pytest.mark.parametrize(("rtype", "directory"), [
+    ("Organization", True), ("Practitioner", True), ("Medication", True),
+    ("SpecimenDefinition", True), ("ValueSet", True), ("Device", True),
+    ("CareTeam", True), ("Group", True),  # only when they name no patient
+    ("Observation", False), ("Condition", False), ("Patient", False), ("Provenance", False),
+    ("Binary", False), ("Bundle", False), ("Task", False), ("NoSuchType", False),
+])
+def test_directory_types_follow_the_compartment_definition(rtype: str, directory: bool) -> None:
+    assert directory_type(rtype) is directory

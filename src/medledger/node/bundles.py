@@ -41,7 +41,8 @@ from medledger.fhir.outcome import (
     status_line,
 )
 from medledger.node.records import seal_record
-from medledger.node.service import DIRECTORY_TYPES, Node, PutJob, iso
+from medledger.node.service import Node, PutJob, iso
+from medledger.search.compartment import directory_type
 
 if TYPE_CHECKING:
     from medledger.node.auth import Session
@@ -81,7 +82,7 @@ class IndexLookup:
                      ) -> dict[fb.Query, list[str]]:
         out: dict[fb.Query, list[str]] = {}
         for query in queries:
-            if query.resource_type in DIRECTORY_TYPES:
+            if directory_type(query.resource_type):
                 out[query] = await self.node.searcher.resolve(query.resource_type,
                                                               query.params)
             else:

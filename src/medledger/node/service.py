@@ -57,6 +57,7 @@ from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_any, rewrap_key, seal_record
 from medledger.node.replica import Replicator
+from medledger.search.compartment import directory_type
 from medledger.search.engine import SearchResult
 from medledger.search.service import NodeSearch
 from medledger.storage.blobs import BlobStore, blob_hash
@@ -132,16 +133,6 @@ ANCHOR_MAX_BYTES = 512 * 1024
 # max_tx_bytes (1 MiB) and the RPC request that carries it base64-encoded in JSON
 # (rpc.max_body_bytes, 1,000,000 bytes): 4/3 x 720 KiB + the envelope < 1,000,000.
 STAGE_PART_BYTES = 720 * 1024
-# Resource types outside every patient compartment: directory records (ADR 5).
-# TODO(search): replaced by the Patient CompartmentDefinition (search/compartment.py).
-DIRECTORY_TYPES = frozenset({
-    "Organization", "OrganizationAffiliation", "Location", "Practitioner", "PractitionerRole",
-    "HealthcareService", "Endpoint", "Medication", "MedicationKnowledge", "Substance",
-    "Device", "DeviceDefinition", "Group", "InsurancePlan", "CareTeam", "Library",
-    "Questionnaire", "ValueSet", "CodeSystem", "StructureDefinition", "PlanDefinition",
-    "ActivityDefinition", "Measure", "ResearchStudy", "BiologicallyDerivedProduct"})
-
-
 class Node:
     def __init__(self, home: Home, config: Config, store: SqliteStore, app: LedgerApp,
                  org: keys.Identity, clock: Callable[[], float] = time.time,
@@ -464,7 +455,7 @@ class Node:
         if patient is not None:
             return patient, cls.category, sorted(cls.labels)
         rtype = resource["resourceType"]
-        if rtype not in DIRECTORY_TYPES:
+        if not directory_type(rtype):
             raise InvalidInput(f"{rtype} must reference its patient (subject/patient): it "
                                "belongs in a patient compartment")
         return None, policy.DIRECTORY, []
