@@ -364,8 +364,18 @@ def _stop_all(comets: list[subprocess.Popen[bytes]], children: list[subprocess.P
             child.wait(5)
 
 
+def _profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (a pinned dev dependency) sampling ``pid`` for ``seconds``: collapsed stacks
+    (``--format raw``: one line per stack with its sample count, idle included)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen([str(spy), "record", "--pid", str(pid), "--duration",
+                             str(max(1, int(seconds))), "--rate", "200", "--idle",
+                             "--nonblocking", "--format", "raw", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def _run(base: Path, app: str, work: Workload, duration: float, load: Load,
-               extra_config: dict[str, Any]) -> dict[str, Any]:
+               extra_config: dict[str, Any], profile: Path | None = None) -> dict[str, Any]:
     app_state = {"orgs": [org_genesis_entry(o, f"Hospital {i}")
                           for i, o in enumerate(work.orgs)]}
     extra = dict(extra_config)
@@ -379,6 +389,7 @@ async def _run(base: Path, app: str, work: Workload, duration: float, load: Load
     children: list[subprocess.Popen[Any]] = []
     comets: list[subprocess.Popen[bytes]] = []
     rpcs = [CometRpc(lay.rpc_url) for lay in layouts]
+    spy: subprocess.Popen[bytes] | None = None
     try:
         children = _start_apps(app, layouts)
         for lay in layouts:
@@ -395,10 +406,14 @@ async def _run(base: Path, app: str, work: Workload, duration: float, load: Load
                     assert all(c == 0 for c, _ in res), res[:3]
                 setup.close()
                 assert await watcher.wait_all([_h(r) for r in work.setup], 60), "setup stuck"
+                spy = (_profile(children[0].pid, duration, profile)
+                       if profile and app == "medledger" else None)
                 out = await _load(layouts, watcher, work.txs, duration, load,
                                   [*children, *comets])
             finally:
                 await watcher.stop()
+        if spy is not None:
+            await asyncio.to_thread(spy.wait, 30)
         statuses = [await r.status() for r in rpcs]
         common = min(s.height for s in statuses)
         app_hashes = {await r.block_app_hash(common) for r in rpcs}
@@ -495,7 +510,7 @@ def _cpu(procs: list[Any]) -> list[float]:
 def network(base: Path, app: str = "medledger", duration: float = 30.0,
             load: Load = LOADS["issue"], n_txs: int = 30_000, tx_bytes: int | None = None,
             extra_config: dict[str, Any] | None = None,
-            workload: Workload | None = None) -> dict[str, Any]:
+            workload: Workload | None = None, profile: Path | None = None) -> dict[str, Any]:
     """One run of ``app`` (one of ``APPS``) on a fresh 4-validator network."""
     if app not in APPS:
         raise ValueError(f"app must be one of {APPS}")
@@ -506,18 +521,19 @@ def network(base: Path, app: str = "medledger", duration: float = 30.0,
         workload = (medledger_workload(orgs, n_txs) if app == "medledger"
                     else kvstore_workload(orgs, n_txs, tx_bytes or 3000))
     gen_s = time.perf_counter() - t0
-    res = asyncio.run(_run(base, app, workload, duration, load, extra_config or {}))
+    res = asyncio.run(_run(base, app, workload, duration, load, extra_config or {}, profile))
     return {**res, "generate_s": gen_s}
 
 
 def ceilings(base: Path, duration: float = 30.0, tx_bytes: int | None = None,
              n_txs: int = 30_000, extra_config: dict[str, Any] | None = None,
              loads: tuple[str, ...] = tuple(LOADS), apps: tuple[str, ...] = APPS,
-             log: Any = None) -> dict[str, Any]:
+             log: Any = None, profile_dir: Path | None = None) -> dict[str, Any]:
     """For each load shape: ``apps`` on identical networks, back to back; medledger's
     ratio to the in-process kvstore (``ratio``) and to the socket kvstore
     (``ratio_socket``). Each network is fresh, so the same pre-built txs serve every
-    run."""
+    run. ``profile_dir``: py-spy of validator 0's medledger app during each load
+    (``<load>.txt``, collapsed stacks)."""
     orgs = [keys.new_identity(f"org-{i}", "org") for i in range(4)]
     med = medledger_workload(orgs, n_txs)
     size = round(med.mean_tx_bytes)
@@ -534,7 +550,8 @@ def ceilings(base: Path, duration: float = 30.0, tx_bytes: int | None = None,
                     f"requests in flight): {app}")
             runs[app] = network(base / f"{name}-{app}", app, duration, load,
                                 workload=med if app == "medledger" else kv,
-                                extra_config=extra_config)
+                                extra_config=extra_config,
+                                profile=profile_dir / f"{name}.txt" if profile_dir else None)
         runs["load_avg_after"] = os.getloadavg()
         if "medledger" in runs:
             med_rate = runs["medledger"]["tx_per_s"]
@@ -586,6 +603,8 @@ def main() -> None:
                     help="broadcast_tx_async (do not wait for CheckTx)")
     ap.add_argument("--config", default="{}", help="JSON: config.toml keys, block_max_bytes, "
                     "timeout_commit")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="directory: py-spy of validator 0's medledger app per load")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
     extra = json.loads(args.config)
@@ -600,7 +619,8 @@ def main() -> None:
     apps = tuple(args.apps.split(","))
     with tempfile.TemporaryDirectory(prefix="medledger-net-bench-") as tmp:
         res = ceilings(Path(tmp), args.seconds, args.tx_bytes, args.txs, extra,
-                       tuple(names), apps, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       tuple(names), apps, log=lambda m: print(m, file=sys.stderr, flush=True),
+                       profile_dir=args.profile)
     if args.json:
         args.json.write_text(json.dumps(res, indent=2, default=str))
     print(json.dumps(res, indent=2, default=str))

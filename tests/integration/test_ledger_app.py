@@ -1,5 +1,6 @@
 """LedgerApp over a real SQLite store: CheckTx admits, rechecks cheaply, and no signature is
-verified twice (CheckTx -> recheck -> FinalizeBlock); the state cache stays true."""
+verified twice nor any tx decoded twice (CheckTx -> recheck -> FinalizeBlock); the state
+cache stays true."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from typing import Any
 import pytest
 
 from medledger.core import machine, mempool
+from medledger.core import tx as txmod
 from medledger.core.tx import make_tx
 from medledger.crypto import keys
-from medledger.crypto.canonical import b64e, canonical
+from medledger.crypto.canonical import b64e, canonical, sha256
 from medledger.crypto.signing import verify as real_verify
-from medledger.errors import Forbidden, Replay
+from medledger.errors import Forbidden, Replay, UnknownSigner
 from medledger.node.home import org_genesis_entry
 from medledger.node.ledger_app import LedgerApp
 from medledger.storage.sqlite import SqliteStore
@@ -61,6 +63,52 @@ def test_each_signature_is_verified_once(world: tuple[LedgerApp, keys.Identity],
     app.finalize_block(2, 10**18 + 1, [fresh], b"", b"")
     app.commit()
     assert len(calls) == 6
+
+
+def test_each_tx_is_decoded_once(world: tuple[LedgerApp, keys.Identity],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    app, org = world
+    decoded: list[bytes] = []
+
+    def counting(raw: bytes) -> txmod.Tx:
+        decoded.append(raw)
+        return txmod.decode_tx(raw)
+
+    monkeypatch.setattr(mempool, "decode_tx", counting)
+    monkeypatch.setattr(machine, "decode_tx", counting)
+    raws = [_register(org, f"pat-{i}", f"{i:016x}") for i in range(5)]
+    assert all(app.check_tx(r).code == 0 for r in raws)
+    assert all(app.check_tx(r, True).code == 0 for r in raws)
+    assert len(decoded) == 5 and len(app.decoded) == 5
+    fresh = _register(org, "pat-9", "9" * 16)  # never CheckTx'd here: decoded in the block
+    outcome = app.finalize_block(1, 10**18, [*raws, fresh], b"", b"")
+    app.commit()
+    assert [r.code for r in outcome.tx_results] == [0] * 6
+    assert decoded == [*raws, fresh], "FinalizeBlock decoded a tx CheckTx had decoded"
+    assert len(app.decoded) == 0  # committed txs are forgotten
+
+
+def test_recheck_refuses_a_signer_a_block_deactivated(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    # a recheck only looks up the nonce, because commit forgets the admitted txs of a
+    # signer whose entry changed: those are judged afresh
+    app, org = world
+    pat = keys.new_identity("pat-1", "patient")
+    body = {"id": "pat-1", "kind": "patient", "sign_pub": b64e(pat.sign_public),
+            "enc_pub": b64e(pat.enc_public)}
+    reg = make_tx(org.id, org.signer(), CHAIN, "actor.register", body, "e" * 16).raw
+    app.finalize_block(1, 10**18, [reg], b"", b"")
+    app.commit()
+    consent = {"id": "c1", "patient": "pat-1", "decision": "permit"}
+    own = make_tx("pat-1", pat.signer(), CHAIN, "consent.put", consent, "f" * 16).raw
+    assert app.check_tx(own).code == 0 and app.check_tx(own, True).code == 0
+    leave = make_tx(org.id, org.signer(), CHAIN, "actor.deactivate",
+                    {"id": "pat-1", "reason": "left"}, "1" * 16).raw
+    outcome = app.finalize_block(2, 10**18 + 1, [leave], b"", b"")
+    app.commit()
+    assert outcome.tx_results[0].code == 0
+    assert app.check_tx(own, True).code == UnknownSigner.code
+    assert sha256(own) not in app.decoded
 
 
 def test_recheck_drops_txs_whose_nonce_a_block_used(

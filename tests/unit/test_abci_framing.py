@@ -317,6 +317,29 @@ def test_server_answers_in_order_per_connection_with_partial_reads() -> None:
     asyncio.run(main())
 
 
+def test_server_writes_a_long_burst_before_its_flush() -> None:
+    # Answers wait for a Flush (as with CometBFT's own server), but a burst of answers
+    # larger than the write buffer goes out without one: a client that sends many
+    # requests before flushing never stalls the server or itself.
+    async def main() -> None:
+        async with AbciServer(RecordingApp(), port=0) as server:
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            big = "x" * 2000
+            reqs = [pb.Request(echo=pb.RequestEcho(message=f"{i}{big}")) for i in range(100)]
+            w.write(b"".join(frame(q.SerializeToString()) for q in reqs))
+            await w.drain()
+            decoder, got = FrameDecoder(), []
+            while len(got) < 32:  # 32 x 2 KB > the 64 KiB write buffer
+                chunk = await asyncio.wait_for(r.read(65536), 5)
+                assert chunk, "server closed the connection"
+                got += [pb.Response.FromString(p) for p in decoder.feed(chunk)]
+            assert [g.echo.message[:2] for g in got[:10]] == [str(i) + "x" for i in range(10)]
+            w.close()
+        assert server.fatal_error is None
+
+    asyncio.run(main())
+
+
 def test_server_fatal_on_finalize_block_error_drops_connections() -> None:
     async def main() -> None:
         for mode in ("finalize_block", "short"):
@@ -354,7 +377,8 @@ def test_server_closes_connection_on_garbage() -> None:
             w.close()
             # the server keeps serving other connections
             r, w = await asyncio.open_connection("127.0.0.1", server.port)
-            out = await _roundtrip(r, w, [pb.Request(echo=pb.RequestEcho(message="ok"))])
+            out = await _roundtrip(r, w, [pb.Request(echo=pb.RequestEcho(message="ok")),
+                                          pb.Request(flush=pb.RequestFlush())])
             assert out[0].echo.message == "ok"
             w.close()
             assert server.fatal_error is None

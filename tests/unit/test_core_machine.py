@@ -832,3 +832,21 @@ def test_consents_written_by_the_machine_drive_policy(c: Chain) -> None:
     assert read().allowed and read().basis == "care"
     assert c.run("pat-1", "consent.revoke", {"patient": "pat-1", "id": "c1"}).code == OK
     assert not read().allowed
+
+
+def test_a_decoded_tx_is_used_only_for_its_own_bytes() -> None:
+    # apply_block may be handed the txs CheckTx decoded (by hash); the same block gives
+    # the same outcome with or without them, and a lookup answering another tx's
+    # decoding (a bug or a hash collision) is ignored, never applied in its place.
+    from medledger.core.tx import decode_tx
+
+    c = Chain()
+    txs = (c.tx("org-a", "actor.register", register("pat-1", "patient")),
+           c.tx("org-a", "actor.register", register("pat-2", "patient")))
+    block = BlockInput(CHAIN, 1, T0, txs, c.app_hash, c.header_hash, c.acc)
+    plain = apply_block(c.state, block)
+    by_hash = {sha256(raw): decode_tx(raw) for raw in txs}
+    assert apply_block(c.state, block, decoded=by_hash.get) == plain
+    swapped = {sha256(txs[0]): decode_tx(txs[1]), sha256(txs[1]): decode_tx(txs[0])}
+    assert apply_block(c.state, block, decoded=swapped.get) == plain
+    assert [r.code for r in plain.results] == [OK, OK]

@@ -6,8 +6,9 @@ Owns the wire: framing (each message is a protobuf ``tendermint.abci.Request`` /
 ``medledger.consensus.app``, and the failure policy.
 
 CometBFT opens four connections (consensus, mempool, query, snapshot). Each is served
-strictly in order: one request, one response, in request order; ``Flush`` is answered
-and pushes buffered responses out. The application's methods are synchronous and fast,
+strictly in order: one request, one response, in request order; responses are buffered
+until a ``Flush`` is answered, which pushes them out (as CometBFT's own socket server
+does). The application's methods are synchronous and fast,
 so they run inline on the event loop: one loop thread means the app never sees two
 calls at once, whatever connection they came from.
 
@@ -57,6 +58,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # CometBFT allows 2 GiB; blocks a
 _MAX_VARINT_BYTES = 10
 _READ_CHUNK = 256 * 1024
 _YIELD_EVERY = 64  # messages handled between voluntary yields to the event loop
+_WRITE_AT = 64 * 1024  # buffered response bytes written out even before a Flush
 
 
 # --------------------------------------------------------------------------- framing
@@ -182,6 +184,15 @@ def _select_txs(txs: Iterable[bytes], max_tx_bytes: int) -> list[bytes]:
     return selected
 
 
+# The answer to nearly every CheckTx (admitted, nothing to say): built and framed once.
+CHECK_TX_OK = pb.Response(check_tx=pb.ResponseCheckTx(code=0))
+_CHECK_TX_OK_FRAME = frame(CHECK_TX_OK.SerializeToString())
+
+
+def _framed(resp: pb.Response) -> bytes:
+    return _CHECK_TX_OK_FRAME if resp is CHECK_TX_OK else frame(resp.SerializeToString())
+
+
 class RequestHandler:
     """Maps one ABCI ``Request`` to its ``Response`` by calling the application.
 
@@ -298,6 +309,8 @@ class RequestHandler:
         except Exception as exc:
             log.exception("ABCI: check_tx raised; answering code=1")
             result = TxResult(code=1, log=f"internal error in check_tx: {exc!r}")
+        if result.code == 0 and not (result.data or result.log or result.events):
+            return CHECK_TX_OK  # shared: never modified
         return pb.Response(
             check_tx=pb.ResponseCheckTx(
                 code=result.code,
@@ -451,31 +464,37 @@ class AbciServer:
             log.debug("ABCI connection from %s closed", peer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer requests in order. Like CometBFT's own socket server, responses are
+        buffered and written when a ``Flush`` is answered (CometBFT's client always sends
+        one before it waits for an answer) or when ``_WRITE_AT`` bytes are waiting: one
+        ``send`` per flush instead of one per burst of requests."""
         decoder = FrameDecoder(self._max_message_bytes)
         handled = 0
+        out: list[bytes] = []
+        buffered = 0
         while True:
             chunk = await reader.read(_READ_CHUNK)
             if not chunk:
                 if decoder.buffered:
                     log.warning("ABCI peer closed mid-message (%d bytes)", decoder.buffered)
                 return
-            out: list[bytes] = []  # responses go out in one write per flush or chunk
             for payload in decoder.feed(chunk):
                 try:
                     req = pb.Request.FromString(payload)
                 except Exception as exc:  # google.protobuf DecodeError
                     raise FramingError(f"undecodable ABCI request: {exc}") from exc
                 resp = self._handler.handle(req)
-                out.append(frame(resp.SerializeToString()))
+                data = _framed(resp)
+                out.append(data)
+                buffered += len(data)
                 handled += 1
-                if resp.WhichOneof("value") == "flush" or handled % _YIELD_EVERY == 0:
+                if buffered >= _WRITE_AT or resp.WhichOneof("value") == "flush":
                     writer.write(b"".join(out))
                     out.clear()
+                    buffered = 0
                     await writer.drain()
+                if handled % _YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # let other connections progress
-            if out:
-                writer.write(b"".join(out))
-            await writer.drain()
 
     def _fail(self, exc: BaseException) -> None:
         if self.fatal_error is None:

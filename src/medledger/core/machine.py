@@ -130,15 +130,20 @@ class BlockApplied:
 
 # ---------------------------------------------------------------- blocks
 
-def apply_block(state: st.StateReader, block: BlockInput, verified: Container[bytes] = ()
-                ) -> BlockApplied:
-    """Apply every tx of ``block`` in order; return results, writes, header and app hash."""
+def apply_block(state: st.StateReader, block: BlockInput, verified: Container[bytes] = (),
+                decoded: Callable[[bytes], Tx | None] | None = None) -> BlockApplied:
+    """Apply every tx of ``block`` in order; return results, writes, header and app hash.
+
+    ``decoded``: a lookup, by tx hash, of txs this node already decoded (in CheckTx); a
+    tx found there is not decoded again (``decode_tx`` is a pure function of the bytes)."""
     overlay = Overlay(state)
     ctx = _Ctx(block.chain, block.height, block.time_ns)
     results, hashes = [], []
     for raw in block.txs:
-        hashes.append(sha256(raw))
-        results.append(apply_tx(overlay, raw, ctx, verified))
+        h = sha256(raw)
+        hashes.append(h)
+        results.append(apply_tx(overlay, raw, ctx, verified,
+                                decoded(h) if decoded is not None else None))
     audit = tuple(AuditRow(eid, patient, recorded, i, ev)
                   for i, (eid, patient, recorded, ev) in enumerate(ctx.audit))
     acc = state_acc_after(state, overlay.writes, block.prev_state_acc)
@@ -238,12 +243,14 @@ def check_tx(state: st.StateReader, raw: bytes, chain: str, height: int, time_ns
                     verified)
 
 
-def apply_tx(overlay: Overlay, raw: bytes, ctx: _Ctx, verified: Container[bytes] = ()) -> Result:
-    """Apply one raw tx; every failure becomes a result code with a human log."""
+def apply_tx(overlay: Overlay, raw: bytes, ctx: _Ctx, verified: Container[bytes] = (),
+             decoded: Tx | None = None) -> Result:
+    """Apply one raw tx; every failure becomes a result code with a human log.
+    ``decoded``: ``decode_tx(raw)`` if the caller has it already."""
     scratch = Overlay(overlay)
     audit_mark, validator_mark = len(ctx.audit), len(ctx.validator_updates)
     try:
-        tx = decode_tx(raw)
+        tx = decoded if decoded is not None and decoded.raw == raw else decode_tx(raw)
         signer = authenticate(scratch, tx, ctx.chain, verified)
         scratch.put(f"n/{tx.signer}/{tx.nonce}", tx.hash_hex.encode())
         nonce_write = dict(scratch.writes)

@@ -14,7 +14,8 @@ validator for every tx (gossip), and again for every tx still waiting after each
 rechecks, for a verdict the block recomputes anyway. What the mempool needs is only
 protection from spam and replays, which these checks give.
 
-``admit`` checks a new tx; ``still_admissible`` re-judges an admitted one after a block
+``admit`` checks a new tx (``decode`` then ``admit_tx``, for a caller that keeps the
+decoded tx for its block); ``still_admissible`` re-judges an admitted one after a block
 (recheck) from the ``Admitted`` it returned, without decoding or verifying again.
 Pure: the state reader and the set of already-verified tx hashes are passed in.
 """
@@ -31,7 +32,7 @@ from medledger.crypto.canonical import b64d
 from medledger.crypto.signing import verify
 from medledger.errors import BadSignature, Replay, TooLarge, UnknownSigner
 
-__all__ = ["Admitted", "admit", "nonce_key", "still_admissible"]
+__all__ = ["Admitted", "admit", "admit_tx", "decode", "nonce_key", "still_admissible"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ def nonce_key(signer: str, nonce: str) -> str:
     return f"n/{signer}/{nonce}"
 
 
+def decode(raw: bytes, max_tx_bytes: int = MAX_TX_BYTES) -> Tx:
+    """The tx, if the mempool takes txs of its size and it is well formed (raises
+    ``TooLarge`` / ``InvalidInput``)."""
+    if len(raw) > max_tx_bytes:
+        raise TooLarge(f"transaction of {len(raw)} bytes exceeds the mempool's "
+                       f"{max_tx_bytes}-byte limit")
+    return decode_tx(raw)
+
+
 def admit(state: st.StateReader, raw: bytes, chain: str, verified: Container[bytes] = (),
           max_tx_bytes: int = MAX_TX_BYTES) -> Admitted:
     """Raise the ``MedledgerError`` the tx is refused with, else return what was admitted.
@@ -57,10 +67,12 @@ def admit(state: st.StateReader, raw: bytes, chain: str, verified: Container[byt
     ``verified`` holds hashes of txs whose signatures are already known good (checked
     earlier by this node); their signatures are not checked again.
     """
-    if len(raw) > max_tx_bytes:
-        raise TooLarge(f"transaction of {len(raw)} bytes exceeds the mempool's "
-                       f"{max_tx_bytes}-byte limit")
-    tx = decode_tx(raw)
+    return admit_tx(state, decode(raw, max_tx_bytes), chain, verified)
+
+
+def admit_tx(state: st.StateReader, tx: Tx, chain: str, verified: Container[bytes] = ()
+             ) -> Admitted:
+    """``admit`` for a tx already decoded (by ``decode``)."""
     if tx.chain != chain:
         raise Replay(f"tx is for chain {tx.chain!r}, this is {chain!r}")
     signer = _active_signer(state, tx.signer)
@@ -71,9 +83,15 @@ def admit(state: st.StateReader, raw: bytes, chain: str, verified: Container[byt
     return Admitted(tx.hash, tx.signer, tx.nonce, tx.kind, fresh)
 
 
-def still_admissible(state: st.StateReader, admitted: Admitted) -> None:
-    """Recheck after a block: the signer is still known and active, the nonce unused."""
-    _active_signer(state, admitted.signer)
+def still_admissible(state: st.StateReader, admitted: Admitted,
+                     signer_unchanged: bool = False) -> None:
+    """Recheck after a block: the signer is still known and active, the nonce unused.
+
+    ``signer_unchanged``: the caller knows no block since admission wrote the signer's
+    entry (it forgets the admitted txs of signers a block changed), so the signer's
+    verdict stands and only the nonce is looked up."""
+    if not signer_unchanged:
+        _active_signer(state, admitted.signer)
     _unused_nonce(state, admitted.signer, admitted.nonce)
 
 

@@ -1,15 +1,18 @@
 """The ledger application: the core state machine over a store, behind the driver contract.
 
 Implements ``consensus.app.LedgerApplication`` for both drivers. Keeps the block
-being finalized in memory until ``commit`` persists it, and three caches that keep
+being finalized in memory until ``commit`` persists it, and four caches that keep
 work from being done twice:
 
 - ``verified``: hashes of txs whose signatures are known good (CheckTx verified them),
   so FinalizeBlock and rechecks do not verify them again;
 - ``state``: a read-through cache of committed state (organisations, actors, nonces,
   record heads), kept true by ``commit``, which is the only writer of state;
-- the mempool's admitted txs (signer, nonce), so a recheck after each block is two
-  lookups instead of a decode.
+- the mempool's admitted txs (signer, nonce), so a recheck after each block is one
+  nonce lookup instead of a decode (``commit`` forgets the admitted txs of a signer
+  whose entry the block changed: those are judged afresh);
+- ``decoded``: the txs CheckTx decoded (bounded in bytes), so FinalizeBlock does not
+  decode them again; a tx leaves it when committed or refused.
 
 CheckTx runs the mempool's admission rule (``core.mempool``), not the full state
 transition; ``precheck`` runs the full transition for a node's own submissions, so
@@ -25,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
 from medledger.core import machine, mempool
 from medledger.core.machine import BlockApplied, BlockInput
-from medledger.core.tx import MAX_TX_BYTES
+from medledger.core.tx import MAX_TX_BYTES, Tx
 from medledger.crypto.canonical import canonical, loads, sha256
 from medledger.errors import InvalidInput, MedledgerError, StorageError
 from medledger.storage.sqlite import SqliteStore
@@ -62,6 +65,44 @@ class VerifiedCache:
         for signer in signers:
             for h in self._by_signer.pop(signer, set()):
                 self._d.pop(h, None)
+
+    def __contains__(self, h: object) -> bool:
+        return h in self._d
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+class DecodedTxs:
+    """Decoded txs by tx hash, oldest evicted beyond ``max_bytes`` (a decoded tx is
+    counted as ``OBJECT_FACTOR`` times its raw size: the parsed body's objects)."""
+
+    OBJECT_FACTOR = 4
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d: OrderedDict[bytes, Tx] = OrderedDict()
+
+    def _size(self, tx: Tx) -> int:
+        return len(tx.raw) * self.OBJECT_FACTOR
+
+    def add(self, tx: Tx) -> None:
+        if tx.hash in self._d or self._size(tx) > self.max_bytes:
+            return
+        self._d[tx.hash] = tx
+        self.bytes += self._size(tx)
+        while self.bytes > self.max_bytes:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= self._size(old)
+
+    def get(self, h: bytes) -> Tx | None:
+        return self._d.get(h)
+
+    def discard(self, h: bytes) -> None:
+        tx = self._d.pop(h, None)
+        if tx is not None:
+            self.bytes -= self._size(tx)
 
     def __contains__(self, h: object) -> bool:
         return h in self._d
@@ -183,6 +224,7 @@ class LedgerApp:
         self.verified = VerifiedCache()
         self.state = StateCache(store)
         self._admitted: OrderedDict[bytes, mempool.Admitted] = OrderedDict()
+        self.decoded = DecodedTxs()
         self.on_commit: list[Callable[[BlockApplied, tuple[bytes, ...]], None]] = []
         self._load_head()
 
@@ -219,23 +261,34 @@ class LedgerApp:
 
     def check_tx(self, tx: bytes, recheck: bool = False) -> TxResult:
         """The mempool's admission rule (``core.mempool``); a recheck of a tx admitted
-        here only asks whether its signer is still active and its nonce still unused."""
-        h = sha256(tx)
-        try:
-            admitted = self._admitted.get(h) if recheck else None
+        here only asks whether its nonce is still unused (``commit`` forgets admitted
+        txs whose signer's entry a block changed, so their signer stands)."""
+        if recheck:
+            h = sha256(tx)
+            admitted = self._admitted.get(h)
             if admitted is not None:
-                mempool.still_admissible(self.state, admitted)
+                try:
+                    mempool.still_admissible(self.state, admitted, signer_unchanged=True)
+                except MedledgerError as err:
+                    self._forget(h)
+                    return TxResult(err.code, str(err))
                 return TxResult(0)
-            admitted = mempool.admit(self.state, tx, self.chain, self.verified,
-                                     self.max_tx_bytes)
+        try:
+            decoded = mempool.decode(tx, self.max_tx_bytes)
+            admitted = mempool.admit_tx(self.state, decoded, self.chain, self.verified)
         except MedledgerError as err:
-            self._admitted.pop(h, None)
+            self._forget(sha256(tx))
             return TxResult(err.code, str(err))
-        self.verified.add(h, admitted.signer)
-        self._admitted[h] = admitted
+        self.verified.add(admitted.tx_hash, admitted.signer)
+        self._admitted[admitted.tx_hash] = admitted
         if len(self._admitted) > self.verified.size:
             self._admitted.popitem(last=False)
+        self.decoded.add(decoded)
         return TxResult(0)
+
+    def _forget(self, h: bytes) -> None:
+        self._admitted.pop(h, None)
+        self.decoded.discard(h)
 
     def precheck(self, tx: bytes) -> TxResult:
         """The full state transition against committed state, writes discarded: would
@@ -254,7 +307,7 @@ class LedgerApp:
                        block_hash: bytes) -> BlockOutcome:
         block = BlockInput(self.chain, height, time_ns, tuple(txs), self.app_hash,
                            self.header_hash, self.state_acc)
-        applied = machine.apply_block(self.state, block, self.verified)
+        applied = machine.apply_block(self.state, block, self.verified, self.decoded.get)
         self.pending = (applied, tuple(txs))
         results = tuple(TxResult(r.code, r.log, r.data.encode()) for r in applied.results)
         return BlockOutcome(results, applied.app_hash, applied.validator_updates)
@@ -272,13 +325,13 @@ class LedgerApp:
         if changed:
             self.verified.forget_signers(changed)
             for h in [h for h, a in self._admitted.items() if a.signer in changed]:
-                del self._admitted[h]
+                self._forget(h)
         self.height = int(applied.header["height"])
         self.app_hash, self.header_hash = applied.app_hash, applied.header_hash
         self.state_acc = applied.state_acc
         self.last_time_ns = applied.header["time_ns"]
         for h in applied.tx_hashes:
-            self._admitted.pop(h, None)
+            self._forget(h)
         for listener in list(self.on_commit):
             try:
                 listener(applied, txs)
