@@ -159,3 +159,17 @@ def test_scan_cache_forgets_a_prefix_when_a_key_under_it_is_written(
     assert [k for k, _ in app.state.scan("actor/")] == ["actor/pat-1"]
     assert list(app.state.scan("actor/")) == list(app.store.scan("actor/"))
     assert [k for k, _ in app.state.scan("org/")] == ["org/org-a"]
+
+
+def test_get_many_answers_like_get(world: tuple[LedgerApp, keys.Identity]) -> None:
+    # the block's old values for the state digest are read in one query per 500 keys
+    app, org = world
+    raws = [_register(org, f"pat-{i}", f"{i + 1:016x}") for i in range(600)]
+    app.finalize_block(1, 10**18, raws, b"", b"")
+    app.commit()
+    wanted = [f"actor/pat-{i}" for i in range(0, 1200, 2)] + ["org/org-a", "nope"]
+    one_by_one = {k: app.store.get(k) for k in wanted}
+    assert app.store.get_many(wanted) == one_by_one
+    assert sum(v is not None for v in one_by_one.values()) == 301
+    assert app.state.get("actor/pat-0") is not None and app.state.get("nope") is None  # cached
+    assert app.state.get_many(wanted) == one_by_one

@@ -81,11 +81,14 @@ _keys = st_h.lists(st_h.tuples(
 
 @settings(max_examples=300, deadline=None)
 @given(base_writes=_keys, writes=_keys, via_update=st_h.booleans(),
+       scan_between=st_h.booleans(),
        prefix=st_h.sampled_from(["", "a", "a/", "a/x/", "a/x/y/", "ab", "ab/", "b/", "c/"]))
 def test_overlay_scan_equals_a_full_scan(base_writes: list[tuple[str, str, bytes | None]],
                                          writes: list[tuple[str, str, bytes | None]],
-                                         via_update: bool, prefix: str) -> None:
-    """The prefix index answers exactly what walking every pending write would."""
+                                         via_update: bool, scan_between: bool,
+                                         prefix: str) -> None:
+    """The prefix index (built lazily, at the first scan after new keys) answers exactly
+    what walking every pending write would."""
     base_state = st.MemoryState({p + k: b"base" for p, k, _ in base_writes})
     overlay = st.Overlay(base_state)
     pending = {p + k: v for p, k, v in writes}
@@ -94,6 +97,8 @@ def test_overlay_scan_equals_a_full_scan(base_writes: list[tuple[str, str, bytes
     else:
         for key, value in pending.items():
             overlay.put(key, value)
+    if scan_between:  # index now; the merge below adds keys to an indexed overlay
+        list(overlay.scan(prefix))
     inner = st.Overlay(overlay)
     inner.put(prefix + "new", b"n")
     inner.merge_into(overlay)
@@ -106,3 +111,8 @@ def test_overlay_scan_equals_a_full_scan(base_writes: list[tuple[str, str, bytes
             else:
                 expected[key] = value
     assert list(overlay.scan(prefix)) == sorted(expected.items())
+
+
+def test_get_many_reads_like_get() -> None:
+    s = base()
+    assert st.get_many(s, ["a/1", "zz", "b/1"]) == {"a/1": b"1", "zz": None, "b/1": b"x"}

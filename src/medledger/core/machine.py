@@ -156,7 +156,8 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
 def state_acc_after(base: st.StateReader, writes: Mapping[str, bytes | None],
                     acc: bytes) -> bytes:
     """The state digest accumulator once ``writes`` replace what ``base`` holds."""
-    removed = [(k, old) for k in writes if (old := base.get(k)) is not None]
+    olds = st.get_many(base, writes)
+    removed = [(k, old) for k, old in olds.items() if old is not None]
     added = [(k, v) for k, v in writes.items() if v is not None]
     return multiset.update(acc, removed, added)
 
@@ -555,8 +556,9 @@ def _apply_record_put(s: Overlay, sid: str, signer: dict[str, Any], body: Mappin
             "commitment": body["commitment"]}
     if decision.break_glass:
         meta["break_glass"] = True
-    put_json(s, f"rec/{rtype}/{rid}", meta)
-    put_json(s, st.version_key(rtype, rid, version), meta)
+    encoded = canonical(meta)  # the head and the version hold the same entry
+    s.put(f"rec/{rtype}/{rid}", encoded)
+    s.put(st.version_key(rtype, rid, version), encoded)
     if patient is not None:
         s.put(f"pat/{patient}/{rtype}/{rid}", b"1")
     return f"{rtype}/{rid}/_history/{version}"

@@ -49,25 +49,27 @@ class Writes(dict[str, bytes | None]):
     State is scanned by such prefixes (``consent/{patient}/``, ``ver/{type}/{id}/``...),
     once or more per operation; a block or a staged import holds up to hundreds of
     thousands of writes, so a scan must not walk them all. Keys are never removed
-    (a deletion is a ``None`` value), so the index only grows.
+    (a deletion is a ``None`` value), so the index only grows. It is built lazily, at
+    the first scan after new keys arrived: most per-tx overlays are never scanned.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._by_prefix: dict[str, set[str]] = {}
+        self._unindexed: list[str] = []
 
     def __setitem__(self, key: str, value: bytes | None) -> None:
         if key not in self:
-            end = key.find("/")
-            while end != -1:
-                self._by_prefix.setdefault(key[:end + 1], set()).add(key)
-                end = key.find("/", end + 1)
+            self._unindexed.append(key)
         super().__setitem__(key, value)
 
     def update(self, *others: Any, **more: Any) -> None:
         for other in (*others, more):
-            items = other.items() if hasattr(other, "items") else other
-            for key, value in items:
+            if isinstance(other, dict):
+                self._unindexed.extend(key for key in other if key not in self)
+                super().update(other)
+                continue
+            for key, value in other:
                 self[key] = value
 
     def setdefault(self, key: str, default: bytes | None = None) -> bytes | None:
@@ -79,10 +81,23 @@ class Writes(dict[str, bytes | None]):
         self.update(other)
         return self
 
+    def _index(self) -> None:
+        by_prefix = self._by_prefix
+        for key in self._unindexed:
+            end = key.find("/")
+            while end != -1:
+                by_prefix.setdefault(key[:end + 1], set()).add(key)
+                end = key.find("/", end + 1)
+        self._unindexed.clear()
+
     def with_prefix(self, prefix: str) -> Iterable[str]:
         """Keys starting with ``prefix`` (any order)."""
-        if prefix.endswith("/") or not prefix:
-            return self._by_prefix.get(prefix, ()) if prefix else list(self)
+        if not prefix:
+            return list(self)
+        if prefix.endswith("/"):
+            if self._unindexed:
+                self._index()
+            return self._by_prefix.get(prefix, ())
         return [key for key in self if key.startswith(prefix)]
 
 
@@ -135,6 +150,15 @@ class MemoryState:
                 self.data.pop(key, None)
             else:
                 self.data[key] = value
+
+
+def get_many(state: StateReader, keys: Iterable[str]) -> dict[str, bytes | None]:
+    """``{key: state.get(key)}``, in one round trip if the reader offers ``get_many``
+    (the node's SQLite-backed state cache does)."""
+    many = getattr(state, "get_many", None)
+    if many is not None:
+        return dict(many(keys))
+    return {key: state.get(key) for key in keys}
 
 
 def get_json(state: StateReader, key: str) -> dict[str, Any] | None:

@@ -186,6 +186,21 @@ class StateCache:
         self.cache.put(key, value)
         return value
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """Like ``get`` for each key; the misses in one query, and not cached (the
+        caller is about to write these keys: ``state_acc_after``'s old values)."""
+        out: dict[str, bytes | None] = {}
+        missing = []
+        for key in keys:
+            hit = self.cache.lookup(key)
+            if hit is _MISSING:
+                missing.append(key)
+            else:
+                out[key] = hit  # type: ignore[assignment]
+        if missing:
+            out.update(self.store.get_many(missing))
+        return out
+
     _SCAN_MAX_ROWS = 16
 
     def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:

@@ -103,6 +103,21 @@ class SqliteStore:
             row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return None if row is None else bytes(row[0])
 
+    _MANY_CHUNK = 500  # host parameters per query (SQLite allows 32,766 since 3.32)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """``{key: get(key)}`` in one query per ``_MANY_CHUNK`` keys."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, bytes | None] = dict.fromkeys(wanted)
+        with self.lock:
+            for i in range(0, len(wanted), self._MANY_CHUNK):
+                chunk = wanted[i:i + self._MANY_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                for k, v in self.db.execute(
+                        f"SELECT key, value FROM state WHERE key IN ({marks})", chunk):
+                    out[k] = bytes(v)
+        return out
+
     def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
         with self.lock:
             rows = self.db.execute(
