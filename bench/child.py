@@ -34,7 +34,7 @@ def startcheck(home: str, workers: str) -> None:
     config = h.load_config()
     org = h.unlock_org(os.environ.get("MEDLEDGER_PASSWORD", "bench-password"))
     store = SqliteStore(h.db_path)
-    store.set_seal_key(localseal.derive_seal_key(org.sign_seed, config.chain))
+    store.set_seal_key(localseal.derive_seal_key(org.secret_root, config.chain))
     t0 = time.perf_counter()
     report = check_store(store, config.chain, None if workers == "auto" else int(workers))
     took = time.perf_counter() - t0

@@ -5,7 +5,8 @@ one physician: ``bench.lab``), starts ``medledger node start`` in its own proces
 warms it up, then sends ``--writes`` Observations from ``--clients`` keep-alive
 connections (``bench.http.fhir_writes``) while py-spy (a pinned dev dependency)
 samples the node and its validation workers (``--subprocesses``). It writes the
-collapsed stacks to ``DIR/fhir_writes.txt`` and prints the load's figures and the
+collapsed stacks of the busy threads (idle ones are left out; ``--threads``: each
+stack starts with its thread) to ``DIR/fhir_writes.txt`` and prints the load's figures and the
 node's CPU seconds per write.
 """
 
@@ -56,7 +57,11 @@ def main() -> None:
         prac = lab.register_practitioner("dr-bench", "physician")
         patients = [p.id for p in lab.patients]
         lab.close()
-        node = http.NodeProcess(lab.home.path, port, work / "node.log")
+        try:
+            node = http.NodeProcess(lab.home.path, port, work / "node.log")
+        except Exception:
+            print((work / "node.log").read_text()[-3000:], file=sys.stderr)
+            raise
         spy = None
         try:
             tok = http.token(node.url, prac)
@@ -68,7 +73,7 @@ def main() -> None:
                 exe = Path(sys.executable).with_name("py-spy")
                 spy = subprocess.Popen(
                     [str(exe), "record", "--pid", str(node.proc.pid), "--subprocesses",
-                     "--rate", "200", "--idle", "--nonblocking", "--format", "raw",
+                     "--threads", "--rate", "200", "--nonblocking", "--format", "raw",
                      "--output", str(args.out / "fhir_writes.txt")],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches

@@ -133,7 +133,7 @@ class Lab:
         self.store = SqliteStore(self.home.db_path)
         self.blobs = BlobStore(self.home.blobs_path)
         # sealed like a node's own store, so a node started on this home passes its start check
-        self.store.set_seal_key(localseal.derive_seal_key(self.org.sign_seed, self.chain))
+        self.store.set_seal_key(localseal.derive_seal_key(self.org.secret_root, self.chain))
         self.app = LedgerApp(self.store, self.chain)
 
     def close(self) -> None:
