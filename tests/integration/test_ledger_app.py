@@ -88,6 +88,25 @@ def test_each_tx_is_decoded_once(world: tuple[LedgerApp, keys.Identity],
     assert len(app.decoded) == 0  # committed txs are forgotten
 
 
+def test_a_node_s_own_tx_is_decoded_once(world: tuple[LedgerApp, keys.Identity],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # precheck (the full transition before broadcasting), then CheckTx, then the block
+    app, org = world
+    decoded: list[bytes] = []
+
+    def counting(raw: bytes) -> txmod.Tx:
+        decoded.append(raw)
+        return txmod.decode_tx(raw)
+
+    monkeypatch.setattr(mempool, "decode_tx", counting)
+    monkeypatch.setattr(machine, "decode_tx", counting)
+    raw = _register(org, "pat-1", "7" * 16)
+    assert app.precheck(raw).code == 0 and app.check_tx(raw).code == 0
+    outcome = app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.commit()
+    assert outcome.tx_results[0].code == 0 and decoded == [raw]
+
+
 def test_recheck_refuses_a_signer_a_block_deactivated(
         world: tuple[LedgerApp, keys.Identity]) -> None:
     # a recheck only looks up the nonce, because commit forgets the admitted txs of a

@@ -238,10 +238,10 @@ def genesis_app_hash(chain: str, writes: Mapping[str, bytes | None]) -> bytes:
 # ---------------------------------------------------------------- transactions
 
 def check_tx(state: st.StateReader, raw: bytes, chain: str, height: int, time_ns: int,
-             verified: Container[bytes] = ()) -> Result:
+             verified: Container[bytes] = (), decoded: Tx | None = None) -> Result:
     """Mempool check: the tx would apply against ``state`` now (writes discarded)."""
     return apply_tx(Overlay(state), raw, _Ctx(chain, height, time_ns, admission=True),
-                    verified)
+                    verified, decoded)
 
 
 def apply_tx(overlay: Overlay, raw: bytes, ctx: _Ctx, verified: Container[bytes] = (),

@@ -288,11 +288,12 @@ class LedgerApp:
                     self._forget(h)
                     return TxResult(err.code, str(err))
                 return TxResult(0)
+        h = sha256(tx)
         try:
-            decoded = mempool.decode(tx, self.max_tx_bytes)
+            decoded = self._decode(h, tx)
             admitted = mempool.admit_tx(self.state, decoded, self.chain, self.verified)
         except MedledgerError as err:
-            self._forget(sha256(tx))
+            self._forget(h)
             return TxResult(err.code, str(err))
         self.verified.add(admitted.tx_hash, admitted.signer)
         self._admitted[admitted.tx_hash] = admitted
@@ -301,6 +302,13 @@ class LedgerApp:
         self.decoded.add(decoded)
         return TxResult(0)
 
+    def _decode(self, h: bytes, tx: bytes) -> Tx:
+        """``tx`` decoded: as this node decoded it before (``precheck``), or now."""
+        known = self.decoded.get(h)
+        if known is not None and known.raw == tx:
+            return known
+        return mempool.decode(tx, self.max_tx_bytes)
+
     def _forget(self, h: bytes) -> None:
         self._admitted.pop(h, None)
         self.decoded.discard(h)
@@ -308,14 +316,16 @@ class LedgerApp:
     def precheck(self, tx: bytes) -> TxResult:
         """The full state transition against committed state, writes discarded: would
         this tx apply now? For a node's own submissions, before they are broadcast."""
-        try:  # the signature once, remembered for CheckTx and the block
-            admitted = mempool.admit(self.state, tx, self.chain, self.verified,
-                                     self.max_tx_bytes)
+        try:  # decoded and verified once, remembered for CheckTx and the block
+            decoded = self._decode(sha256(tx), tx)
+            admitted = mempool.admit_tx(self.state, decoded, self.chain, self.verified)
         except MedledgerError as err:
             return TxResult(err.code, str(err))
         self.verified.add(admitted.tx_hash, admitted.signer)
         result = machine.check_tx(self.state, tx, self.chain, self.height + 1,
-                                  self.last_time_ns, self.verified)
+                                  self.last_time_ns, self.verified, decoded)
+        if result.code == 0:
+            self.decoded.add(decoded)
         return TxResult(result.code, result.log)
 
     def finalize_block(self, height: int, time_ns: int, txs: list[bytes], proposer: bytes,
