@@ -1,7 +1,8 @@
 """``python -m bench.run`` (``make bench``): medledger's measured figures, each against a
 ceiling of this machine measured in the same run. Prints a table; writes
 ``bench/results/latest.json``. ``--full`` runs the issue's full sizes (1M-tx verify,
-1M/10M audit events); the default finishes in about ten minutes on 2 cores.
+1M/10M audit events); the default finishes in about fifteen minutes on 2 cores (the
+network figure alone: six 4-validator networks, ~6 minutes).
 """
 
 from __future__ import annotations
