@@ -123,3 +123,20 @@ def test_b64d_rejects_non_strings(value: Any) -> None:
 def test_b64d_size_error_names_field_and_sizes(size: int) -> None:
     with pytest.raises(InvalidInput, match=rf"sign_pub must be {size} bytes, got 32"):
         b64d(b64e(b"\x01" * 32), field="sign_pub", size=size)
+
+
+@pytest.mark.parametrize("length", [600, 5_000, 700_000])
+def test_canonical_bytes_are_right_sized(length: int) -> None:
+    """What medledger keeps (state entries, txs, staged parts) holds its own length, not
+    the encoder's working buffer (orjson 3.12+ never trims it: 8 KiB for 600 bytes)."""
+    import tracemalloc
+
+    value = {"k": "x" * length}
+    tracemalloc.start()
+    try:
+        kept = [canonical(value) for _ in range(20)]
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert all(len(b) == length + 8 for b in kept)
+    assert held < 20 * (length + 8) * 1.2 + 4096

@@ -23,9 +23,15 @@ _B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def canonical(value: Any) -> bytes:
-    """Encode ``value`` canonically. Raises ``InvalidInput`` for non-JSON values."""
+    """Encode ``value`` canonically. Raises ``InvalidInput`` for non-JSON values.
+
+    The result is a right-sized copy: orjson (3.12+) returns bytes whose allocation is
+    never trimmed (at least 4 KiB, else a power of two above the length: a 600-byte
+    state entry holds 8 KiB, a 720 KiB import part 8 MiB), and canonical bytes are what
+    medledger keeps — state entries, txs, staged parts (issue 10: import peak RSS).
+    """
     try:
-        return orjson.dumps(value, option=_OPTS)
+        return bytes(memoryview(orjson.dumps(value, option=_OPTS)))
     except TypeError as exc:
         raise InvalidInput(f"value cannot be canonically encoded: {exc}") from exc
 
