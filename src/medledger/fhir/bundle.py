@@ -61,6 +61,7 @@ from typing import Any, Literal
 from urllib.parse import unquote
 
 from medledger.errors import InvalidInput, MedledgerError, NotFound, PreconditionFailed
+from medledger.fhir.labels import policy_kind
 from medledger.fhir.validate import parse_json, parse_resource
 
 __all__ = [
@@ -209,6 +210,7 @@ class EntryPlan:
     if_none_match: int | Literal["*"] | None = None  # "*" on PUT: create only; version on GET
     condition: Query | None = None  # ifNoneExist / conditional update query
     problem: MedledgerError | None = None  # ``fail``: why (its http_status is the entry's)
+    kind: tuple[str, frozenset[str]] | None = None  # ``write``: (category, labels)
 
     @property
     def target(self) -> str | None:
@@ -231,6 +233,7 @@ class PlannedEntry:
     if_none_match: Literal["*"] | None
     full_url: str | None
     condition: Query | None
+    kind: tuple[str, frozenset[str]] | None = None  # (category, labels): labels.policy_kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +250,7 @@ class BundlePlan:
             assert e.resource_type and e.resource_id and e.resource is not None
             yield PlannedEntry(e.index, e.method, e.resource_type, e.resource_id, e.resource,
                                e.if_match, "*" if e.if_none_match == "*" else None,
-                               e.full_url, e.condition)
+                               e.full_url, e.condition, e.kind)
 
     def in_request_order(self) -> list[EntryPlan]:
         return sorted(self.entries, key=lambda e: e.index)
@@ -271,6 +274,7 @@ class _Draft:
     conditional_update: bool = False
     body_id: bool = False  # the resource names its own id (conditional update as create)
     problem: MedledgerError | None = None
+    kind: tuple[str, frozenset[str]] | None = None  # (category, labels) of the resource
 
 
 @dataclass(slots=True)
@@ -453,6 +457,7 @@ def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object,
     validated["id"] = draft.resource_id
     draft.references = tuple(sorted(set(_references(validated))))
     _check_local_references(validated, draft.references)
+    draft.kind = policy_kind(validated)
     draft.resource = validated
 
 
@@ -741,7 +746,8 @@ def _planned(d: _Draft, resolution: _Resolution) -> EntryPlan:
                         resource_type=d.resource_type, resource_id=resource_id,
                         resource=resource, full_url=d.full_url, url=d.url,
                         if_match=d.if_match, if_none_match=d.if_none_match,
-                        condition=d.condition, problem=d.problem)
+                        condition=d.condition, problem=d.problem,
+                        kind=d.kind if action == "write" else None)
 
 
 # -- references -------------------------------------------------------------------------------

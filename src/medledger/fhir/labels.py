@@ -30,6 +30,7 @@ __all__ = [
     "classify",
     "patient_id_from_reference",
     "patient_of",
+    "policy_kind",
     "sensitivity_labels",
 ]
 
@@ -382,6 +383,14 @@ def sensitivity_labels(resource: Mapping[str, Any]) -> frozenset[str]:
             if isinstance(coding, Mapping) and isinstance(coding.get("code"), str):
                 labels.add(coding["code"])
     return frozenset(labels)
+
+
+def policy_kind(resource: Mapping[str, Any]) -> tuple[str, frozenset[str]]:
+    """``(category, labels)`` of ``classify(resource)``: what policy decides a write on,
+    from the resource's content alone (references and id play no part), so a Bundle's
+    resources are labelled where they are validated (the worker pool)."""
+    labels = sensitivity_labels(resource)
+    return _category(str(resource.get("resourceType", "")), resource, labels), labels
 
 
 def patient_of(resource: Mapping[str, Any]) -> str | None:

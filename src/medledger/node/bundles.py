@@ -41,7 +41,7 @@ from medledger.fhir.outcome import (
     status_line,
 )
 from medledger.node.records import seal_record
-from medledger.node.service import Node, PutJob, iso
+from medledger.node.service import BulkWrite, Node, PutJob, iso
 from medledger.search.compartment import directory_type
 
 if TYPE_CHECKING:
@@ -104,10 +104,11 @@ async def process_bundle(node: Node, session: Session, data: bytes | str) -> Bun
     answers = await IndexLookup(node).answer(session, draft.queries)
     plan = fb.finish_plan(draft, answers)
     del draft  # the plan holds the resources now
+    bulk = BulkWrite(node._writer_of(session), {})  # looked up once per Bundle
     if plan.kind == "transaction":
-        responses = await _transaction(node, session, plan)
+        responses = await _transaction(node, session, plan, bulk)
     else:
-        responses = await _batch(node, session, plan)
+        responses = await _batch(node, session, plan, bulk)
     responses.update(await _reads(node, session, plan))
     return BundleResult(plan.kind, [responses[i] for i in sorted(responses)])
 
@@ -125,7 +126,7 @@ class _Write:
 
 
 async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
-                     new_patient_keys: dict[str, bytes]) -> _Write:
+                     new_patient_keys: dict[str, bytes], bulk: BulkWrite) -> _Write:
     """Authorise one write (a new Patient also gets its ``actor.register`` op and
     keystore); sealing comes after, for all writes at once (:func:`_seal`)."""
     resource = dict(entry.resource)
@@ -145,13 +146,15 @@ async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
             new_patient_keys[patient] = identity.enc_public
     else:
         patient = patient_of(resource)
+    bulk.kind = entry.kind
     try:
         if patient in new_patient_keys:  # registered by this Bundle: wrap to their new key
             job = await node._authorise_put(session, resource, entry.resource_id,
-                                            entry.if_match, patient, new_patient_keys[patient])
+                                            entry.if_match, patient, new_patient_keys[patient],
+                                            bulk=bulk)
         else:
             job = await node._authorise_put(session, resource, entry.resource_id,
-                                            entry.if_match)
+                                            entry.if_match, bulk=bulk)
     except MedledgerError:
         if ops:  # not registered after all: its keystore goes
             node.home.user_keystore(entry.resource_id).unlink(missing_ok=True)
@@ -168,33 +171,37 @@ SEAL_CHUNKS_IN_FLIGHT = 4
 
 async def _seal(node: Node, writes: list[_Write]) -> None:
     """Seal every authorised write (AES-GCM + a key wrap per reader: the costliest part
-    of a write after validation) on the worker pool, in parallel chunks; store the
-    blobs in one go, before the ledger references them; complete the ops."""
+    of a write after validation) on the worker pool, in parallel chunks. Each chunk's
+    blobs are stored as soon as it is sealed (on a thread: hashing and SQLite release the
+    loop), before the ledger references them, and its resources are released then: a
+    large Bundle is never held twice, as plaintext and as sealed blobs."""
     pending = [w for w in writes if w.job is not None]
     chunks = [pending[i:i + SEAL_CHUNK] for i in range(0, len(pending), SEAL_CHUNK)]
     in_flight = asyncio.Semaphore(SEAL_CHUNKS_IN_FLIGHT)  # bounds what waits pickled
 
-    async def seal_chunk(chunk: list[_Write]) -> list[tuple[dict[str, Any], bytes]]:
+    async def seal_chunk(chunk: list[_Write]) -> None:
         async with in_flight:
-            return await node._off_loop(  # type: ignore[no-any-return]
+            sealed: list[tuple[dict[str, Any], bytes]] = await node._off_loop(
                 seal_many, node.chain,
                 [(w.job.resource, w.job.patient, w.job.version, w.job.readers)
                  for w in chunk if w.job is not None])
+            blobs: list[tuple[str, bytes]] = []
+            refs: dict[str, str] = {}
+            for w, (fields, blob) in zip(chunk, sealed, strict=True):
+                assert w.job is not None
+                body = w.job.prepared(fields).body
+                assert body is not None
+                w.body = body
+                w.ops.append({"kind": "record.put", "body": body})
+                w.job = None  # sealed: the plaintext goes (the plan's copy too)
+                w.entry.resource.clear()
+                blobs.append((fields["blob"], blob))
+                refs[fields["blob"]] = f"{body['type']}/{body['id']}/{body['version']}"
+            del sealed
+            # "pending" until the import commits
+            await asyncio.to_thread(node.blobs.put, blobs, refs)
 
-    sealed = await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks))
-    blobs: list[tuple[str, bytes]] = []
-    refs: dict[str, str] = {}
-    for chunk, results in zip(chunks, sealed, strict=True):
-        for w, (fields, blob) in zip(chunk, results, strict=True):
-            assert w.job is not None
-            body = w.job.prepared(fields).body
-            assert body is not None
-            w.body = body
-            w.ops.append({"kind": "record.put", "body": body})
-            w.job = None  # the resource is sealed: drop this reference to it
-            blobs.append((fields["blob"], blob))
-            refs[fields["blob"]] = f"{body['type']}/{body['id']}/{body['version']}"
-    node.blobs.put(blobs, pending=refs)  # "pending" until the import commits
+    await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks))
 
 
 def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]
@@ -235,7 +242,7 @@ def _undo(node: Node, writes: Iterable[_Write], new_patient_keys: Mapping[str, b
             node.home.user_keystore(pid).unlink(missing_ok=True)
 
 
-async def _transaction(node: Node, session: Session, plan: fb.BundlePlan
+async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWrite
                        ) -> dict[int, EntryResponse]:
     writes: list[_Write] = []
     new_patient_keys: dict[str, bytes] = {}
@@ -244,7 +251,7 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan
     try:
         for entry in ordered:
             try:
-                writes.append(await _authorise(node, session, entry, new_patient_keys))
+                writes.append(await _authorise(node, session, entry, new_patient_keys, bulk))
             except MedledgerError as err:
                 raise _entry_error(entry, err) from err
         await _seal(node, writes)
@@ -267,7 +274,8 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan
     return responses
 
 
-async def _batch(node: Node, session: Session, plan: fb.BundlePlan) -> dict[int, EntryResponse]:
+async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWrite
+                 ) -> dict[int, EntryResponse]:
     responses: dict[int, EntryResponse] = {}
     for planned in plan.entries:
         if planned.problem is not None:
@@ -277,7 +285,7 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan) -> dict[int,
     new_patient_keys: dict[str, bytes] = {}
     for entry in sorted(plan.writes(), key=lambda e: e.resource_type != "Patient"):
         try:
-            writes.append(await _authorise(node, session, entry, new_patient_keys))
+            writes.append(await _authorise(node, session, entry, new_patient_keys, bulk))
         except MedledgerError as err:
             responses[entry.index] = _failed(_entry_error(entry, err))
     await _seal(node, writes)
@@ -385,4 +393,5 @@ async def _read(node: Node, session: Session, entry: fb.EntryPlan) -> EntryRespo
 
 def _new_uuid() -> str:
     return str(uuid.uuid4())
+
 

@@ -47,7 +47,7 @@ from medledger.errors import (
     UnknownSigner,
 )
 from medledger.fhir import ips, match
-from medledger.fhir.labels import classify
+from medledger.fhir.labels import classify, patient_of
 from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import idempotency, onboarding, recovery, shares
@@ -122,6 +122,17 @@ class PutJob:
     def prepared(self, seal_fields: dict[str, Any]) -> Prepared:
         """The write once sealed (its blob stored): body = metadata + commitment fields."""
         return Prepared({**self.body, **seal_fields}, self.head, self.resource)
+
+
+@dataclass
+class BulkWrite:
+    """What the writes of one Bundle share, looked up once instead of per entry: the
+    writer and its role, each patient's readers, and each entry's (category, labels)
+    computed where it was validated (``fhir.bundle``, on the worker pool)."""
+
+    writer: tuple[dict[str, Any], policy.Role]
+    readers: dict[str | None, dict[str, bytes]]
+    kind: tuple[str, frozenset[str]] | None = None
 
 
 def iso(time_ns: int) -> str:
@@ -447,13 +458,18 @@ class Node:
             raise Forbidden(writer.decision.reason)
         return writer.entry, writer.role
 
-    def _record_kind(self, resource: dict[str, Any], patient: str | None
+    def _record_kind(self, resource: dict[str, Any], patient: str | None,
+                     kind: tuple[str, frozenset[str]] | None = None
                      ) -> tuple[str | None, str, list[str]]:
-        """(patient, category, labels): a patient record, or a directory record (ADR 5)."""
-        cls = classify(resource)
-        patient = patient or cls.patient_id
+        """(patient, category, labels): a patient record, or a directory record (ADR 5).
+        ``kind``: the resource's (category, labels) when already computed."""
+        if kind is None:
+            cls = classify(resource)
+            patient, kind = patient or cls.patient_id, (cls.category, cls.labels)
+        else:
+            patient = patient or patient_of(resource)
         if patient is not None:
-            return patient, cls.category, sorted(cls.labels)
+            return patient, kind[0], sorted(kind[1])
         rtype = resource["resourceType"]
         if not directory_type(rtype):
             raise InvalidInput(f"{rtype} must reference its patient (subject/patient): it "
@@ -480,18 +496,22 @@ class Node:
     async def _authorise_put(self, session: Session, resource: dict[str, Any], rid: str,
                              if_match: int | None, patient_override: str | None = None,
                              new_patient_key: bytes | None = None,
-                             break_glass: str | None = None) -> PutJob | Prepared:
+                             break_glass: str | None = None, bulk: BulkWrite | None = None
+                             ) -> PutJob | Prepared:
         """Everything of a write but the sealing (which bulk imports do on the worker
         pool): policy, preconditions, the version, its metadata and readers. Identical
-        content to the head answers ``Prepared`` with no body."""
+        content to the head answers ``Prepared`` with no body. Policy reads committed state
+        through the ledger's own cache (``LedgerApp.state``: a patient's consents and care
+        relationships, read by every write about them)."""
         rtype = resource["resourceType"]
         resource = {**resource, "id": rid}
-        patient, category, labels = self._record_kind(resource, patient_override)
+        patient, category, labels = self._record_kind(resource, patient_override,
+                                                      bulk.kind if bulk else None)
         head = st.record_head(self.store, rtype, rid)
-        writer, role = self._writer_of(session)
-        state: st.StateReader = self.store
+        writer, role = bulk.writer if bulk is not None else self._writer_of(session)
+        state: st.StateReader = self.app.state
         if new_patient_key is not None and patient is not None:  # registered by this batch
-            state = st.Overlay(self.store)
+            state = st.Overlay(self.app.state)
             state.put(f"care/{patient}/{self.org.id}", b"1")
         if break_glass is not None and len(break_glass.strip()) < policy.BREAK_GLASS_MIN_REASON:
             raise InvalidInput("break-the-glass needs a reason of at least "
@@ -520,7 +540,12 @@ class Node:
             if (system, label) not in security and label not in ("R", "V", "N"):
                 meta.setdefault("security", []).append({"system": system, "code": label})
         resource["meta"] = meta
-        readers = self.readers_for(patient)
+        if bulk is None:
+            readers = self.readers_for(patient)
+        else:
+            if patient not in bulk.readers:
+                bulk.readers[patient] = self.readers_for(patient)
+            readers = dict(bulk.readers[patient])
         if new_patient_key is not None and patient is not None:
             readers[patient] = new_patient_key
         body = {"type": rtype, "id": rid, "version": version,
