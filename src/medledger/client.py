@@ -44,9 +44,8 @@ def _diagnosis(resp: httpx.Response) -> str:
 
 
 def _retryable_write(method: str, path: str) -> bool:
-    """Writes the node makes idempotent by key (not the token endpoint, not Bundles)."""
-    return method in ("POST", "PUT", "DELETE") and path.rstrip("/") not in ("/fhir",
-                                                                           "/auth/token")
+    """Writes the node makes idempotent by key (Bundles included; not the token endpoint)."""
+    return method in ("POST", "PUT", "DELETE") and path.rstrip("/") != "/auth/token"
 
 
 class Client:

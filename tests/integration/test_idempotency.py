@@ -4,8 +4,11 @@ answer with their committed outcome."""
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -63,9 +66,57 @@ def test_x_request_id_works_too_and_bad_keys_are_refused(node: NodeHandle) -> No
         bad = c.http.post("/fhir/Observation", json=obs,
                           headers={**h, "Idempotency-Key": "x" * 201})
         assert_outcome(bad, 400, "Idempotency-Key")
-        bundle = c.http.post("/fhir", json={"resourceType": "Bundle", "type": "transaction"},
-                             headers={**h, "Idempotency-Key": "b-1"})
-        assert_outcome(bundle, 400, "Bundles")
+
+
+def _bundle(node: NodeHandle, seed: int) -> dict[str, object]:
+    """A transaction: one Observation with a urn:uuid fullUrl, one the server names."""
+    named, unnamed = _obs(node, seed), _obs(node, seed + 1)
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:{uuid.UUID(int=seed)}", "resource": named,
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": unnamed, "request": {"method": "POST", "url": "Observation"}}]}
+
+
+def _post(c: Any, bundle: object, key: str | None) -> httpx.Response:
+    h = {"Authorization": f"Bearer {c.token()}", "Content-Type": "application/fhir+json"}
+    if key is not None:
+        h["Idempotency-Key"] = key
+    return c.http.post("/fhir", content=json.dumps(bundle), headers=h)  # type: ignore[no-any-return]
+
+
+def test_bundle_retried_with_its_key_answers_with_the_first_response(node: NodeHandle) -> None:
+    bundle = _bundle(node, 40)
+    with node.client("dr-house") as c:
+        first = _post(c, bundle, "bundle-1")
+        again = _post(c, bundle, "bundle-1")
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert again.json()["entry"] == first.json()["entry"]
+        assert [e["response"]["status"] for e in again.json()["entry"]] == ["201 Created"] * 2
+        for entry in first.json()["entry"]:
+            rtype, rid = entry["response"]["location"].split("/")[:2]
+            assert c.get(f"/fhir/{rtype}/{rid}/_history")["total"] == 1
+        # without the key the server-named entry is a new record each time
+        plain = [_post(c, bundle, None).json()["entry"][1]["response"]["location"]
+                 for _ in range(2)]
+    assert len({*plain, first.json()["entry"][1]["response"]["location"]}) == 3
+
+
+def test_bundle_key_reused_with_another_body_is_refused(node: NodeHandle) -> None:
+    with node.client("dr-house") as c:
+        assert _post(c, _bundle(node, 50), "bundle-2").status_code == 200
+        other = _post(c, _bundle(node, 60), "bundle-2")
+    assert_outcome(other, 409, "another Bundle")
+
+
+def test_refused_bundle_frees_its_key(node: NodeHandle) -> None:
+    bad = _bundle(node, 70)
+    bad["entry"][0]["resource"]["status"] = "bogus"  # type: ignore[index]
+    good = _bundle(node, 80)
+    with node.client("dr-house") as c:
+        assert_outcome(_post(c, bad, "bundle-3"), 400, "status")
+        fixed = _post(c, good, "bundle-3")  # nothing was committed: the key is free
+        assert fixed.status_code == 200, fixed.text
+        assert _post(c, good, "bundle-3").json()["entry"] == fixed.json()["entry"]
 
 
 def test_presigned_tx_resent_with_a_key_answers_with_its_outcome(node: NodeHandle) -> None:

@@ -324,10 +324,6 @@ class _IdempotencyKey:
             return
         try:
             key = idempotency.check_key(raw.decode("utf-8", "replace"))
-            if scope["path"].rstrip("/") == "/fhir":
-                raise InvalidInput("Idempotency-Key is not supported on transaction Bundles "
-                                   "(POST /fhir) yet: a Bundle is all-or-nothing, so retry it "
-                                   "after checking whether its resources exist")
         except MedledgerError as err:
             await outcome_response(err)(scope, receive, send)
             return

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from medledger.core import policy
 from medledger.core import state as st
+from medledger.crypto.canonical import canonical, loads, sha256
 from medledger.errors import InvalidInput, MedledgerError, PreconditionFailed
 from medledger.fhir import bundle as fb
 from medledger.fhir.labels import patient_of
@@ -40,6 +41,7 @@ from medledger.fhir.outcome import (
     searchset_bundle,
     status_line,
 )
+from medledger.node import idempotency
 from medledger.node.records import seal_record
 from medledger.node.service import BulkWrite, Node, PutJob, iso
 from medledger.search.compartment import directory_type
@@ -96,11 +98,52 @@ class IndexLookup:
 
 
 async def process_bundle(node: Node, session: Session, data: bytes | str) -> BundleResult:
-    """Plan, resolve, seal and commit a transaction or batch Bundle (see the module doc)."""
+    """Plan, resolve, seal and commit a transaction or batch Bundle (see the module doc);
+    with an ``Idempotency-Key``, once per key (``idempotency.BundleJournal``)."""
     node._allowed(session, policy.decide_write_scope(node._caller(session), "*", True),
                   "transaction", None)
     node._writer_of(session)
-    draft = await node._off_loop(fb.read_bundle, data, _new_uuid)
+    req = idempotency.current()
+    if req is None:
+        return await _process(node, session, data, _new_uuid)
+    body = data.encode() if isinstance(data, str) else data
+    first = node.bundle_journal.begin(req, sha256(body))
+    if first is not None:
+        return _result_from_journal(first)
+    del body
+    # the Bundle is idempotent as a whole: its txs are not journaled one by one
+    outside = idempotency.set_current(None)
+    journaled: bytes | None = None
+    refused = False
+    try:
+        result = await _process(node, session, data, idempotency.KeyedIds(req.scope, req.key))
+        journaled = _result_for_journal(result)
+    except MedledgerError as err:
+        refused = err.http_status < 500  # nothing committed: the key is free again
+        raise
+    finally:
+        idempotency.reset_current(outside)
+        node.bundle_journal.finish(req, journaled, refused)
+    return result
+
+
+def _result_for_journal(result: BundleResult) -> bytes | None:
+    """The response as the journal keeps it, or None if it holds a resource or an
+    OperationOutcome (a retry then runs again; see ``idempotency.BundleJournal``)."""
+    if any(e.resource is not None or e.outcome is not None for e in result.entries):
+        return None
+    return canonical([result.kind, [[e.status, e.location, e.etag, e.last_modified]
+                                    for e in result.entries]])
+
+
+def _result_from_journal(raw: bytes) -> BundleResult:
+    kind, entries = loads(raw)
+    return BundleResult(kind, [EntryResponse(*e) for e in entries])
+
+
+async def _process(node: Node, session: Session, data: bytes | str,
+                   new_id: Callable[[], str]) -> BundleResult:
+    draft = await node._off_loop(fb.read_bundle, data, new_id)
     answers = await IndexLookup(node).answer(session, draft.queries)
     plan = fb.finish_plan(draft, answers)
     del draft  # the plan holds the resources now

@@ -16,6 +16,16 @@ variable for the request; ``Node.submit`` then
 
 The journal lives in the node's SQLite file (table ``idempotency``), next to the
 ledger; entries older than ``RETENTION_S`` are dropped.
+
+A **transaction or batch Bundle** (``POST /fhir``) is one request of many txs (a staged
+import's begin, parts and commit, each sealed afresh): it is made idempotent as a whole
+instead (:class:`BundleJournal`). Its server-assigned ids come from the key
+(:class:`KeyedIds`), a retry of the same body answers with the first response once that
+is journaled, the same key with another body is refused (409), and a retry while the
+first attempt still runs is refused (409) rather than run twice. A retry after a crash
+mid-import runs again: the staged import was aborted, and ids, identical content
+(no new version) and conditional creates make the second run write what the first would
+have.
 """
 
 from __future__ import annotations
@@ -28,10 +38,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from medledger.errors import InvalidInput
+from medledger.errors import Conflict, InvalidInput
 
-__all__ = ["HEADERS", "Journal", "RequestKey", "current", "derive_nonce", "next_record_id",
-           "set_current", "submit_once", "would_create"]
+__all__ = ["HEADERS", "BundleJournal", "Journal", "KeyedIds", "RequestKey", "current",
+           "derive_nonce", "next_record_id", "set_current", "submit_once", "would_create"]
 
 HEADERS = (b"idempotency-key", b"x-request-id")
 MAX_KEY_CHARS = 200
@@ -40,6 +50,9 @@ RETENTION_S = 7 * 24 * 3600
 _SCHEMA = """CREATE TABLE IF NOT EXISTS idempotency (
     signer TEXT NOT NULL, nonce TEXT NOT NULL, tx_hash BLOB NOT NULL, raw BLOB NOT NULL,
     created REAL NOT NULL, PRIMARY KEY (signer, nonce)) WITHOUT ROWID"""
+_BUNDLE_SCHEMA = """CREATE TABLE IF NOT EXISTS idempotent_bundles (
+    scope TEXT NOT NULL, key TEXT NOT NULL, body_hash BLOB NOT NULL, response BLOB,
+    created REAL NOT NULL, PRIMARY KEY (scope, key)) WITHOUT ROWID"""
 
 
 @dataclass
@@ -112,6 +125,71 @@ class Journal:
         kept = self.get(signer, nonce)
         assert kept is not None
         return kept
+
+
+class BundleJournal:
+    """Transaction/batch Bundles by (caller, key): the SHA-256 of the body and, once it
+    is answered, its response (kept only when it holds no resource and no
+    OperationOutcome — statuses, locations, versions and times, what the ledger's
+    metadata shows anyway: no PHI is written here)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.running: set[tuple[str, str]] = set()  # (scope, key) being processed now
+        with store.lock:
+            store.db.execute(_BUNDLE_SCHEMA)
+
+    def begin(self, req: RequestKey, body_hash: bytes, now: float | None = None
+              ) -> bytes | None:
+        """The first response to this key, if journaled; else mark the key running.
+        Raises Conflict (409) for the same key with another body, or while it runs."""
+        now = time.time() if now is None else now
+        ident = (req.scope, req.key)
+        with self.store.lock:
+            self.store.db.execute("DELETE FROM idempotent_bundles WHERE created < ?",
+                                  (now - RETENTION_S,))
+            row = self.store.db.execute(
+                "SELECT body_hash, response FROM idempotent_bundles WHERE scope = ? AND key = ?",
+                ident).fetchone()
+            if row is not None and bytes(row[0]) != body_hash:
+                raise Conflict(f"Idempotency-Key {req.key!r} was used with another Bundle; "
+                               "use a new key for a different request")
+            if ident in self.running:
+                raise Conflict(f"a Bundle with Idempotency-Key {req.key!r} is still being "
+                               "processed; retry when it has answered")
+            if row is not None and row[1] is not None:
+                return bytes(row[1])
+            self.store.db.execute("INSERT OR REPLACE INTO idempotent_bundles VALUES "
+                                  "(?, ?, ?, NULL, ?)", (*ident, body_hash, now))
+            self.running.add(ident)
+        return None
+
+    def finish(self, req: RequestKey, response: bytes | None, refused: bool = False) -> None:
+        """The attempt is over: journal its response (None: a retry runs it again). A
+        ``refused`` Bundle (a 4xx: nothing of it was committed) frees its key."""
+        with self.store.lock:
+            self.running.discard((req.scope, req.key))
+            if refused:
+                self.store.db.execute("DELETE FROM idempotent_bundles WHERE scope = ? AND "
+                                      "key = ?", (req.scope, req.key))
+            elif response is not None:
+                self.store.db.execute("UPDATE idempotent_bundles SET response = ? WHERE "
+                                      "scope = ? AND key = ?", (response, req.scope, req.key))
+
+
+class KeyedIds:
+    """Ids for the resources a Bundle creates without one (``POST`` with no
+    ``urn:uuid:`` fullUrl), derived from the request's key in entry order, so a retried
+    Bundle creates the same records (picklable: planning runs on the worker pool)."""
+
+    def __init__(self, scope: str, key: str) -> None:
+        self.scope, self.key, self.drawn = scope, key, 0
+
+    def __call__(self) -> str:
+        n, self.drawn = self.drawn, self.drawn + 1
+        digest = hashlib.sha256("\x00".join(("medledger-bundle-id", self.scope, self.key,
+                                             str(n))).encode()).digest()
+        return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def next_record_id() -> str:

@@ -183,6 +183,7 @@ class Node:
         self._jobs: set[asyncio.Task[Any]] = set()
         app.on_commit.append(self.on_commit_keys)
         self.journal = idempotency.Journal(store)
+        self.bundle_journal = idempotency.BundleJournal(store)
 
     # ------------------------------------------------------------ plumbing
     @property
