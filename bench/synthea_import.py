@@ -12,13 +12,17 @@ processes, for
 embedded (one node, solo block producer) and, with ``--network``, on a 4-validator
 CometBFT network of medledger nodes on this machine (loaded at org-1; the figure
 counts until every node has committed the last Bundle). Populations are generated
-once and cached (``.tools/synthea-data``). Figures go to ``bench/results/synthea.json``.
+once and cached (``.tools/synthea-data``). Figures go to ``bench/results/synthea.json``
+and a table is printed: resources/s, MB/s, peak RSS, and the CPU seconds the node's
+processes spent (node + validation workers; on the network, all four nodes): on a
+shared machine wall-clock rates follow the load, CPU per resource much less so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,6 +77,39 @@ def _tree_peak_rss(pid: int) -> dict[str, float]:
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds of processes and their children (the validation workers)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for one in [pid, *map(int, children)]:
+            try:
+                total += _cpu_s(one)
+            except OSError:
+                continue
+    return total
+
+
+def _timed_load(url: str, token: str, files: list[Path], label: str, pids: list[int]
+                ) -> dict[str, Any]:
+    """``load`` with the CPU its node processes spent and the load average around it."""
+    before, load_before = _tree_cpu_s(pids), os.getloadavg()[0]
+    figures = load(url, token, files, label)
+    cpu = _tree_cpu_s(pids) - before
+    figures.update(node_cpu_s=cpu, node_cpu_ms_per_resource=cpu / figures["resources"] * 1e3,
+                   load_avg_1m=[load_before, os.getloadavg()[0]])
+    return figures
+
+
 def _post(url: str, token: str, path: Path) -> None:
     resp = httpx.post(url + "/fhir", content=path.read_bytes(), timeout=7200,
                       headers={"Authorization": f"Bearer {token}",
@@ -110,7 +147,7 @@ def embedded(work: Path, directory: list[Path], patients: list[Path], label: str
         with Client(node.url, org) as c:
             token = c.token()
         load(node.url, token, directory, f"{label} directory")
-        figures = load(node.url, token, patients, label)
+        figures = _timed_load(node.url, token, patients, label, [node.proc.pid])
         figures["peak_rss_mib"] = _tree_peak_rss(node.proc.pid)
         figures["validation_workers"] = workers
         return figures
@@ -132,7 +169,7 @@ def on_network(work: Path, directory: list[Path], patients: list[Path], label: s
         with Client(urls[0], org) as c:
             token = c.token()
         load(urls[0], token, directory, f"{label} directory")
-        figures = load(urls[0], token, patients, label)
+        figures = _timed_load(urls[0], token, patients, label, [p.pid for p in procs])
         target = httpx.get(urls[0] + "/ledger/status", timeout=10).json()["height"]
         started = time.perf_counter()
         while min(httpx.get(u + "/ledger/status", timeout=10).json()["height"]
@@ -168,7 +205,8 @@ def main() -> None:
     parser.add_argument("--skip-population", action="store_true")
     parser.add_argument("--skip-largest", action="store_true")
     args = parser.parse_args()
-    results: dict[str, Any] = {"load_avg_at_start": list(__import__("os").getloadavg())}
+    results: dict[str, Any] = {"load_avg_at_start": list(os.getloadavg()),
+                               "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="medledger-bench-synthea-") as tmp:
         work = Path(tmp)
         runs = []
@@ -188,11 +226,38 @@ def main() -> None:
                 print(f"» {label}: 4-validator network", file=sys.stderr)
                 results[f"{label}_network"] = on_network(work, directory, patients, label)
                 print(json.dumps(results[f"{label}_network"], indent=1), file=sys.stderr)
-    results["load_avg_at_end"] = list(__import__("os").getloadavg())
+    results["load_avg_at_end"] = list(os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
     name = "synthea-network.json" if args.no_embedded else "synthea.json"
     (RESULTS / name).write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    _print_table(results)
+    print(f"figures written to {RESULTS / name}")
+
+
+def _worker_peak(rss: dict[str, float]) -> float:
+    return max((v for k, v in rss.items() if k != "node"), default=0.0)
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Synthea import (issue 10)")
+    for column in ("run", "bundles", "resources", "MB", "resources/s", "MB/s",
+                   "CPU ms/resource", "peak RSS MiB (node / worker)", "load 1m"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for label, f in results.items():
+        if not isinstance(f, dict) or "resources" not in f:
+            continue
+        rss = f["peak_rss_mib"]
+        nodes = rss.values() if "node" not in rss else [rss]
+        peak = " | ".join(f"{n['node']:.0f} / {_worker_peak(n):.0f}" for n in nodes)
+        rate = f.get("resources_per_s_all_nodes", f["resources_per_s"])
+        table.add_row(label, str(f["bundles"]), f"{f['resources']:,}", f"{f['mb']:.1f}",
+                      f"{rate:,.0f}", f"{f['mb'] / f['resources'] * rate:.2f}",
+                      f"{f['node_cpu_ms_per_resource']:.2f}", peak,
+                      "{:.1f}-{:.1f}".format(*f["load_avg_1m"]))
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
