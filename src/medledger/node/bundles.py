@@ -244,7 +244,12 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
             # "pending" until the import commits
             await asyncio.to_thread(node.blobs.put, blobs, refs)
 
-    await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks))
+    # every chunk ends before a failure is raised: none stores blobs after an undo
+    done = await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks),
+                                return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]
