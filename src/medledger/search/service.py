@@ -98,9 +98,10 @@ class NodeSearch:
 
     async def _opened(self, q_elements: tuple[str, ...] | None, result: SearchResult
                       ) -> SearchResult:
-        """Fetch the page's content if this node lacks it (ADR 4), then decrypt it."""
+        """Fetch the page's content if this node lacks it (ADR 4), then decrypt it on a
+        worker thread (the event loop keeps answering other clients meanwhile)."""
         await self.node.ensure_blobs([h.meta for h in (*result.found, *result.included)])
-        return self.engine.open(self.node, result, q_elements)
+        return await asyncio.to_thread(self.engine.open, self.node, result, q_elements)
 
     # ------------------------------------------------------------ conditional queries
     async def resolve(self, rtype: str, params: Sequence[tuple[str, str]], limit: int = 2
@@ -138,7 +139,8 @@ class NodeSearch:
         if break_glass is not None and len(patients) != 1:
             raise InvalidInput("break-the-glass applies to one patient: add patient=<id>")
         scope = Scope(session, break_glass, own)
-        result = await self._opened(q.elements, self.engine.run(node, q, items, scope, False))
+        found = await asyncio.to_thread(self.engine.run, node, q, items, scope, False)
+        result = await self._opened(q.elements, found)
         self._audit(session, rtype, items, result, subtype, break_glass,
                     next(iter(patients)) if len(patients) == 1 else own)
         return result
@@ -154,7 +156,8 @@ class NodeSearch:
         await self.wait()
         q = self.engine.parse("*", [], False)
         scope = Scope(session, break_glass, None, everything_of=patient, unlimited=True)
-        result = await self._opened(None, self.engine.run(node, q, [], scope, False))
+        found = await asyncio.to_thread(self.engine.run, node, q, [], scope, False)
+        result = await self._opened(None, found)
         self._audit(session, "*", [("patient", patient)], result, "everything", break_glass,
                     patient)
         return result
