@@ -87,3 +87,10 @@ def test_classification_is_frozen() -> None:
     got = classify({"resourceType": "Patient", "id": "p"})
     with pytest.raises(AttributeError):
         got.category = "other"  # type: ignore[misc]
+
+
+def test_a_task_is_about_the_patient_it_is_for() -> None:
+    task = {"resourceType": "Task", "id": "t", "status": "requested", "intent": "order",
+            "for": {"reference": "Patient/p-1"}}
+    assert classify(task).patient_id == "p-1"
+    assert classify({**task, "for": {"reference": "Group/g"}}).patient_id is None

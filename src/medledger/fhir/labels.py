@@ -559,7 +559,7 @@ def _patient_id(resource_type: str, resource: Mapping[str, Any]) -> str | None:
     if resource_type == "Patient":
         rid = resource.get("id")
         return rid if isinstance(rid, str) else None
-    for element in ("subject", "patient", "beneficiary"):
+    for element in ("subject", "patient", "beneficiary", "for"):  # "for": Task
         ref = resource.get(element)
         if isinstance(ref, Mapping):
             pid = patient_id_from_reference(ref.get("reference"))
