@@ -182,10 +182,7 @@ def on_network(work: Path, directory: list[Path], patients: list[Path], label: s
                                    for m, p in zip(net.members, procs, strict=False)}
         return figures
     finally:
-        network.stop_network(net, timeout=10)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+        network.stop_and_reap(net, procs)
 
 
 def _free_port() -> int:

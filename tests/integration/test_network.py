@@ -167,11 +167,7 @@ def tn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         eventually(lambda: min(t.heights()) >= 2, 60, "the first blocks")
         yield t
     finally:
-        network.stop_network(net, timeout=5)
-        for p in t.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
+        network.stop_and_reap(net, t.procs, timeout=5)
         for line in _failures(net):
             print(line)
 

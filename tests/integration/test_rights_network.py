@@ -78,11 +78,7 @@ def w(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             if p.poll() is None:
                 p.kill()
             p.wait(10)
-        network.stop_network(net, timeout=5)
-        for p in tn.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
+        network.stop_and_reap(net, tn.procs, timeout=5)
 
 
 # --------------------------------------------------------------------------- helpers

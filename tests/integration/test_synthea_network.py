@@ -71,11 +71,7 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[network.Network]:
     try:
         yield n
     finally:
-        network.stop_network(n, timeout=10)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
+        network.stop_and_reap(n, procs)
 
 
 def _post(url: str, token: str, path: Path) -> httpx.Response:

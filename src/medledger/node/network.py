@@ -34,7 +34,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -691,6 +691,17 @@ def stop_network(net: Network, timeout: float = 10.0) -> None:
         _terminate(m.node_pid, timeout, False)
         m.comet_pid = m.node_pid = None
     net.save()
+
+
+def stop_and_reap(net: Network, procs: Iterable[subprocess.Popen[Any]],
+                  timeout: float = 10.0) -> None:
+    """Stop the network, then kill and reap any member process that is still running
+    (the ones ``start_members`` returned)."""
+    stop_network(net, timeout=timeout)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
 
 
 # --------------------------------------------------------------------------- status
