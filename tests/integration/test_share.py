@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,15 +94,23 @@ def test_share_with_passcode(node: NodeHandle, own_records: dict[str, Any]) -> N
                and e["detail"] == "Dr Guess") == 1
 
 
-def test_passcode_lockout(node: NodeHandle) -> None:
-    share = _create(node, selection={"types": ["AllergyIntolerance"]}, passcode=PASSCODE,
-                    expires_in_s=3600)
+def _guess_until_locked(guess: Callable[[], httpx.Response]) -> list[Any]:
+    """Up to 6 wrong-passcode attempts, stopping at the lock (410): each answer's
+    ``remainingAttempts``."""
     remaining = []
     for _ in range(6):
-        resp = _manifest(share["shlink"], "Mallory", "guess-guess")
+        resp = guess()
         remaining.append(resp.json().get("remainingAttempts"))
         if resp.status_code == 410:
             break
+    return remaining
+
+
+def test_passcode_lockout(node: NodeHandle) -> None:
+    share = _create(node, selection={"types": ["AllergyIntolerance"]}, passcode=PASSCODE,
+                    expires_in_s=3600)
+    remaining = _guess_until_locked(
+        lambda: _manifest(share["shlink"], "Mallory", "guess-guess"))
     assert remaining[:5] == [4, 3, 2, 1, 0], remaining
     resp = _manifest(share["shlink"], "Mallory", PASSCODE)
     assert resp.status_code == 410 and "locked" in resp.text
@@ -115,13 +123,9 @@ def test_passcode_budget_holds_with_a_reused_idempotency_key(node: NodeHandle) -
     share = _create(node, selection={"types": ["AllergyIntolerance"]}, passcode=PASSCODE,
                     expires_in_s=3600)
     url = shl.decode_shlink(share["shlink"]).url
-    remaining = []
-    for _ in range(6):
-        resp = httpx.post(url, json={"recipient": "Mallory", "passcode": "guess-guess"},
-                          headers={"Idempotency-Key": "same-key-every-time"})
-        remaining.append(resp.json().get("remainingAttempts"))
-        if resp.status_code == 410:
-            break
+    remaining = _guess_until_locked(lambda: httpx.post(
+        url, json={"recipient": "Mallory", "passcode": "guess-guess"},
+        headers={"Idempotency-Key": "same-key-every-time"}))
     assert remaining[:5] == [4, 3, 2, 1, 0], remaining
     resp = _manifest(share["shlink"], "Mallory", PASSCODE)
     assert resp.status_code == 410 and "locked" in resp.text
