@@ -310,16 +310,24 @@ def extraction_cost(limit: int = 400) -> dict[str, float]:
             "fhirpathpy_us": round(ref * 1e6), "speedup": round(ref / fast, 1)}
 
 
-def _kept(keep: Path, n_resources: int) -> tuple[Path, bytes, float | None]:
-    """The index kept in ``keep`` for this size (its key, and its build time if built)."""
+def _open_or_build(n_resources: int, workers: int, progress: Callable[[int], None],
+                   tmp: Path, keep: Path | None) -> tuple[SearchIndex, float]:
+    """The index to query and its build time: built in ``tmp``, or with ``keep`` the one
+    kept in that folder for this size (built and kept there the first time)."""
+    n_patients = max(1, n_resources // 10)
+    if keep is None:
+        return build(tmp / "index.db", n_resources, n_patients, workers, progress)
     keep.mkdir(parents=True, exist_ok=True)
-    meta = keep / f"index-{n_resources}.json"
+    db, meta = keep / f"index-{n_resources}.db", keep / f"index-{n_resources}.json"
     if meta.exists():
         kept = json.loads(meta.read_text())
-        return keep / f"index-{n_resources}.db", bytes.fromhex(kept["key"]), kept["build_s"]
+        return SearchIndex(db, bytes.fromhex(kept["key"])), float(kept["build_s"])
     for stale in keep.glob(f"index-{n_resources}.db*"):
         stale.unlink()
-    return keep / f"index-{n_resources}.db", os.urandom(32), None
+    key = os.urandom(32)
+    index, build_s = build(db, n_resources, n_patients, workers, progress, key)
+    meta.write_text(json.dumps({"key": key.hex(), "build_s": build_s}))
+    return index, build_s
 
 
 def run(n_resources: int, reps: int = 300, workers: int = 2, work: Path | None = None,
@@ -330,8 +338,6 @@ def run(n_resources: int, reps: int = 300, workers: int = 2, work: Path | None =
     and queried again later, e.g. on a quieter machine."""
     n_patients = max(1, n_resources // 10)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        path, key, build_s_kept = (Path(tmp) / "index.db", os.urandom(32), None) \
-            if keep is None else _kept(keep, n_resources)
         last = [time.perf_counter()]
 
         def progress(done: int) -> None:
@@ -339,13 +345,7 @@ def run(n_resources: int, reps: int = 300, workers: int = 2, work: Path | None =
                 last[0] = time.perf_counter()
                 log(f"  indexed {done:,}/{n_resources:,}")
 
-        if build_s_kept is None:
-            index, build_s = build(path, n_resources, n_patients, workers, progress, key)
-            if keep is not None:
-                (keep / f"index-{n_resources}.json").write_text(
-                    json.dumps({"key": key.hex(), "build_s": build_s}))
-        else:
-            index, build_s = SearchIndex(path, key), build_s_kept
+        index, build_s = _open_or_build(n_resources, workers, progress, Path(tmp), keep)
         size = index.size_bytes()
         rows = {t: index.query(f"SELECT count(*) FROM {t}")[0][0]
                 for t in ("res", "s", "t", "d", "q", "r", "c", "blk")}
@@ -384,13 +384,11 @@ def main() -> None:
     if args.build_only:
         if args.keep is None:
             ap.error("--build-only needs --keep")
-        path, key, kept = _kept(args.keep, args.resources)
-        if kept is None:
-            index, build_s = build(path, args.resources, max(1, args.resources // 10),
-                                   args.workers, _print_every_100k, key)
-            (args.keep / f"index-{args.resources}.json").write_text(
-                json.dumps({"key": key.hex(), "build_s": build_s}))
-            print(f"built {args.resources:,} in {build_s:.0f}s")
+        with tempfile.TemporaryDirectory() as tmp:
+            index, build_s = _open_or_build(args.resources, args.workers, _print_every_100k,
+                                            Path(tmp), args.keep)
+        index.close()
+        print(f"index of {args.resources:,} in {args.keep} (built in {build_s:.0f}s)")
         return
     res = run(args.resources, args.reps, args.workers, keep=args.keep)
     for name, fig in res["queries"].items():
