@@ -9,10 +9,11 @@ VALS = [Validator("AA", 10, "org-1"), Validator("BB", 10, "org-2"),
         Validator("CC", 10, "org-3"), Validator("DD", 10, "")]
 
 
-def _cs(height: int, rnd: int, rounds: list[tuple[str, str]]) -> dict[str, object]:
+def _cs(height: int, rnd: int, rounds: list[tuple[str, str]], step: int = 1
+        ) -> dict[str, object]:
     """A ``/consensus_state`` answer as CometBFT v0.38 prints it."""
     return {"round_state": {
-        "height/round/step": f"{height}/{rnd}/1",
+        "height/round/step": f"{height}/{rnd}/{step}",
         "height_vote_set": [{"round": i, "prevotes_bit_array": f"BA{{4:{pv}}} 0/40 = 0.00",
                              "precommits_bit_array": f"BA{{4:{pc}}} 0/40 = 0.00"}
                             for i, (pv, pc) in enumerate(rounds)]}}
@@ -44,6 +45,26 @@ def test_two_of_four_silent_is_no_quorum_naming_them() -> None:
     assert (q.voting_power, q.total_power) == (20, 40)
     assert q.reason.startswith("no quorum: validators not voting: org-3, DD")
     assert q.to_dict()["missing_validators"] == ["org-3", "DD"]
+
+
+def test_validators_that_prevoted_then_died_are_missing_at_the_precommit_step() -> None:
+    # two of four killed one after the other: the second had prevoted at the stuck height,
+    # so prevotes hold 3 of 4, but the node waits at the precommit step for votes that
+    # never come (the CI failure of 2 December: it was judged "not committing, quorum")
+    q = quorum.assess(9, 6.0, 1, VALS, _cs(10, 0, [("xx_x", "xx__")], step=6))
+    assert not q.committing and not q.quorum
+    assert [v.label for v in q.missing] == ["org-3", "DD"]
+
+
+def test_prevote_step_counts_only_the_current_round() -> None:
+    cs = _cs(10, 2, [("xxxx", "xx__"), ("xx__", "____"), ("x_x_", "____")], step=4)
+    q = quorum.assess(9, 12.0, 0, VALS, cs)
+    assert not q.quorum and [v.label for v in q.missing] == ["org-2", "DD"]
+
+
+def test_everyone_precommitting_is_stalled_with_quorum() -> None:
+    q = quorum.assess(9, 8.0, 40, VALS, _cs(10, 0, [("xxxx", "xxx_")], step=7))
+    assert not q.committing and q.quorum and q.missing == ()
 
 
 def test_slow_but_everyone_voting_is_stalled_with_quorum() -> None:

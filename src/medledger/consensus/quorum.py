@@ -26,6 +26,9 @@ __all__ = ["STALL_AFTER_S", "Quorum", "Validator", "assess", "validator_address"
 
 STALL_AFTER_S = 4.0
 _BITS_RE = re.compile(r"BA\{\d+:([x_]*)\}")
+# CometBFT's RoundStepType: 4 Prevote, 5 PrevoteWait, 6 Precommit, 7 PrecommitWait
+_PREVOTE_STEPS = (4, 5)
+_PRECOMMIT_STEPS = (6, 7)
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,26 @@ def validator_address(pub_key: bytes) -> str:
 
 
 def voted(consensus_state: Mapping[str, Any]) -> tuple[int, int, set[int]]:
-    """``(height, round, indices of validators that voted at this height in any round)``
-    from ``/consensus_state``'s ``round_state``."""
+    """``(height, round, indices of validators seen voting)`` from ``/consensus_state``'s
+    ``round_state``.
+
+    Who counts as voting depends on the step the node is stuck at: at the prevote steps,
+    those that prevoted in the current round; at the precommit steps, those that
+    precommitted in it. A validator that prevoted and then died (the node waits for
+    precommits that never come) is not counted. At the other steps (a round just began),
+    anyone that voted at this height in any round counts."""
     rs = consensus_state.get("round_state", consensus_state)
-    height, rnd = (int(x) for x in str(rs.get("height/round/step", "0/0/0")).split("/")[:2])
+    parts = [int(x) for x in str(rs.get("height/round/step", "0/0/0")).split("/")]
+    height, rnd, step = (parts + [0, 0, 0])[:3]
+    keys = (("prevotes_bit_array",) if step in _PREVOTE_STEPS else
+            ("precommits_bit_array",) if step in _PRECOMMIT_STEPS else
+            ("prevotes_bit_array", "precommits_bit_array"))
+    current_round_only = step in _PREVOTE_STEPS or step in _PRECOMMIT_STEPS
     seen: set[int] = set()
     for votes in rs.get("height_vote_set") or []:
-        for key in ("prevotes_bit_array", "precommits_bit_array"):
+        if current_round_only and int(votes.get("round", -1)) != rnd:
+            continue
+        for key in keys:
             m = _BITS_RE.search(str(votes.get(key, "")))
             if m:
                 seen.update(i for i, bit in enumerate(m.group(1)) if bit == "x")
