@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import orjson
 from rich.console import Console
 from rich.table import Table
@@ -78,6 +79,20 @@ async def _phase(url: str, tok: str, records: list[str], seconds: float, flood: 
                              **(latency_ms(searches.latencies) if searches.latencies else {})}}
 
 
+def _wait_index(url: str, tok: str, console: Console, timeout: float = 300) -> None:
+    """Wait until the restarted node's search index has caught up with its ledger (until
+    then searches answer 503 and the index thread competes with the readers)."""
+    deadline = time.monotonic() + timeout
+    with console.status("waiting for the search index to catch up"):
+        while time.monotonic() < deadline:
+            resp = httpx.get(f"{url}/fhir/Observation?_count=1", timeout=30,
+                             headers={"Authorization": f"Bearer {tok}"})
+            if resp.status_code == 200:
+                return
+            time.sleep(0.5)
+    raise SystemExit(f"the search index did not catch up within {timeout:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15.0)
@@ -96,6 +111,7 @@ def main() -> None:
         node = http.NodeProcess(lab.home.path, port, work / "node.log")
         try:
             tok = http.token(node.url, prac)
+            _wait_index(node.url, tok, console)
             asyncio.run(_phase(node.url, tok, records, 2, False))  # warm-up
             quiet = asyncio.run(_phase(node.url, tok, records, args.seconds, False))
             flood = asyncio.run(_phase(node.url, tok, records, args.seconds, True))

@@ -331,6 +331,12 @@ def test_login_flood_throttled_with_back_off(fresh_node: NodeHandle) -> None:
     assert spread[-1] == 429, spread
     assert_outcome(httpx.post(url, json={"id": "dr-house", "password": PASSWORD}), 429,
                    "this address")
+    # a locked-out address is refused before its request is parsed (a flood costs the
+    # node a lookup per guess): even a body that is not JSON gets the 429, with headers
+    gate = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert_outcome(gate, 429, "this address")
+    assert int(gate.headers["retry-after"]) >= 1
+    assert gate.headers["x-content-type-options"] == "nosniff"
     # bearer-token clients are not affected by the password throttle
     with fresh_node.client("dr-house") as c:
         assert c.get("/auth/me")["actor"] == "dr-house"

@@ -34,6 +34,7 @@ from medledger.api import ledger_routes, portal_routes, rights_routes
 from medledger.api.common import WorkLimiter, fhir_json, outcome_response
 from medledger.api.fhir_routes import router as fhir_router
 from medledger.errors import InvalidInput, MedledgerError, TooLarge, Unavailable
+from medledger.node.auth import throttled
 from medledger.node.home import Config
 from medledger.node.runtime import NodeRuntime
 from medledger.node.service import Node, WrongPasscode
@@ -68,6 +69,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
     node.auditor.deferred = True
     # pure ASGI (no BaseHTTPMiddleware task per request); the last added is the outermost
     app.add_middleware(_StreamedBodyLimit, limit=lambda scope: _body_limit(node.config, scope))
+    app.add_middleware(_LoginLockoutGate, node=node)
     app.add_middleware(_RefuseWhenTampered, node=node)
     app.add_middleware(_ErrorBoundary)
     app.add_middleware(_AuditDurableBeforeResponse, auditor=node.auditor)
@@ -266,6 +268,28 @@ def _body_limit(config: Config, scope: Any) -> int:
     if scope.get("method") == "POST" and scope.get("path") in ("/fhir", "/fhir/"):
         return config.max_bundle_bytes
     return config.max_body_bytes
+
+
+class _LoginLockoutGate:
+    """A login from a locked-out address is answered 429 here, before routing and body
+    parsing: a flood of guesses costs the event loop (which serves everyone else) a
+    dictionary lookup and a small answer per request."""
+
+    def __init__(self, app: Any, node: Node) -> None:
+        self.app = app
+        self.guard = node.login_guard
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == LOGIN:
+            client = scope.get("client")
+            wait = self.guard.client_blocked_s(client[0] if client else "")
+            if wait > 0:
+                await outcome_response(throttled(wait))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+LOGIN = "/auth/login"
 
 
 class _StreamedBodyLimit:

@@ -271,9 +271,7 @@ class LoginGuard:
         keys = (("id", actor_id), ("client", client))
         wait = max(self._entry(k, now).blocked_until_s - now for k in keys)
         if wait > 0:
-            raise TooManyRequests(f"too many failed logins for this account or from this "
-                                  f"address; try again in {math.ceil(wait)} s",
-                                  math.ceil(wait))
+            raise throttled(wait)
         for key in keys:
             entry = self._entry(key, now)
             entry.count += 1
@@ -282,6 +280,12 @@ class LoginGuard:
             if over > 0:
                 entry.blocked_until_s = now + min(self.first_backoff_s * 2 ** (over - 1),
                                                   self.max_backoff_s)
+
+    def client_blocked_s(self, client: str) -> float:
+        """Seconds the address stays locked out (0: it may try). A lookup and nothing
+        else: the HTTP layer refuses a locked-out address before it parses the request."""
+        entry = self._failures.get(("client", client))
+        return max(0.0, entry.blocked_until_s - self.clock()) if entry is not None else 0.0
 
     def succeeded(self, actor_id: str, client: str) -> None:
         """Refund the charged attempt; the id starts afresh (the address does not: one good
@@ -323,6 +327,12 @@ class LoginGuard:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def throttled(wait_s: float) -> TooManyRequests:
+    """The one refusal of a locked-out login (the same words for an id and an address)."""
+    return TooManyRequests("too many failed logins for this account or from this address; "
+                           f"try again in {math.ceil(wait_s)} s", math.ceil(wait_s))
 
 
 def _lower_thread_priority() -> None:
