@@ -43,6 +43,9 @@ def _diagnosis(resp: httpx.Response) -> str:
     return str(doc)[:300]
 
 
+MAX_RETRY_WAIT_S = 30  # a Retry-After longer than this is not waited for in one step
+
+
 def _retryable_write(method: str, path: str) -> bool:
     """Writes the node makes idempotent by key (Bundles included; not the token endpoint)."""
     return method in ("POST", "PUT", "DELETE") and path.rstrip("/") != "/auth/token"
@@ -104,26 +107,42 @@ class Client:
                 idempotency_key: str | None = None) -> httpx.Response:
         """One request; a write is sent with an ``Idempotency-Key`` (``idempotency_key``, or
         a fresh one) and retried with that same key when the node answers 503 or cannot
-        be reached, so a retry can never create a second record."""
+        be reached, so a retry can never create a second record. A read is retried when
+        the node answers 503 with ``Retry-After`` (busy, or its search index catching up);
+        a 503 without it (e.g. a node refusing to serve) is final. Waits follow the
+        node's ``Retry-After`` when it names one, else a doubling back-off."""
         content = None if body is None else (body if isinstance(body, bytes)
                                              else orjson.dumps(body))
         hdrs = {"Content-Type": "application/fhir+json", **(headers or {})}
-        if not _retryable_write(method, path):
+        write = _retryable_write(method, path)
+        if write:
+            hdrs["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
+        elif method not in ("GET", "HEAD"):  # e.g. the token endpoint: sent once
             return self._check(self._send(method, path, auth=auth, headers=hdrs,
                                           content=content))
-        hdrs["Idempotency-Key"] = idempotency_key or uuid.uuid4().hex
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
+            resp: httpx.Response | None = None
             try:
                 resp = self._send(method, path, auth=auth, headers=hdrs, content=content)
             except Unavailable:
-                if last:
+                if last or not write:
                     raise
             else:
-                if resp.status_code != 503 or last:
+                transient = resp.status_code == 503 and (
+                    write or "retry-after" in resp.headers)
+                if not transient or last:
                     return self._check(resp)
-            time.sleep(self.retry_backoff_s * 2 ** attempt)
+            time.sleep(self._wait_s(resp, attempt))
         raise AssertionError("unreachable")
+
+    def _wait_s(self, resp: httpx.Response | None, attempt: int) -> float:
+        """The node's ``Retry-After`` (seconds, at most ``MAX_RETRY_WAIT_S``) or the
+        doubling back-off."""
+        named = resp.headers.get("retry-after", "") if resp is not None else ""
+        if named.isdigit():
+            return float(min(int(named), MAX_RETRY_WAIT_S))
+        return float(self.retry_backoff_s * 2 ** attempt)
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw).json()

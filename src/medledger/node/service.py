@@ -725,7 +725,8 @@ class Node:
                                  [f"{rtype}/{rid}"])
         hidden, erased = view.hidden, view.erased
         await self.ensure_blobs(view.shown)
-        out = [Stored(self.decrypt(m), m) for m in view.shown]
+        # every version decrypted on a worker thread: the event loop serves others meanwhile
+        out = await asyncio.to_thread(lambda: [Stored(self.decrypt(m), m) for m in view.shown])
         self._audit(session, "history", head["patient"], [f"{rtype}/{rid}"],
                     basis=decision.basis, break_glass=decision.break_glass,
                     reason=break_glass or "", purpose="ETREAT" if decision.break_glass
@@ -768,8 +769,9 @@ class Node:
         metas = [m for t, i in st.patient_records(self.store, patient)
                  for m in st.record_versions(self.store, t, i) if not st.erased(m)]
         await self.ensure_blobs(metas)
-        out = [{"meta": m, "blob": b64e(self.blob_of(m)),
-                "rewrapped": self._rewrapped_to(m, patient)} for m in metas]
+        out = await asyncio.to_thread(lambda: [  # reads every blob: off the event loop
+            {"meta": m, "blob": b64e(self.blob_of(m)),
+             "rewrapped": self._rewrapped_to(m, patient)} for m in metas])
         self._audit(session, "export", patient, [], detail=f"{len(out)} sealed versions")
         return out
 
