@@ -57,6 +57,7 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
             node.login_guard.close()
             if run_background:
                 await runtime.stop()
+            node.auditor.close()
 
     app = FastAPI(title="medledger node", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)

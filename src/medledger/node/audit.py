@@ -17,7 +17,8 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,9 +84,12 @@ class Auditor:
         self.clock = clock
         self.org_secret = org_secret
         self.deferred = False
-        self._buffer: list[tuple[str, str | None, bytes]] = []
+        self._buffer: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # searches record events from worker threads
-        self._flushing: asyncio.Future[None] | None = None
+        self._recorded = 0  # events recorded (deferred mode)
+        self._durable = 0  # of which durable: every event up to this count is committed
+        self._scheduled: asyncio.Future[None] | None = None  # a commit not yet started
+        self._writer: ThreadPoolExecutor | None = None
 
     def event(self, subtype: str, *, agent: str, agent_org: str, agent_role: str | None,
               patient: str | None, entity: list[str], outcome: str = "0",
@@ -104,38 +108,61 @@ class Auditor:
         """Make events durable before the caller answers.
 
         Immediate by default (one SQLite commit here). Under the HTTP API the node
-        runs *deferred*: events are buffered and ``flush`` commits every buffered
-        event in one transaction just before a response starts (group commit), so
-        the guarantee holds while concurrent requests share one commit.
+        runs *deferred*: events are buffered and ``flush`` makes them durable just before
+        a response starts: the sealing and the commit run on one audit writer thread,
+        one transaction for everything buffered meanwhile (group commit), while the event
+        loop serves other requests.
         """
-        rows = [(e["id"], e.get("patient"), canonical(seal_event(e, self.org_secret)))
-                for e in events]
         if self.deferred:
             with self._lock:
-                self._buffer.extend(rows)
+                self._buffer.extend(events)
+                self._recorded += len(events)
         else:
-            self.store.append_local_audit(rows)
+            self.store.append_local_audit(self._rows(events))
+
+    def _rows(self, events: Iterable[dict[str, Any]]) -> list[tuple[str, str | None, bytes]]:
+        return [(e["id"], e.get("patient"), canonical(seal_event(e, self.org_secret)))
+                for e in events]
 
     async def flush(self) -> None:
-        """Commit everything buffered (shared by all requests of this loop iteration)."""
-        if not self._buffer and self._flushing is None:
-            return
-        if self._flushing is None:
-            loop = asyncio.get_running_loop()
-            self._flushing = loop.create_future()
-            loop.call_soon(self._commit_buffer, self._flushing)
-        await asyncio.shield(self._flushing)
-
-    def _commit_buffer(self, fut: asyncio.Future[None]) -> None:
+        """Return once every event recorded before the call is durable; raise if the
+        commit that should have made them so failed (the caller then refuses to answer).
+        Commits run in order on the writer thread, so waiting for a commit scheduled
+        now covers everything recorded so far."""
         with self._lock:
-            rows, self._buffer, self._flushing = self._buffer, [], None
+            target = self._recorded
+        while self._durable < target:
+            with self._lock:
+                fut = self._scheduled
+                if fut is None:
+                    if self._writer is None:
+                        self._writer = ThreadPoolExecutor(1, thread_name_prefix="audit")
+                    fut = self._scheduled = asyncio.get_running_loop().run_in_executor(
+                        self._writer, self._commit_buffered)
+            await asyncio.shield(fut)
+
+    def _commit_buffered(self) -> None:
+        """On the writer thread: take everything buffered and commit it in one
+        transaction. On failure the events go back to the buffer (the next commit
+        retries them) and every waiter of this commit gets the error."""
+        with self._lock:
+            events, self._buffer, self._scheduled = self._buffer, [], None
+            upto = self._recorded
+        if not events:
+            self._durable = max(self._durable, upto)
+            return
         try:
-            if rows:
-                self.store.append_local_audit(rows)
-        except Exception as exc:  # nobody gets an answer whose audit is not durable
-            fut.set_exception(exc)
-        else:
-            fut.set_result(None)
+            self.store.append_local_audit(self._rows(events))
+        except Exception:
+            with self._lock:
+                self._buffer[:0] = events
+            raise
+        self._durable = max(self._durable, upto)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def pending(self, limit: int = 1000) -> list[dict[str, Any]]:
         return [loads(e) for e in self.store.pending_local_audit(limit)]
