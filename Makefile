@@ -61,6 +61,7 @@ test-browser: install chromium
 bench: install synthea
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.flood
+	$(BIN)/python -m bench.flood --reader-rate 0
 	$(BIN)/python -m bench.synthea_import --network
 
 lint: $(STAMP)

@@ -3,7 +3,11 @@ flood ``/auth/login`` (wrong passwords) and type-wide searches, against a real n
 process on loopback. Bounded in time (``--seconds`` per phase) and in clients.
 
 ``python -m bench.flood`` prints the readers' p50/p99 without and with the flood, and what
-the flooders got (401 wrong password, 429 throttled, 503 busy, 200 search pages).
+the flooders got (401 wrong password, 429 throttled, 503 busy, 200 search pages). The 4
+readers are ordinary users by default: 25 reads a second each on a fixed schedule,
+latency taken from the scheduled time; ``--reader-rate 0`` sends their reads back to
+back instead (then the readers saturate the node themselves and their p99 alone is
+mostly their own queueing).
 Figures on a shared 2-core machine are noisy: compare the two phases of one run.
 """
 
@@ -38,30 +42,38 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _client(url: str, make: Any, until: float, out: loadgen.Outcome) -> None:
-    """One keep-alive client sending ``make()`` requests until ``until``."""
+async def _client(url: str, make: Any, until: float, out: loadgen.Outcome,
+                  rate: float = 0.0) -> None:
+    """One keep-alive client sending ``make()`` requests until ``until``: back to back
+    (``rate`` 0), or ``rate`` requests a second on a fixed schedule, each latency taken
+    from the request's scheduled time (a stalled node cannot hide behind a late send)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     reader, writer = await asyncio.open_connection(host, port, limit=2**24)
+    due = time.perf_counter() + (random.random() / rate if rate else 0.0)
     try:
-        while time.perf_counter() < until:
+        while due < until:
+            if rate:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
             data = loadgen.encode(f"{host}:{port}", make())
-            t = time.perf_counter()
+            t = due if rate else time.perf_counter()
             status, _ = await loadgen._one(reader, writer, data)
-            out.latencies.append(time.perf_counter() - t)
+            now = time.perf_counter()
+            out.latencies.append(now - t)
             out.statuses[status] = out.statuses.get(status, 0) + 1
+            due = due + 1 / rate if rate else now
     finally:
         writer.close()
 
 
-async def _phase(url: str, tok: str, records: list[str], seconds: float, flood: bool
-                 ) -> dict[str, Any]:
+async def _phase(url: str, tok: str, records: list[str], seconds: float, flood: bool,
+                 reader_rate: float = 0.0) -> dict[str, Any]:
     rng = random.Random(7)
     auth = {"Authorization": f"Bearer {tok}"}
     until = time.perf_counter() + seconds
     readers, logins, searches = loadgen.Outcome(), loadgen.Outcome(), loadgen.Outcome()
     tasks = [_client(url, lambda: ("GET", f"/fhir/Observation/{rng.choice(records)}", auth,
-                                   None), until, readers) for _ in range(4)]
+                                   None), until, readers, reader_rate) for _ in range(4)]
     if flood:
         n = iter(range(10**9))
         tasks += [_client(url, lambda: ("POST", "/auth/login",
@@ -97,6 +109,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--records", type=int, default=2000)
+    ap.add_argument("--reader-rate", type=float, default=25.0,
+                    help="requests a second per reader, on a fixed schedule (ordinary "
+                         "users); 0 = back to back (the readers saturate the node "
+                         "themselves)")
     args = ap.parse_args()
     console = Console(width=160)
     work = Path(tempfile.mkdtemp(prefix="medledger-flood-"))
@@ -113,15 +129,19 @@ def main() -> None:
             tok = http.token(node.url, prac)
             _wait_index(node.url, tok, console)
             asyncio.run(_phase(node.url, tok, records, 2, False))  # warm-up
-            quiet = asyncio.run(_phase(node.url, tok, records, args.seconds, False))
-            flood = asyncio.run(_phase(node.url, tok, records, args.seconds, True))
+            quiet = asyncio.run(_phase(node.url, tok, records, args.seconds, False,
+                                       args.reader_rate))
+            flood = asyncio.run(_phase(node.url, tok, records, args.seconds, True,
+                                       args.reader_rate))
         finally:
             node.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = Table("phase", "reader p50 ms", "reader p99 ms", "reads", "logins (statuses)",
                   "searches (statuses)", "search p99 ms")
-    for name, r in (("4 readers alone", quiet), ("+ 8 login + 8 search flooders", flood)):
+    readers = (f"4 readers at {args.reader_rate:g}/s each" if args.reader_rate
+               else "4 back-to-back readers")
+    for name, r in ((f"{readers}, alone", quiet), ("+ 8 login + 8 search flooders", flood)):
         table.add_row(name, f"{r['readers']['p50_ms']:.1f}", f"{r['readers']['p99_ms']:.1f}",
                       f"{r['readers']['n']:,}",
                       f"{r['login_flood']['n']:,} {r['login_flood']['statuses']}",
@@ -129,8 +149,10 @@ def main() -> None:
                       f"{r['search_flood'].get('p99_ms', 0):.0f}")
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "flood.json").write_bytes(orjson.dumps(
-        {"seconds": args.seconds, "records": args.records, "quiet": quiet, "flood": flood},
+    name = "flood-paced.json" if args.reader_rate else "flood-back-to-back.json"
+    (RESULTS / name).write_bytes(orjson.dumps(
+        {"seconds": args.seconds, "records": args.records, "reader_rate": args.reader_rate,
+         "quiet": quiet, "flood": flood},
         option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
 
 
