@@ -361,3 +361,21 @@ def test_a_tampered_state_does_not_match_the_digest() -> None:
     half = len(items) // 2
     assert multiset.combine([multiset.of_items(items[:half]),
                              multiset.of_items(items[half:])]) == good
+
+
+# ---------------------------------------------------------------- erasure catch-up target
+
+def test_catch_up_target_sets_aside_the_claims_liars_could_make() -> None:
+    from medledger.node.erasure import trusted_height
+
+    # 4 members (f = 1): one peer claiming a height nobody has is outvoted
+    assert trusted_height([120, 121, 10**12], members=4) == 121
+    assert trusted_height([120, 121, 122], members=4) == 121
+    assert trusted_height([120, 10**12], members=4) == 120
+    # too few answers to outvote anyone: the lowest claim (asked again while waiting)
+    assert trusted_height([10**12], members=4) == 10**12
+    assert trusted_height([], members=4) == 0
+    # 7 members (f = 2): the two highest of six answers are set aside
+    assert trusted_height([50, 51, 52, 53, 10**9, 10**9], members=7) == 53
+    # 2 or 3 members (f = 0): every answer counts
+    assert trusted_height([7, 9], members=3) == 9

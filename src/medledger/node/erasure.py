@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -195,19 +196,35 @@ def parse_retention(specs: list[str]) -> dict[str, int]:
 # ---------------------------------------------------------------- catch-up after a restart
 
 async def peer_height(node: Node, timeout_s: float = 2.0) -> int:
-    """The highest block any reachable member node reports (0 when none answers)."""
-    best = 0
+    """The height the reachable member nodes agree on (``trusted_height``; 0 when none
+    answers)."""
+    peers = node.replica.peers()
+    heights = []
     async with httpx.AsyncClient(timeout=timeout_s) as client:
-        for url in node.replica.peers().values():
+        for url in peers.values():
             try:
                 doc = (await client.get(f"{url}/ledger/status")).json()
-                best = max(best, int(doc.get("height", 0)))
+                heights.append(int(doc.get("height", 0)))
             except (httpx.HTTPError, ValueError, TypeError):
                 continue
-    return best
+    return trusted_height(heights, members=len(peers) + 1)
 
 
-async def catch_up(node: Node, poll_s: float = 0.2) -> None:
+def trusted_height(reported: list[int], members: int) -> int:
+    """The highest height that cannot come from liars alone: with ``members`` nodes, up
+    to ``f = (members - 1) // 3`` may be faulty (BFT), so the ``f`` highest reports are
+    set aside. A peer claiming a height nobody has cannot keep this node from serving;
+    honest peers differ by a block or two, and blocks after the target are applied as
+    the node follows the network anyway. With no more answers than ``f`` the lowest
+    claim is the target (``catch_up`` asks again while it waits)."""
+    liars = (members - 1) // 3
+    heights = sorted(h for h in reported if h >= 0)
+    if len(heights) <= liars:  # too few answers to outvote a liar: the lowest claim
+        return heights[0] if heights else 0
+    return heights[len(heights) - liars - 1]
+
+
+async def catch_up(node: Node, poll_s: float = 0.2, ask_again_s: float = 5.0) -> None:
     """Serve no content until this node has the blocks its peers had when it started.
 
     Set before the API answers (``node.catching_up``), cleared once the local height
@@ -216,11 +233,16 @@ async def catch_up(node: Node, poll_s: float = 0.2) -> None:
     node.catching_up = "asking member nodes for their height"
     try:
         target = await peer_height(node)
+        asked = time.monotonic()
         while node.store.height < target:
             node.catching_up = (f"catching up with the network (block {node.store.height} of "
                                 f"{target}); content is served once every erasure since "
                                 "this node's copy was made has been applied")
             await asyncio.sleep(poll_s)
+            if time.monotonic() - asked > ask_again_s:  # more peers may answer by now
+                fresh = await peer_height(node)
+                target = min(target, fresh) if fresh else target
+                asked = time.monotonic()
         if target:
             log.info("caught up with the network at height %d", node.store.height)
     finally:
