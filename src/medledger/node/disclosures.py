@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medledger.core import proofs
@@ -161,8 +162,9 @@ def _std_b64(urlsafe: str) -> str:
 
 # ------------------------------------------------------------------ printable copy
 
-def _latin1(text: Any) -> str:
-    return str(text).encode("latin-1", "replace").decode("latin-1")
+# DejaVu Sans (Latin, Greek, Cyrillic, Hebrew, Arabic, ...; its licence is beside it):
+# names in any of those scripts print as written, not as "?"
+FONTS = Path(__file__).parent / "fonts"
 
 
 def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, str],
@@ -174,11 +176,13 @@ def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, s
     pdf = FPDF(orientation="L", format="A4")
     pdf.set_title(f"Accounting of disclosures - {patient}")
     pdf.set_creator("medledger")
+    pdf.add_font("dejavu", "", str(FONTS / "DejaVuSans.ttf"))
+    pdf.add_font("dejavu", "B", str(FONTS / "DejaVuSans-Bold.ttf"))
     pdf.add_page()
-    pdf.set_font("helvetica", "B", 15)
-    pdf.cell(0, 9, _latin1("Accounting of disclosures of your health record"),
+    pdf.set_font("dejavu", "B", 15)
+    pdf.cell(0, 9, "Accounting of disclosures of your health record",
              new_x="LMARGIN", new_y="NEXT")
-    pdf.set_font("helvetica", size=9)
+    pdf.set_font("dejavu", size=9)
     lines = [f"Patient: {patient}    Provided by: {org}    Generated: {generated[:19]} UTC",
              f"Period: {period[0][:19].replace('T', ' ')} up to {period[1][:19].replace('T', ' ')}"
              " UTC (45 CFR 164.528: disclosures "
@@ -186,7 +190,7 @@ def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, s
              f"{len(entries)} disclosures. Every entry is an audit event anchored on the "
              "ledger; check each with `medledger audit prove`."]
     for line in lines:
-        pdf.cell(0, 5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+        pdf.cell(0, 5, line, new_x="LMARGIN", new_y="NEXT")
     pdf.ln(3)
     headings = ("Date (UTC)", "Recipient", "What", "Purpose / reason", "Kind", "Block")
     with pdf.table(col_widths=(32, 55, 70, 70, 35, 15), line_height=4.5,
@@ -205,7 +209,7 @@ def render_pdf(entries: list[dict[str, Any]], patient: str, period: tuple[str, s
             for value in (e["date"][:19].replace("T", " "), who, what or "-", why or "-",
                           KIND_NAMES.get(e["kind"], e["kind"]),
                           e["anchored_height"] if e["anchored_height"] else "pending"):
-                row.cell(_latin1(value))
+                row.cell(str(value))
     if not entries:
         pdf.ln(2)
         pdf.cell(0, 6, "No disclosures in this period.", new_x="LMARGIN", new_y="NEXT")
