@@ -31,7 +31,7 @@ from helpers import (
     running_node,
 )
 
-from medledger.client import Client
+from medledger.client import Client, NodeError
 from medledger.core import proofs
 from medledger.core import state as st
 from medledger.crypto import shamir
@@ -240,8 +240,27 @@ def test_imported_patient_activates_with_a_one_time_code(node: NodeHandle) -> No
 
     assert_outcome(activate(first), 401, "4 tries left")  # the replaced code is void
     assert_outcome(activate(doc["code"], "short"), 400, "at least 8 characters")
+    # what the organisation could have kept: a copy of the escrowed key
+    from medledger.crypto import keys
+    from medledger.node.home import Home
+    from medledger.node.onboarding import escrow_secret
+    home = Home(node.home)
+    escrow_copy = node.home.parent / "escrow-copy.json"
+    escrow_copy.write_bytes(home.user_keystore(pid).read_bytes())
     r = activate(doc["code"])
     assert r.status_code == 200 and r.json()["kind"] == "patient", r.text
+    # the escrow ended with new keys: the copy no longer signs for the patient, while
+    # the patient's keystore keeps the old encryption key for what was sealed to it
+    escrowed = keys.load_keystore(escrow_copy, escrow_secret(
+        home.unlock_org(PASSWORD).secret_root, pid))
+    renewed = keys.load_keystore(home.user_keystore(pid), NEW_PASSWORD)
+    assert renewed.sign_public != escrowed.sign_public
+    assert escrowed.enc_private in renewed.previous
+    with Client(node.url, escrowed) as old, pytest.raises(NodeError) as refused:
+        old.token()
+    assert refused.value.status == 401
+    with Client(node.url, renewed) as new:
+        assert new.get("/auth/me")["actor"] == pid
     assert_outcome(activate(doc["code"]), 401, "no activation is pending")  # one time
     assert not (node.home / "onboarding" / f"{pid}.json").exists()
     with node.login(pid, NEW_PASSWORD) as me:
@@ -261,7 +280,6 @@ def test_imported_patient_activates_with_a_one_time_code(node: NodeHandle) -> No
     out = run_cli("patient", "activate", "--node", node.url, "--patient", pid2, "--code",
                   code, "--out", str(key), MEDLEDGER_KEY_PASSWORD=NEW_PASSWORD)
     assert out.returncode == 0, out.stderr
-    from medledger.crypto import keys
     assert keys.load_keystore(key, NEW_PASSWORD).id == pid2
 
 

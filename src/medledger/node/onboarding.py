@@ -31,7 +31,15 @@ from medledger.core import state as st
 from medledger.crypto import keys
 from medledger.crypto.canonical import b64e, canonical
 from medledger.crypto.kdf import derive_key
-from medledger.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, Unauthenticated
+from medledger.errors import (
+    Conflict,
+    Forbidden,
+    Gone,
+    InvalidInput,
+    MedledgerError,
+    NotFound,
+    Unauthenticated,
+)
 from medledger.node.auth import Session
 from medledger.node.home import Home
 
@@ -173,11 +181,25 @@ async def activate(node: Node, patient: str, code: str, password: str) -> keys.I
         _audit_patient(node, patient, "activate", "4", "wrong activation code")
         raise Unauthenticated(f"wrong activation code; {ticket['attempts_left']} tries left")
     path = node.home.user_keystore(patient)
-    identity: keys.Identity = await node._off_loop(_unlock_escrow, path, _org_secrets(node),
+    escrowed: keys.Identity = await node._off_loop(_unlock_escrow, path, _org_secrets(node),
                                                    patient)
-    await node._off_loop(keys.save_keystore, path, identity, password)
+    # the escrow ends with new keys: whoever held or copied the escrowed key (it was
+    # sealed to the organisation) can no longer sign as the patient; the old encryption
+    # key stays in the patient's keystore, so what was sealed to it still opens
+    identity = keys.rotated(escrowed)
+    pending = path.with_name(f".{path.name}.next")
+    await node._off_loop(keys.save_keystore, pending, identity, password)
+    try:
+        await node.submit(escrowed, "key.rotate", {
+            "id": patient, "sign_pub": b64e(identity.sign_public),
+            "enc_pub": b64e(identity.enc_public)})
+    except MedledgerError:  # nothing changed: the code stays valid for another try
+        pending.unlink(missing_ok=True)
+        raise
+    pending.replace(path)
     marker(node.home, patient).unlink(missing_ok=True)  # the code is spent, escrow ends
-    _audit_patient(node, patient, "activate", "0", "escrow ended: the patient set a password")
+    _audit_patient(node, patient, "activate", "0",
+                   "escrow ended: the patient set a password and the keys were renewed")
     return identity
 
 
