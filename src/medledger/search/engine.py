@@ -135,8 +135,6 @@ class Plan:
     where: list[Sql] = field(default_factory=list)  # on ``res``
     order: list[tuple[Sql, bool]] = field(default_factory=list)  # (expr, descending)
     ordered: tuple[str, Sql] | None = None  # join a value index read in row-id order
-    totals: list[Sql] = field(default_factory=list)  # every condition, on ``res`` alone
-    surely_many: bool = False  # more matches than a default total counts
 
     @property
     def rid(self) -> str:
@@ -169,7 +167,14 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
     base = _base_filters(index, q, scope)
     if base is None:
         return None
-    drivable = _estimates(index, [c for c in q.conditions if c.driver is not None])
+    conds = [c for c in q.conditions if c.driver is not None]
+    if len(q.conditions) == 1 and conds[0:1] and conds[0].ordered and not q.sort and \
+            scope.everything_of is None and scope.patient_only is None:
+        # one equality, newest first: its index in row-id order yields the page's own
+        # rows, whatever their number; counting them first would read more
+        drivable = [(conds[0], DRIVER_LIMIT + 1)]
+    else:
+        drivable = _estimates(index, conds)
     small = min(drivable, key=lambda x: x[1]) if drivable else None
     driver = small[0] if small is not None and small[1] <= DRIVER_LIMIT else None
     ordered = None
@@ -184,10 +189,6 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
         elif cond is not ordered:
             out.where.append(cond.check.bind("res.rid"))
     out.order = [(k.expr.bind("res.rid"), k.descending) for k in q.sort]
-    out.totals = [*out.where, *([ordered.check.bind("res.rid")] if ordered else [])]
-    # one condition matching more than the default total limit: no need to count it
-    out.surely_many = len(q.conditions) == 1 and small is not None and \
-        small[1] > TOTAL_LIMIT and small[1] > DRIVER_LIMIT
     return out
 
 
@@ -195,16 +196,24 @@ SMALL_ENOUGH = 200  # a condition this selective drives; the others need no esti
 
 
 def _estimates(index: SearchIndex, conds: list[Condition]) -> list[tuple[Condition, int]]:
-    """Bounded match counts, equality conditions (those with an ordered index) first; once
-    one is small enough to drive, range conditions are not counted (it would cost more
-    than it saves: a range condition scans its rows)."""
+    """Bounded match counts: references first (a patient, an encounter: usually the
+    fewest rows), then the other equality conditions (those with an ordered index), then
+    ranges. Once one is small enough to drive, the rest are not counted: counting a
+    common code reads its first ``DRIVER_LIMIT`` index rows, a range scans its rows,
+    and either costs more than checking the few driven rows saves."""
     out: list[tuple[Condition, int]] = []
-    for cond in sorted(conds, key=lambda c: c.ordered is None):
-        if out and min(n for _, n in out) <= SMALL_ENOUGH and cond.ordered is None:
+    for cond in sorted(conds, key=_estimate_order):
+        if out and min(n for _, n in out) <= SMALL_ENOUGH:
             out.append((cond, DRIVER_LIMIT + 1))
             continue
         out.append((cond, _estimate(index, cond)))
     return out
+
+
+def _estimate_order(cond: Condition) -> int:
+    if cond.ordered is None:
+        return 2
+    return 0 if cond.ordered[0] == "r" else 1
 
 
 def _join(parts: Sequence[Sql], sep: str) -> Sql:
@@ -223,19 +232,29 @@ def _keyset(order: list[tuple[Sql, bool]], values: list[Any], before: bool,
     return Sql("(" + _join(ors, ") OR (").text + ")", _join(ors, "").args)
 
 
+def _source(p: Plan) -> str:
+    """The FROM of a plan: ``res``, or the ordered value index joined to ``res``."""
+    return f"{p.ordered[0]} AS j JOIN res ON res.rid = j.rid" if p.ordered else "res"
+
+
+def _matching(p: Plan, after: Sql | None = None) -> Sql:
+    """The WHERE of a plan (every condition), optionally past a keyset cursor."""
+    return _join([*([p.ordered[1]] if p.ordered else []), *p.where,
+                  *([after] if after else [])], " AND ")
+
+
 def candidates(index: SearchIndex, p: Plan, after: Sql | None, limit: int, reverse: bool
                ) -> list[tuple[Any, ...]]:
     """(rid, tid, id, sort values…) of matching rows in result order (for ``reverse``:
     nearest the cursor first)."""
-    where = _join([*([p.ordered[1]] if p.ordered else []), *p.where,
-                   *([after] if after else [])], " AND ")
+    where = _matching(p, after)
     order = [*p.order, (Sql(p.rid), True)]
 
     def direction(desc: bool) -> str:
         return "DESC" if desc != reverse else "ASC"
 
     cols = _join([Sql(f"{p.rid}, res.tid, res.id"), *[e for e, _ in p.order]], ", ")
-    source = (f"{p.ordered[0]} AS j JOIN res ON res.rid = j.rid" if p.ordered else "res")
+    source = _source(p)
     sql = (f"SELECT {cols.text} FROM {source} WHERE {where.text} ORDER BY "
            + ", ".join(f"{e.text} {direction(d)}" for e, d in order) + f" LIMIT {int(limit)}")
     args = (*cols.args, *where.args, *(a for e, _ in order for a in e.args))
@@ -365,27 +384,48 @@ class Engine:
         if not more and first and q.summary != "count" and q.count > 0 and \
                 not scope.unlimited:
             return page  # everything fit on the first page
-        where = _join(p.totals, " AND ")
-        bounded = q.total != "accurate" and q.summary != "count"
-        if bounded and p.surely_many:
-            return None
-        # policy is decided once per (patient, category, labels) group of the matches
-        inner = f"SELECT tid, patient, category, labels FROM res WHERE {where.text}" + (
-            f" LIMIT {TOTAL_LIMIT + 1}" if bounded else "")
-        limit = f" LIMIT {TOTAL_GROUPS + 1}" if bounded else ""
-        groups = self.index.query(f"SELECT tid, patient, category, labels, count(*) FROM "
-                                  f"({inner}) GROUP BY tid, patient, category, labels{limit}",
-                                  where.args)
-        if bounded and (len(groups) > TOTAL_GROUPS or
-                        sum(int(g[4]) for g in groups) > TOTAL_LIMIT):
+        groups = self._groups(p, bounded=q.total != "accurate" and q.summary != "count")
+        if groups is None:
             return None  # counting would cost a policy decision per patient: not by default
         total = 0
-        for tid, patient, category, labels, n in groups:
+        for (tid, patient, category, labels), n in groups.items():
             meta = {"type": self.index.type_name(tid), "patient": patient,
                     "category": category, "labels": [x for x in labels.split(",") if x]}
             if host.decide(scope.session, meta, scope.break_glass).allowed:
-                total += int(n)
+                total += n
         return total
+
+    def _groups(self, p: Plan, bounded: bool) -> dict[tuple[Any, ...], int] | None:
+        """Matches per (type, patient, category, labels) group: policy is decided once
+        per group. ``bounded`` (the default total) gives up, with None, past
+        ``TOTAL_LIMIT`` matches or ``TOTAL_GROUPS`` groups: the rows are read through the
+        plan's own index, newest first like the page (whose pages are then still in the
+        cache), and the reading stops there, so a type-wide search over many patients
+        reads about ``TOTAL_GROUPS`` rows instead of scanning the type for matches."""
+        where = _matching(p)
+        cols = "res.tid, res.patient, res.category, res.labels"
+        if not bounded:  # (a record may reach the ordered index twice: two codings)
+            rows = self.index.query(f"SELECT {cols}, count(DISTINCT {p.rid}) FROM "
+                                    f"{_source(p)} WHERE {where.text} GROUP BY 1, 2, 3, 4",
+                                    where.args)
+            return {tuple(r[:4]): int(r[4]) for r in rows}
+        order = f" ORDER BY {p.rid} DESC" if p.ordered else ""
+        groups: dict[tuple[Any, ...], int] = {}
+        counted = 0
+        last = None
+
+        def enough(row: tuple[Any, ...]) -> bool:
+            nonlocal counted, last
+            if row[0] == last:
+                return False  # the same record again, next to itself in row-id order
+            counted, last = counted + 1, row[0]
+            groups[row[1:]] = groups.get(row[1:], 0) + 1
+            return counted > TOTAL_LIMIT or len(groups) > TOTAL_GROUPS
+
+        stopped = self.index.scan(f"SELECT {p.rid}, {cols} FROM {_source(p)} WHERE "
+                                  f"{where.text}{order} LIMIT {2 * TOTAL_LIMIT + 2}",
+                                  where.args, enough)
+        return None if stopped else groups
 
     @staticmethod
     def _elements(hit: Hit, elements: tuple[str, ...] | None) -> Hit:

@@ -309,6 +309,20 @@ class SearchIndex:
         with self.rlock:
             return list(self.rdb.execute(sql, tuple(args)).fetchall())
 
+    def scan(self, sql: str, args: Iterable[Any], stop: Callable[[tuple[Any, ...]], bool],
+             batch: int = 16) -> bool:
+        """Feed the rows of ``sql`` to ``stop`` until it returns True (then True: the
+        rest is never read) or the rows run out (False)."""
+        with self.rlock:
+            cur = self.rdb.execute(sql, tuple(args))
+            try:
+                while rows := cur.fetchmany(batch):
+                    if any(stop(tuple(row)) for row in rows):
+                        return True
+                return False
+            finally:
+                cur.close()
+
     def heads(self) -> Iterator[tuple[str, str, int]]:
         """(type, id, version) of every indexed record."""
         names = {t: n for n, t in self._tids.items()}
