@@ -381,3 +381,76 @@ def test_every_plan_gives_the_same_answer(env: Any, query: str,
     small = walk()
     monkeypatch.setattr(engine_mod, "DRIVER_LIMIT", 0)
     assert walk() == small and small
+
+
+# ------------------------------------------------------------------ totals over many patients
+
+def _crowd() -> list[dict[str, Any]]:
+    """60 patients with one Observation of code X each (2024 for the first 20, 2019 for
+    the others), and for the first 10 a second one coded X twice (two systems: two index
+    rows for one record)."""
+    out = [patient(f"q{i}", f"Crowd{i}", "Ann", "1970-01-01", "female") for i in range(60)]
+    out += [obs(f"c{i}", f"q{i}", "X", "2024-01-01" if i < 20 else "2019-01-01", 1)
+            for i in range(60)]
+    for i in range(10):
+        twice = obs(f"d{i}", f"q{i}", "X", "2024-02-01", 2)
+        twice["code"]["coding"].append({"system": "http://other.example.org", "code": "X"})
+        out.append(twice)
+    return out
+
+
+@pytest.fixture(scope="module")
+def crowd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Host, SearchIndex]:
+    path = Path(tmp_path_factory.mktemp("crowd")) / "index.db"
+    index = SearchIndex(path, os.urandom(32), blocking_keys)
+    host = Host(_crowd())
+    for m in host.metas:  # c0..c4 carry a label the host can be told to deny
+        m["labels"] = ["PSY"] if m["id"] in {f"c{i}" for i in range(5)} else []
+    for m in host.metas:
+        host.store.data[f"rec/{m['type']}/{m['id']}"] = canonical(m)
+    index.apply([(m, host.decrypt(m)) for m in host.metas], 1)
+    return Engine(index, Cursors(os.urandom(32)), lambda: NOW_MS), host, index
+
+
+@pytest.mark.parametrize("driver_limit", [500, 0])
+def test_default_total_counts_each_visible_record_once(
+        crowd: Any, driver_limit: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full first page still gets a default total when the matches are few and in few
+    groups, read through either plan: each record once (d* reach the code index twice),
+    only those the caller may see."""
+    from medledger.search import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "DRIVER_LIMIT", driver_limit)
+    res = run(crowd, "Observation", "code=X&date=ge2023-01-01&_count=5")
+    assert len(res.found) == 5 and res.next_cursor is not None
+    assert res.total == 30  # c0..c19 and d0..d9, in 20 patients
+    assert run(crowd, "Observation", "code=X&subject=q3&_count=1").total == 2  # c3, d3
+    crowd[1].denied_labels = {"PSY"}
+    try:
+        assert run(crowd, "Observation", "code=X&date=ge2023-01-01&_count=5").total == 25
+    finally:
+        crowd[1].denied_labels = set()
+
+
+def test_total_over_many_patients_is_left_out_unless_asked(crowd: Any) -> None:
+    """70 matches in 60 patients: the default total is left out (the spec allows it; it
+    would cost a policy decision per patient); _total=accurate and _summary=count count
+    every visible record once."""
+    res = run(crowd, "Observation", "code=X&_count=5")
+    assert len(res.found) == 5 and res.next_cursor is not None and res.total is None
+    assert run(crowd, "Observation", "code=X&_count=5&_total=accurate").total == 70
+    assert run(crowd, "Observation", "code=X&_summary=count").total == 70
+    crowd[1].denied_labels = {"PSY"}
+    try:
+        assert run(crowd, "Observation", "code=X&_total=accurate").total == 65
+        assert run(crowd, "Observation", "code=X&_summary=count").total == 65
+    finally:
+        crowd[1].denied_labels = set()
+    seen, cursor = [], None  # and the ordered walk still yields every record once
+    while True:
+        res = run(crowd, "Observation", "code=X&_count=7" + (f"&_page={cursor}" if cursor
+                                                               else ""))
+        seen += [h.meta["id"] for h in res.found]
+        cursor = res.next_cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted([f"c{i}" for i in range(60)] + [f"d{i}" for i in range(10)])
