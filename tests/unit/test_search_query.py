@@ -423,6 +423,9 @@ def test_default_total_counts_each_visible_record_once(
     res = run(crowd, "Observation", "code=X&date=ge2023-01-01&_count=5")
     assert len(res.found) == 5 and res.next_cursor is not None
     assert res.total == 30  # c0..c19 and d0..d9, in 20 patients
+    sorted_ = run(crowd, "Observation", "code=X&date=ge2023-01-01&_sort=date&_count=5")
+    assert [h.meta["id"] for h in sorted_.found] == [f"c{i}" for i in range(19, 14, -1)]
+    assert sorted_.total == 30  # the same through the driver (or scan) plan of a _sort
     assert run(crowd, "Observation", "code=X&subject=q3&_count=1").total == 2  # c3, d3
     crowd[1].denied_labels = {"PSY"}
     try:

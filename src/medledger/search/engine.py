@@ -178,7 +178,9 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
     small = min(drivable, key=lambda x: x[1]) if drivable else None
     driver = small[0] if small is not None and small[1] <= DRIVER_LIMIT else None
     ordered = None
-    if driver is None and not q.sort:  # many matches: read one value index in row order
+    if driver is not None and driver.ordered and not q.sort:
+        ordered, driver = driver, None  # few matches, in row order in their own index
+    elif driver is None and not q.sort:  # many matches: read one value index in row order
         by_size = sorted((n, i) for i, (c, n) in enumerate(drivable) if c.ordered)
         ordered = drivable[by_size[0][1]][0] if by_size else None
     out = Plan(base, ordered=None if ordered is None else ordered.ordered)
@@ -186,8 +188,10 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
         if cond is driver:
             assert cond.driver is not None
             out.where.append(Sql(f"res.rid IN ({cond.driver.text})", cond.driver.args))
+        elif cond is not ordered and ordered is not None:  # before ``res`` is read
+            out.where.append(cond.lazy_check.bind(out.rid))
         elif cond is not ordered:
-            out.where.append(cond.check.bind("res.rid"))
+            out.where.append(cond.check.bind(out.rid))
     out.order = [(k.expr.bind("res.rid"), k.descending) for k in q.sort]
     return out
 
@@ -233,8 +237,9 @@ def _keyset(order: list[tuple[Sql, bool]], values: list[Any], before: bool,
 
 
 def _source(p: Plan) -> str:
-    """The FROM of a plan: ``res``, or the ordered value index joined to ``res``."""
-    return f"{p.ordered[0]} AS j JOIN res ON res.rid = j.rid" if p.ordered else "res"
+    """The FROM of a plan: ``res``, or the ordered value index joined to ``res`` (CROSS
+    JOIN: SQLite keeps the index as the outer loop, never scanning ``res`` instead)."""
+    return f"{p.ordered[0]} AS j CROSS JOIN res ON res.rid = j.rid" if p.ordered else "res"
 
 
 def _matching(p: Plan, after: Sql | None = None) -> Sql:

@@ -71,6 +71,13 @@ class Condition:
     # (table, WHERE on alias ``j``): an index that yields the matching row ids in row-id
     # order (one token or reference value), so a page reads only its own rows
     ordered: tuple[str, Sql] | None = None
+    # ``check`` as a subquery SQLite runs as written (``LIMIT 1`` keeps it from becoming
+    # a join): tests the rows of an ordered walk before their ``res`` row is read
+    probe: Sql | None = None
+
+    @property
+    def lazy_check(self) -> Sql:
+        return self.probe or self.check
 
 
 @dataclass(frozen=True)
@@ -397,15 +404,17 @@ class Compiler:
             return Condition(name, Sql("0"), Sql("SELECT NULL AS rid WHERE 0"))
         check = Sql(f"EXISTS (SELECT 1 FROM {table} WHERE rid = {{rid}} AND pid = ? AND "
                     f"({where}))", (pid, *args))
+        probe = Sql(check.text[:-1] + " LIMIT 1)", check.args)
         if param.type == "token" and mod == "not":
-            return Condition(name, Sql(f"NOT {check.text}", check.args), None)
+            return Condition(name, Sql(f"NOT {check.text}", check.args), None,
+                             probe=Sql(f"NOT {probe.text}", probe.args))
         driver = Sql(f"SELECT rid FROM {table} WHERE pid = ? AND ({where})", (pid, *args))
         ordered = None
         if param.type in ("token", "reference") and mod != "text" and len(values) == 1 and \
                 _ORDERED.match(where):
             qualified = _COLUMN.sub(r"j.\1", where)
             ordered = (table, Sql(f"j.pid = ? AND ({qualified})", (pid, *args)))
-        return Condition(name, check, driver, ordered)
+        return Condition(name, check, driver, ordered, probe)
 
     def _where(self, param: SearchParam, mod: str, values: list[str]) -> tuple[str, list[Any]]:
         t = param.type
