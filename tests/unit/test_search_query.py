@@ -387,8 +387,8 @@ def test_every_plan_gives_the_same_answer(env: Any, query: str,
 
 def _crowd() -> list[dict[str, Any]]:
     """60 patients with one Observation of code X each (2024 for the first 20, 2019 for
-    the others), and for the first 10 a second one coded X twice (two systems: two index
-    rows for one record)."""
+    the others), for the first 10 a second one coded X twice (two systems: two index
+    rows for one record), and for q0 one of code Z."""
     out = [patient(f"q{i}", f"Crowd{i}", "Ann", "1970-01-01", "female") for i in range(60)]
     out += [obs(f"c{i}", f"q{i}", "X", "2024-01-01" if i < 20 else "2019-01-01", 1)
             for i in range(60)]
@@ -396,6 +396,7 @@ def _crowd() -> list[dict[str, Any]]:
         twice = obs(f"d{i}", f"q{i}", "X", "2024-02-01", 2)
         twice["code"]["coding"].append({"system": "http://other.example.org", "code": "X"})
         out.append(twice)
+    out.append(obs("e0", "q0", "Z", "2024-03-01", 3))  # the only Z
     return out
 
 
@@ -457,3 +458,17 @@ def test_total_over_many_patients_is_left_out_unless_asked(crowd: Any) -> None:
         if cursor is None:
             break
     assert sorted(seen) == sorted([f"c{i}" for i in range(60)] + [f"d{i}" for i in range(10)])
+
+
+def test_the_condition_with_fewest_rows_drives(crowd: Any) -> None:
+    """Estimates count each condition only up to the smallest count so far, and the
+    smallest drives: q0's 3 rows against Z's 1 (Z drives), q1's 2 against X's 80."""
+    from medledger.search.engine import plan
+    engine, host, index = crowd
+    for query, table, found in (("subject=q0&code=Z", "t", ["e0"]),
+                                ("subject=q1&code=X", "r", ["d1", "c1"])):
+        items = [tuple(p.split("=", 1)) for p in query.split("&")]
+        q = engine.parse("Observation", items, strict=True)
+        p = plan(index, q, Scope(object(), None, None))
+        assert p is not None and p.ordered is not None and p.ordered[0] == table
+        assert [h.meta["id"] for h in run(crowd, "Observation", query).found] == found

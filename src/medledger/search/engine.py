@@ -155,9 +155,10 @@ def _base_filters(index: SearchIndex, q: Query, scope: Scope) -> list[Sql] | Non
     return filters
 
 
-def _estimate(index: SearchIndex, cond: Condition) -> int:
+def _estimate(index: SearchIndex, cond: Condition, limit: int = DRIVER_LIMIT) -> int:
+    """How many rows ``cond`` matches, counted up to ``limit`` + 1."""
     assert cond.driver is not None
-    rows = index.query(f"SELECT count(*) FROM ({cond.driver.text} LIMIT {DRIVER_LIMIT + 1})",
+    rows = index.query(f"SELECT count(*) FROM ({cond.driver.text} LIMIT {int(limit) + 1})",
                        cond.driver.args)
     return int(rows[0][0])
 
@@ -196,21 +197,25 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
     return out
 
 
-SMALL_ENOUGH = 200  # a condition this selective drives; the others need no estimate
+SMALL_ENOUGH = 200  # a condition this selective drives; ranges then need no estimate
 
 
 def _estimates(index: SearchIndex, conds: list[Condition]) -> list[tuple[Condition, int]]:
     """Bounded match counts: references first (a patient, an encounter: usually the
     fewest rows), then the other equality conditions (those with an ordered index), then
-    ranges. Once one is small enough to drive, the rest are not counted: counting a
-    common code reads its first ``DRIVER_LIMIT`` index rows, a range scans its rows,
-    and either costs more than checking the few driven rows saves."""
+    ranges. Each is counted only up to the smallest count so far (past it, it will not
+    drive): after a patient's 9 rows, a common code costs 10 index rows, not
+    ``DRIVER_LIMIT``. Once one is small enough to drive, ranges are not counted at all
+    (a range may scan many rows to find a few)."""
     out: list[tuple[Condition, int]] = []
+    best = DRIVER_LIMIT
     for cond in sorted(conds, key=_estimate_order):
-        if out and min(n for _, n in out) <= SMALL_ENOUGH:
+        if cond.ordered is None and best <= SMALL_ENOUGH:
             out.append((cond, DRIVER_LIMIT + 1))
             continue
-        out.append((cond, _estimate(index, cond)))
+        n = _estimate(index, cond, best)
+        out.append((cond, n))
+        best = min(best, n)
     return out
 
 
