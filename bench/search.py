@@ -207,15 +207,32 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(s)}
 
 
-def _timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
+class _Work:
+    """SQLite virtual-machine instructions run by the index's search connection (counted
+    in thousands through a progress handler): the work of a query, whatever the load."""
+
+    def __init__(self, index: SearchIndex) -> None:
+        self.kinstr = 0
+        index.rdb.set_progress_handler(self._tick, 1000)
+
+    def _tick(self) -> int:
+        self.kinstr += 1
+        return 0  # go on
+
+
+def _timed(fn: Callable[[], Any], n: int, work: _Work) -> dict[str, float]:
     for _ in range(min(5, n)):
         fn()
-    samples = []
+    samples, kinstr = [], []
     for _ in range(n):
+        k0 = work.kinstr
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
-    return _percentiles(samples)
+        kinstr.append(work.kinstr - k0)
+    kinstr.sort()
+    return {**_percentiles(samples), "vm_kinstr_p50": kinstr[len(kinstr) // 2],
+            "vm_kinstr_p99": kinstr[min(len(kinstr) - 1, int(len(kinstr) * 0.99))]}
 
 
 def queries(index: SearchIndex, n_resources: int, n_patients: int, reps: int
@@ -255,12 +272,13 @@ def queries(index: SearchIndex, n_resources: int, n_patients: int, reps: int
         return score(p, found)
 
     out: dict[str, Any] = {}
+    work = _Work(index)
     for name, fn in (("Patient?family=&birthdate=", family_birth),
                      ("Patient?identifier=", identifier),
                      ("Observation?patient=&code=&date=ge", patient_code_date),
                      ("Observation?code=&_count=50 (type-wide)", type_wide_code),
                      ("$match of a new patient", match_new)):
-        out[name] = _timed(fn, reps)
+        out[name] = _timed(fn, reps, work)
     out["paged walk 10,000 results (_count=100)"] = walk(engine, host, 10_000)
     return out
 

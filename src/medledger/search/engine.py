@@ -132,7 +132,7 @@ def query_hash(rtype: str, items: Sequence[tuple[str, str]]) -> str:
 
 @dataclass
 class Plan:
-    where: list[Sql] = field(default_factory=list)  # on ``res``
+    where: list[Sql] = field(default_factory=list)  # on ``res`` (and ``j``, if ordered)
     order: list[tuple[Sql, bool]] = field(default_factory=list)  # (expr, descending)
     ordered: tuple[str, Sql] | None = None  # join a value index read in row-id order
 
@@ -169,7 +169,7 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
     if base is None:
         return None
     conds = [c for c in q.conditions if c.driver is not None]
-    if len(q.conditions) == 1 and conds[0:1] and conds[0].ordered and not q.sort and \
+    if len(q.conditions) == 1 and conds and conds[0].ordered and not q.sort and \
             scope.everything_of is None and scope.patient_only is None:
         # one equality, newest first: its index in row-id order yields the page's own
         # rows, whatever their number; counting them first would read more
@@ -189,10 +189,8 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
         if cond is driver:
             assert cond.driver is not None
             out.where.append(Sql(f"res.rid IN ({cond.driver.text})", cond.driver.args))
-        elif cond is not ordered and ordered is not None:  # before ``res`` is read
-            out.where.append(cond.lazy_check.bind(out.rid))
-        elif cond is not ordered:
-            out.where.append(cond.check.bind(out.rid))
+        elif cond is not ordered:  # in an ordered walk: on the index row, before ``res``
+            out.where.append((cond.lazy_check if ordered else cond.check).bind(out.rid))
     out.order = [(k.expr.bind("res.rid"), k.descending) for k in q.sort]
     return out
 

@@ -402,9 +402,9 @@ class Compiler:
             where, args = self._where(param, mod, values)
         if pid is None:  # nothing indexed for this parameter yet: matches nothing
             return Condition(name, Sql("0"), Sql("SELECT NULL AS rid WHERE 0"))
-        check = Sql(f"EXISTS (SELECT 1 FROM {table} WHERE rid = {{rid}} AND pid = ? AND "
-                    f"({where}))", (pid, *args))
-        probe = Sql(check.text[:-1] + " LIMIT 1)", check.args)
+        rows = f"SELECT 1 FROM {table} WHERE rid = {{rid}} AND pid = ? AND ({where})"
+        check = Sql(f"EXISTS ({rows})", (pid, *args))
+        probe = Sql(f"EXISTS ({rows} LIMIT 1)", (pid, *args))
         if param.type == "token" and mod == "not":
             return Condition(name, Sql(f"NOT {check.text}", check.args), None,
                              probe=Sql(f"NOT {probe.text}", probe.args))
