@@ -1,6 +1,7 @@
 """node.audit.Auditor in deferred mode (the HTTP API's): events recorded by a request are
 committed by the audit writer thread before ``flush`` returns, in one transaction for
-everything buffered meanwhile; a failed commit loses nothing and answers nobody."""
+everything buffered meanwhile; a failed commit loses nothing and answers nobody. And the
+store's WAL checkpoints, which run on a thread of their own in a serving node."""
 
 from __future__ import annotations
 
@@ -91,3 +92,24 @@ def test_flush_with_nothing_recorded_returns_at_once(tmp_path: Path) -> None:
     auditor, _ = _auditor(tmp_path)
     asyncio.run(auditor.flush())
     assert auditor._writer is None  # no thread started for nothing
+
+
+def test_wal_checkpoints_run_on_their_own_thread(tmp_path: Path) -> None:
+    """With the node's background checkpointer, no commit on the serving connection runs
+    a checkpoint (and its fsyncs); the checkpointer moves the WAL into the database."""
+    import os
+    import time
+
+    store = SqliteStore(tmp_path / "ledger.db")
+    store.checkpoint_in_background(interval_s=0.05)
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    before = os.path.getsize(tmp_path / "ledger.db")
+    events = [(f"e{i}", "p-1", os.urandom(4000)) for i in range(2000)]  # ~8 MB of WAL
+    for i in range(0, len(events), 100):
+        store.append_local_audit(events[i:i + 100])
+    deadline = time.monotonic() + 20
+    while os.path.getsize(tmp_path / "ledger.db") < before + 7_000_000:
+        assert time.monotonic() < deadline, "the checkpointer did not move the WAL"
+        time.sleep(0.05)
+    store.close()
+    assert len(_committed(tmp_path / "ledger.db")) == 2000

@@ -243,14 +243,19 @@ class LoginGuard:
       success, so concurrent guesses cannot all pass before one is counted. Failures are
       forgotten ``window_s`` after the last one.
     * **Bounded hashing off the event loop**: scrypt runs on ``workers`` threads
-      (OpenSSL releases the GIL); more than ``max_waiting`` logins waiting is a 503.
+      (OpenSSL releases the GIL); more than ``max_waiting`` logins waiting is a 503. Each
+      worker rests after a hash for as long as the hash took, times
+      ``1 / max_cpu_share - 1``: a flood of logins (from many addresses, or the free
+      tries of one) takes at most that share of a core, and the node's other clients
+      keep the rest. A login that finds a worker free is not delayed.
 
     The clock is passed in (tests use a fake one).
     """
 
     def __init__(self, clock: Callable[[], float] = time.time, *, free_per_id: int = 5,
                  free_per_client: int = 20, max_backoff_s: int = 900, window_s: int = 900,
-                 workers: int = 1, max_waiting: int = 32, first_backoff_s: float = 1) -> None:
+                 workers: int = 1, max_waiting: int = 32, first_backoff_s: float = 1,
+                 max_cpu_share: float = 0.5) -> None:
         self.clock = clock
         self.free = {"id": free_per_id, "client": free_per_client}
         self.max_backoff_s = max_backoff_s
@@ -260,6 +265,7 @@ class LoginGuard:
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
         self._slots = asyncio.Semaphore(workers)
+        self.rest_factor = max(0.0, 1 / max(0.01, min(1.0, max_cpu_share)) - 1)
         self._waiting = 0
         self.max_waiting = max_waiting
 
@@ -317,9 +323,15 @@ class LoginGuard:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="login",
                                             initializer=_lower_thread_priority)
         self._waiting += 1
+        loop = asyncio.get_running_loop()
         try:
-            async with self._slots:
-                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            await self._slots.acquire()
+            started = time.monotonic()
+            try:
+                return await loop.run_in_executor(self._pool, fn, *args)
+            finally:  # the worker rests before the next hash; this answer does not wait
+                rest = (time.monotonic() - started) * self.rest_factor
+                loop.call_later(rest, self._slots.release)
         finally:
             self._waiting -= 1
 

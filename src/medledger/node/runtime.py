@@ -126,6 +126,7 @@ class NodeRuntime:
         if purged:
             log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
                         "made", purged)
+        node.store.checkpoint_in_background()  # no WAL fsync while a request waits
         loop = asyncio.get_running_loop()
         if node.config.mode == "cometbft" and node.replica.peers():
             from medledger.node.erasure import catch_up

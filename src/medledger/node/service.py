@@ -169,7 +169,8 @@ class Node:
         self.auditor = Auditor(store, org.id, clock, org.secret_root)
         self.login_guard = LoginGuard(
             clock, workers=int(config.extra.get("login_workers", 1)),
-            first_backoff_s=float(config.extra.get("login_first_backoff_s", 1)))
+            first_backoff_s=float(config.extra.get("login_first_backoff_s", 1)),
+            max_cpu_share=float(config.extra.get("login_max_cpu_share", 0.5)))
         self.anchor_interval_s = 0.5
         self._epoch_keys: dict[tuple[str, str], bytes | None] = {}
         self._search: NodeSearch | None = None

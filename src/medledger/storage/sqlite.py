@@ -10,6 +10,7 @@ start check verifies (``node/startcheck.py``).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -20,6 +21,8 @@ from medledger.core.machine import AuditRow, BlockApplied
 from medledger.crypto import localseal
 from medledger.crypto.canonical import canonical, loads
 from medledger.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -81,6 +84,7 @@ class SqliteStore:
             raise StorageError(f"cannot open ledger database {self.path}: {exc}") from exc
         self.lock = threading.RLock()
         self.seal_key: bytes | None = None
+        self._checkpointer: _Checkpointer | None = None
 
     def _add_columns(self) -> None:
         for table, column, kind in _ADDED_COLUMNS:
@@ -93,7 +97,20 @@ class SqliteStore:
         log from now on; without it those seals are not updated."""
         self.seal_key = key
 
+    def checkpoint_in_background(self, interval_s: float = 1.0) -> None:
+        """Move the WAL's checkpoints (the only writes SQLite syncs to disk in WAL mode
+        with ``synchronous=NORMAL``) off the connection that serves requests: every commit
+        past 1,000 WAL pages used to run one, with its fsyncs, while holding this store's
+        lock. A thread with its own connection checkpoints passively instead (it never
+        waits for or blocks a reader or the writer)."""
+        if self._checkpointer is None:
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self._checkpointer = _Checkpointer(self.path, interval_s)
+
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         with self.lock:
             self.db.close()
 
@@ -478,3 +495,29 @@ class SqliteStore:
             rows = self.db.execute("SELECT event FROM audit WHERE height = ? ORDER BY leaf",
                                    (height,)).fetchall()
         return [bytes(r[0]) for r in rows]
+
+
+class _Checkpointer:
+    """``PRAGMA wal_checkpoint(PASSIVE)`` every ``interval_s`` on a connection of its own."""
+
+    def __init__(self, path: str, interval_s: float) -> None:
+        self.path = path
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # busy or locked: the next round retries
+                    log.debug("WAL checkpoint skipped: %s", exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
