@@ -7,7 +7,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.stats import peak_rss_mib
 
@@ -25,23 +27,41 @@ def verify(db: str) -> None:
 
 
 def startcheck(home: str, workers: str) -> None:
-    """The node's start check (``node/startcheck.py``) over a home, as ``node start`` runs it."""
+    """The node's start check (``node/startcheck.py``) over a home, as ``node start`` runs it;
+    also times its two halves (the ledger walk, the state digest) by wrapping them."""
+    import resource
+
     from medledger.crypto import localseal
+    from medledger.node import startcheck as sc
     from medledger.node.home import Home
-    from medledger.node.startcheck import check_store
     from medledger.storage.sqlite import SqliteStore
     h = Home(home)
     config = h.load_config()
     org = h.unlock_org(os.environ.get("MEDLEDGER_PASSWORD", "bench-password"))
     store = SqliteStore(h.db_path)
     store.set_seal_key(localseal.derive_seal_key(org.secret_root, config.chain))
+    split: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                split[name] = time.perf_counter() - t
+        return run
+
+    sc._check_ledger = timed("ledger_s", sc._check_ledger)  # type: ignore[assignment]
+    sc._check_state = timed("state_s", sc._check_state)  # type: ignore[assignment]
     t0 = time.perf_counter()
-    report = check_store(store, config.chain, None if workers == "auto" else int(workers))
+    report = sc.check_store(store, config.chain, None if workers == "auto" else int(workers))
     took = time.perf_counter() - t0
-    print(json.dumps({"seconds": took, "blocks": report.blocks, "txs": report.txs,
+    print(json.dumps({"seconds": took, **split, "blocks": report.blocks, "txs": report.txs,
                       "bytes": report.tx_bytes, "audit_events": report.audit_events,
                       "state_entries": report.state_entries, "workers": workers,
-                      "peak_rss_mib": peak_rss_mib()}))
+                      "peak_rss_mib": peak_rss_mib(),
+                      "worker_peak_rss_mib":
+                          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
 async def abci(home: str, port: int, log_path: str) -> None:
