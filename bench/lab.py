@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,7 @@ def record_txs_stream(chain: str, org: keys.Identity, patients: list[PatientKey]
                  for s in range(0, n, chunk)])
     with ProcessPoolExecutor(workers) as pool:
         ahead: deque[Future[list[Sealed]]] = deque(
-            pool.submit(_record_txs_chunk, job) for job, _ in zip(jobs, range(2 * workers + 2),
-                                                                  strict=False))
+            pool.submit(_record_txs_chunk, job) for job in islice(jobs, 2 * workers + 2))
         while ahead:
             done = ahead.popleft().result()
             job = next(jobs, None)
@@ -159,6 +159,7 @@ class Lab:
             self.store.db.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
             self.store.db.execute("PRAGMA wal_autocheckpoint=16384")
             self.blobs.db.execute("PRAGMA synchronous=OFF")
+            self.blobs.db.execute("PRAGMA cache_size=-262144")  # its hash index, at 1M blobs
         # sealed like a node's own store, so a node started on this home passes its start check
         self.store.set_seal_key(localseal.derive_seal_key(self.org.secret_root, self.chain))
         self.app = LedgerApp(self.store, self.chain)
@@ -194,6 +195,7 @@ class Lab:
         txs and applying blocks. FinalizeBlock does not verify the signatures again (the
         builder made them; ``medledger verify`` re-checks every one)."""
         waited = applied = 0.0
+        had = len(self.records)
         t = time.perf_counter()
         for chunk in record_txs_stream(self.chain, self.org, self.patients, n, tag):
             t1 = time.perf_counter()
@@ -207,6 +209,7 @@ class Lab:
             waited, applied, t = waited + t1 - t, applied + t2 - t1, t2
             if on_block is not None:
                 on_block(len(chunk))
+        assert len(self.records) - had == n, f"built {len(self.records) - had} records, not {n}"
         return {"wait_generate_s": waited, "apply_commit_s": applied}
 
     def register_patients(self, n: int) -> list[PatientKey]:
