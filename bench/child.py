@@ -51,8 +51,8 @@ def startcheck(home: str, workers: str) -> None:
                 split[name] = time.perf_counter() - t
         return run
 
-    sc._check_ledger = timed("ledger_s", sc._check_ledger)  # type: ignore[assignment]
-    sc._check_state = timed("state_s", sc._check_state)  # type: ignore[assignment]
+    sc._check_ledger = timed("ledger_s", sc._check_ledger)
+    sc._check_state = timed("state_s", sc._check_state)
     t0 = time.perf_counter()
     report = sc.check_store(store, config.chain, None if workers == "auto" else int(workers))
     took = time.perf_counter() - t0
