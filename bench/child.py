@@ -23,7 +23,7 @@ def verify(db: str) -> None:
     took = time.perf_counter() - t0
     print(json.dumps({"seconds": took, "blocks": report.blocks, "txs": report.txs,
                       "bytes": report.bytes, "state_keys": report.state_keys,
-                      "peak_rss_mib": peak_rss_mib()}))
+                      "peak_rss_mib": peak_rss_mib(os.getpid())}))
 
 
 def startcheck(home: str, workers: str) -> None:
