@@ -307,7 +307,7 @@ def fresh_node(tmp_path: Path) -> Iterator[NodeHandle]:
     """Its own node: the throttle test locks out 127.0.0.1 for a while (the first lock-out
     lasts a minute here, so a slow machine cannot outlast it between two requests)."""
     with running_node(tmp_path / "home", staff=False,
-                      extra={"login_first_backoff_s": 60}) as n:
+                      extra={"login_first_backoff_s": 60, "login_tarpit_s": 0.3}) as n:
         register_staff(n)
         yield n
 
@@ -332,8 +332,10 @@ def test_login_flood_throttled_with_back_off(fresh_node: NodeHandle) -> None:
     assert_outcome(httpx.post(url, json={"id": "dr-house", "password": PASSWORD}), 429,
                    "this address")
     # a locked-out address is refused before its request is parsed (a flood costs the
-    # node a lookup per guess): even a body that is not JSON gets the 429, with headers
+    # node a lookup per guess), after a pause: even a body that is not JSON gets the 429
+    t = time.monotonic()
     gate = httpx.post(url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert time.monotonic() - t >= 0.3  # held for the tarpit (0.3 s here, 1 s by default)
     assert_outcome(gate, 429, "this address")
     assert int(gate.headers["retry-after"]) >= 1
     assert gate.headers["x-content-type-options"] == "nosniff"

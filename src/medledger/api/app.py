@@ -15,6 +15,7 @@ no CDN, no inline script.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -63,7 +64,9 @@ def create_app(node: Node, *, run_background: bool = True) -> FastAPI:
                   docs_url=None, redoc_url=None)
     app.state.node = node
     app.state.runtime = runtime
-    app.state.work_limiter = WorkLimiter(int(node.config.extra.get("search_workers", 1)))
+    app.state.work_limiter = WorkLimiter(
+        int(node.config.extra.get("search_workers", 1)),
+        max_share=float(node.config.extra.get("search_max_share", 0.33)))
     # worker threads (searches) hand the GIL back to the event loop after 1 ms, not 5 ms
     sys.setswitchinterval(float(node.config.extra.get("gil_switch_interval_s", 0.001)))
 
@@ -273,17 +276,31 @@ def _body_limit(config: Config, scope: Any) -> int:
 
 class _LoginLockoutGate:
     """A login from a locked-out address is answered 429 here, before routing and body
-    parsing: a flood of guesses costs the event loop (which serves everyone else) a
-    dictionary lookup and a small answer per request."""
+    parsing, and only after ``tarpit_s`` (at most ``MAX_HELD`` answers held at once): a
+    client guessing back to back sends one guess a second instead of hundreds, and each
+    costs the event loop (which serves everyone else) a lookup and a small answer. The
+    wait costs the node a timer; the lock-out was going to refuse the guess anyway."""
+
+    MAX_HELD = 256
 
     def __init__(self, app: Any, node: Node) -> None:
         self.app = app
         self.guard = node.login_guard
+        self.tarpit_s = float(node.config.extra.get("login_tarpit_s", 1.0))
+        self.held = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == LOGIN:
             client = scope.get("client")
-            wait = self.guard.client_blocked_s(client[0] if client else "")
+            address = client[0] if client else ""
+            wait = self.guard.client_blocked_s(address)
+            if wait > 0 and self.held < self.MAX_HELD:
+                self.held += 1
+                try:
+                    await asyncio.sleep(min(wait, self.tarpit_s))
+                finally:
+                    self.held -= 1
+                wait = self.guard.client_blocked_s(address)
             if wait > 0:
                 await outcome_response(throttled(wait))(scope, receive, send)
                 return

@@ -247,7 +247,8 @@ class LoginGuard:
       worker rests after a hash for as long as the hash took, times
       ``1 / max_cpu_share - 1``: a flood of logins (from many addresses, or the free
       tries of one) takes at most that share of a core, and the node's other clients
-      keep the rest. A login that finds a worker free is not delayed.
+      keep the rest. The worker rests only when other logins wait for it, so a login
+      that finds it free is not delayed.
 
     The clock is passed in (tests use a fake one).
     """
@@ -329,9 +330,9 @@ class LoginGuard:
             started = time.monotonic()
             try:
                 return await loop.run_in_executor(self._pool, fn, *args)
-            finally:  # the worker rests before the next hash; this answer does not wait
+            finally:  # the worker rests before the next waiting hash; no answer waits
                 rest = (time.monotonic() - started) * self.rest_factor
-                loop.call_later(rest, self._slots.release)
+                loop.call_later(rest if self._waiting > 1 else 0.0, self._slots.release)
         finally:
             self._waiting -= 1
 
