@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from medledger.errors import (
 )
 from medledger.fhir.outcome import operation_outcome
 from medledger.node.auth import Session
+from medledger.node.pacing import PacedSlots
 from medledger.node.service import Node
 
 FHIR_JSON = "application/fhir+json"
@@ -101,20 +101,17 @@ async def off_loop(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
 
 class WorkLimiter:
     """At most ``workers`` costly calls at once, at most ``max_waiting`` queued behind them;
-    beyond that a 503 (busy, retry) instead of an ever-longer queue. After each call its
-    slot rests for as long as the call took, times ``1 / max_share - 1``: back-to-back
-    searches (a flood, or clients searching in parallel) keep at most that share of the
-    node's time, and the other clients' reads the rest. The slot rests only when other
-    calls wait for it, so one client searching alone is never slowed; a call's answer
-    never waits for the rest."""
+    beyond that a 503 (busy, retry) instead of an ever-longer queue. When calls queue,
+    they keep to ``max_share`` of the node's time (``node.pacing.PacedSlots``): a search
+    flood leaves the rest to the other clients' reads; a client searching alone is never
+    slowed."""
 
     def __init__(self, workers: int = 2, max_waiting: int = 64, max_share: float = 1.0
                  ) -> None:
         self.workers = workers
         self.max_waiting = max_waiting
-        self.rest_factor = max(0.0, 1 / max(0.01, min(1.0, max_share)) - 1)
         self._pool: ThreadPoolExecutor | None = None
-        self._slots = asyncio.Semaphore(workers)
+        self._slots = PacedSlots(workers, max_share)
         self._queued = 0
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -129,15 +126,9 @@ class WorkLimiter:
         if self._queued >= self.workers + self.max_waiting:
             raise busy("the node is busy with other searches; retry in a moment")
         self._queued += 1
-        loop = asyncio.get_running_loop()
         try:
-            await self._slots.acquire()
-            started = time.monotonic()
-            try:
+            async with self._slots.hold():
                 return await fn(*args)
-            finally:  # rest only when others wait: a lone client is never slowed
-                rest = (time.monotonic() - started) * self.rest_factor
-                loop.call_later(rest if self._queued > 1 else 0.0, self._slots.release)
         finally:
             self._queued -= 1
 

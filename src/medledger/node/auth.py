@@ -39,6 +39,7 @@ from medledger.errors import (
     Unauthenticated,
     busy,
 )
+from medledger.node.pacing import PacedSlots
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME_S = 300
@@ -243,12 +244,10 @@ class LoginGuard:
       success, so concurrent guesses cannot all pass before one is counted. Failures are
       forgotten ``window_s`` after the last one.
     * **Bounded hashing off the event loop**: scrypt runs on ``workers`` threads
-      (OpenSSL releases the GIL); more than ``max_waiting`` logins waiting is a 503. Each
-      worker rests after a hash for as long as the hash took, times
-      ``1 / max_cpu_share - 1``: a flood of logins (from many addresses, or the free
-      tries of one) takes at most that share of a core, and the node's other clients
-      keep the rest. The worker rests only when other logins wait for it, so a login
-      that finds it free is not delayed.
+      (OpenSSL releases the GIL); more than ``max_waiting`` logins waiting is a 503. When
+      logins queue, hashing keeps to ``max_cpu_share`` of a core (``node.pacing``): a
+      flood of logins (from many addresses, or the free tries of one) leaves the rest to
+      the node's other clients; a login that finds the worker free is not delayed.
 
     The clock is passed in (tests use a fake one).
     """
@@ -265,8 +264,7 @@ class LoginGuard:
         self._failures: dict[tuple[str, str], _Failures] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._workers = workers
-        self._slots = asyncio.Semaphore(workers)
-        self.rest_factor = max(0.0, 1 / max(0.01, min(1.0, max_cpu_share)) - 1)
+        self._slots = PacedSlots(workers, max_cpu_share)
         self._waiting = 0
         self.max_waiting = max_waiting
 
@@ -324,15 +322,9 @@ class LoginGuard:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="login",
                                             initializer=_lower_thread_priority)
         self._waiting += 1
-        loop = asyncio.get_running_loop()
         try:
-            await self._slots.acquire()
-            started = time.monotonic()
-            try:
-                return await loop.run_in_executor(self._pool, fn, *args)
-            finally:  # the worker rests before the next waiting hash; no answer waits
-                rest = (time.monotonic() - started) * self.rest_factor
-                loop.call_later(rest if self._waiting > 1 else 0.0, self._slots.release)
+            async with self._slots.hold():
+                return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         finally:
             self._waiting -= 1
 
