@@ -70,3 +70,15 @@ def test_retries_run_out_with_the_last_answer(monkeypatch: pytest.MonkeyPatch) -
         c.request("GET", "/fhir/Observation", auth=False)
     assert err.value.status == 503 and "busy" in str(err.value)
     assert len(sent) == 4 and waits == [1.0, 1.0, 1.0]
+
+
+def test_a_retry_after_that_is_not_seconds_falls_back_to_the_back_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[httpx.Request] = []
+    waits: list[float] = []
+    ok = httpx.Response(200, json={"resourceType": "Bundle", "total": 0})
+    # an HTTP-date (RFC 9110 allows it) and garbage: neither is waited for as named
+    c = _client([_busy("Wed, 21 Oct 2026 07:28:00 GMT"), _busy("-3"), ok], sent, waits,
+                monkeypatch)
+    assert c.request("GET", "/fhir/Observation", auth=False).json()["total"] == 0
+    assert waits == [0.5, 1.0]

@@ -375,6 +375,7 @@ def test_catch_up_target_sets_aside_the_claims_liars_could_make() -> None:
     # too few answers to outvote anyone: the lowest claim (asked again while waiting)
     assert trusted_height([10**12], members=4) == 10**12
     assert trusted_height([], members=4) == 0
+    assert trusted_height([-5, 120, 121], members=4) == 120  # a negative claim is dropped
     # 7 members (f = 2): the two highest of six answers are set aside
     assert trusted_height([50, 51, 52, 53, 10**9, 10**9], members=7) == 53
     # 2 or 3 members (f = 0): every answer counts

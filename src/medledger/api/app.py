@@ -274,6 +274,9 @@ def _body_limit(config: Config, scope: Any) -> int:
     return config.max_body_bytes
 
 
+LOGIN = "/auth/login"
+
+
 class _LoginLockoutGate:
     """A login from a locked-out address is answered 429 here, before routing and body
     parsing, and only after ``tarpit_s`` (at most ``MAX_HELD`` answers held at once): a
@@ -305,9 +308,6 @@ class _LoginLockoutGate:
                 await outcome_response(throttled(wait))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-LOGIN = "/auth/login"
 
 
 class _StreamedBodyLimit:
