@@ -20,8 +20,9 @@ import random
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,20 @@ def _extract_chunk(args: tuple[str, int, int, int]) -> list[tuple[dict[str, Any]
     return out
 
 
+def _bounded_map(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], jobs: list[Any],
+                 ahead: int) -> Iterator[Any]:
+    """``pool.map`` with at most ``ahead`` results waiting: ``Executor.map`` submits every
+    job at once, so extraction that outruns the index writer piles its results up in
+    memory (gigabytes at 10M resources)."""
+    waiting: deque[Future[Any]] = deque()
+    for job in jobs:
+        waiting.append(pool.submit(fn, job))
+        if len(waiting) >= ahead:
+            yield waiting.popleft().result()
+    while waiting:
+        yield waiting.popleft().result()
+
+
 def build(path: Path, n_resources: int, n_patients: int, workers: int,
           progress: Callable[[int], None] | None = None,
           key: bytes | None = None) -> tuple[SearchIndex, float]:
@@ -147,7 +162,7 @@ def build(path: Path, n_resources: int, n_patients: int, workers: int,
     t0 = time.perf_counter()
     done = 0
     with ProcessPoolExecutor(workers) as pool:
-        for batch in pool.map(_extract_chunk, jobs):
+        for batch in _bounded_map(pool, _extract_chunk, jobs, ahead=2 * workers):
             keys = {r["id"]: k for r, _, k in batch}
             index.blocking_keys = lambda res: keys[res["id"]]  # noqa: B023 (this batch's)
             index.apply_extracted([(meta_of(r, done + n), r, v) for n, (r, v, _) in
