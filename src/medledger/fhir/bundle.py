@@ -275,6 +275,7 @@ class _Draft:
     body_id: bool = False  # the resource names its own id (conditional update as create)
     problem: MedledgerError | None = None
     kind: tuple[str, frozenset[str]] | None = None  # (category, labels) of the resource
+    needs_id: bool = False  # a create with no id of its own: join_parts draws one
 
 
 @dataclass(slots=True)
@@ -298,14 +299,28 @@ def read_bundle(bundle: Mapping[str, Any] | bytes | str,
     ``Bundle.entry[17] (urn:uuid:..., Observation): ...``); a batch keeps the problem
     on the entry. A dict argument is never mutated.
     """
+    return join_parts([read_part(bundle, 0, 1)], new_id)
+
+
+def read_part(bundle: Mapping[str, Any] | bytes | str, part: int, parts: int) -> BundleDraft:
+    """:func:`read_bundle` for the ``part``-th of ``parts`` contiguous slices of
+    ``Bundle.entry``, so the slices of a large Bundle are validated on several worker
+    processes at once; :func:`join_parts` puts them together. Each part parses the
+    whole JSON (orjson, the cheap step) and keeps only its own slice's entries. Entries
+    that need a new id get it in :func:`join_parts`, in entry order."""
     owned = isinstance(bundle, bytes | str)
     raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
     kind, entries = _bundle_entries(raw)
+    lo, hi = len(entries) * part // parts, len(entries) * (part + 1) // parts
+    if owned:  # parsed here: the other slices' entries go now, ours once each is drafted
+        entries[:lo] = [None] * lo
+        entries[hi:] = [None] * (len(entries) - hi)
+    else:
+        entries = list(entries)  # a caller's dict is never mutated
     drafts: list[_Draft] = []
-    for index in range(len(entries)):
-        draft = _read_entry(index, entries[index], new_id)
-        if owned:
-            entries[index] = None  # release the raw entry: only the validated copy stays
+    for index in range(lo, hi):
+        draft = _read_entry(index, entries[index])
+        entries[index] = None
         if draft.problem is not None and kind == "transaction":
             raise draft.problem
         drafts.append(draft)
@@ -318,6 +333,20 @@ def read_bundle(bundle: Mapping[str, Any] | bytes | str,
             if query is not None:
                 queries.add(query)
     return BundleDraft(kind, drafts, frozenset(queries))
+
+
+def join_parts(parts: list[BundleDraft], new_id: Callable[[], str]) -> BundleDraft:
+    """The parts of one Bundle (:func:`read_part`, in order) as one draft; the entries
+    that need a new id get ``new_id()`` here, in entry order (a keyed id sequence stays
+    the same however the Bundle was split)."""
+    drafts = [d for p in parts for d in p.drafts]
+    for d in drafts:
+        if d.needs_id:
+            d.resource_id = new_id()
+            d.needs_id = False
+            if d.resource is not None:
+                d.resource["id"] = d.resource_id
+    return BundleDraft(parts[0].kind, drafts, frozenset().union(*(p.queries for p in parts)))
 
 
 def _bundle_entries(raw: object) -> tuple[Literal["transaction", "batch"], list[Any]]:
@@ -346,7 +375,7 @@ def _entry_error(draft: _Draft, problem: str,
     return kind(f"{_where(draft.index, draft.full_url, draft.resource_type)}: {problem}")
 
 
-def _read_entry(index: int, entry: object, new_id: Callable[[], str]) -> _Draft:
+def _read_entry(index: int, entry: object) -> _Draft:
     if not isinstance(entry, Mapping):
         return _Draft(index, "?", None, None, None, None,
                       problem=InvalidInput(f"Bundle.entry[{index}]: must be a JSON object"))
@@ -358,7 +387,7 @@ def _read_entry(index: int, entry: object, new_id: Callable[[], str]) -> _Draft:
     try:
         if full_url is not None and (not isinstance(full_url, str) or not full_url):
             raise InvalidInput("fullUrl must be a non-empty string")
-        _read_request(draft, entry.get("request"), resource, new_id)
+        _read_request(draft, entry.get("request"), resource)
     except InvalidInput as exc:
         problem = exc.message
         if draft.resource_type and problem.startswith(f"{draft.resource_type} is invalid: "):
@@ -368,8 +397,7 @@ def _read_entry(index: int, entry: object, new_id: Callable[[], str]) -> _Draft:
     return draft
 
 
-def _read_request(draft: _Draft, request: object, resource: object,
-                  new_id: Callable[[], str]) -> None:
+def _read_request(draft: _Draft, request: object, resource: object) -> None:
     if not isinstance(request, Mapping):
         raise InvalidInput("missing request (a transaction entry needs request.method "
                            "and request.url)")
@@ -392,7 +420,7 @@ def _read_request(draft: _Draft, request: object, resource: object,
         draft.resource_type = url_type if _TYPE_RE.match(url_type) else None
         draft.resource_id = url_id
         return
-    _read_write(draft, request, resource, new_id)
+    _read_write(draft, request, resource)
 
 
 def _read_preconditions(draft: _Draft, request: Mapping[str, Any]) -> None:
@@ -413,8 +441,7 @@ def _read_preconditions(draft: _Draft, request: Mapping[str, Any]) -> None:
         raise InvalidInput(f"ifNoneExist applies to POST, not {draft.method}")
 
 
-def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object,
-                new_id: Callable[[], str]) -> None:
+def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object) -> None:
     assert draft.url is not None
     if not isinstance(resource, Mapping):
         raise InvalidInput(f"{draft.method} needs a resource (a JSON object)")
@@ -436,12 +463,12 @@ def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object,
                 raise InvalidInput("ifNoneExist must be a search query like "
                                    "'identifier=system|value'")
             draft.condition = parse_query(rtype, if_none_exist.rpartition("?")[2])
-        draft.resource_id = urn_id or new_id()
+        draft.resource_id = urn_id
     elif query is not None:  # conditional update
         draft.condition = parse_query(rtype, query)
         draft.conditional_update = True
         draft.body_id = isinstance(body_id, str)
-        draft.resource_id = body_id if isinstance(body_id, str) else (urn_id or new_id())
+        draft.resource_id = body_id if isinstance(body_id, str) else urn_id
     else:
         if url_id is None:
             raise InvalidInput(f"PUT needs an id or a search in request.url ('{rtype}/<id>' "
@@ -450,11 +477,13 @@ def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object,
             raise InvalidInput(f"resource.id {body_id!r} does not match request.url id "
                                f"{url_id!r}")
         draft.resource_id = url_id
-    if not _ID_RE.match(draft.resource_id):
+    draft.needs_id = draft.resource_id is None  # join_parts gives it one
+    if draft.resource_id is not None and not _ID_RE.match(draft.resource_id):
         raise InvalidInput(f"{draft.resource_id!r} is not a valid FHIR id "
                            "(1-64 of A-Z a-z 0-9 - .)")
     validated = parse_resource(resource, rtype)
-    validated["id"] = draft.resource_id
+    if draft.resource_id is not None:
+        validated["id"] = draft.resource_id
     draft.references = tuple(sorted(set(_references(validated))))
     _check_local_references(validated, draft.references)
     draft.kind = policy_kind(validated)

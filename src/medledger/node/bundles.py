@@ -143,7 +143,7 @@ def _result_from_journal(raw: bytes) -> BundleResult:
 
 async def _process(node: Node, session: Session, data: bytes | str,
                    new_id: Callable[[], str]) -> BundleResult:
-    draft = await node._off_loop(fb.read_bundle, data, new_id)
+    draft = await _read_bundle(node, data, new_id)
     answers = await IndexLookup(node).answer(session, draft.queries)
     plan = fb.finish_plan(draft, answers)
     del draft  # the plan holds the resources now
@@ -154,6 +154,22 @@ async def _process(node: Node, session: Session, data: bytes | str,
         responses = await _batch(node, session, plan, bulk)
     responses.update(await _reads(node, session, plan))
     return BundleResult(plan.kind, [responses[i] for i in sorted(responses)])
+
+
+SPLIT_BYTES = 4 << 20  # a Bundle this large is validated on every worker at once
+
+
+async def _read_bundle(node: Node, data: bytes | str, new_id: Callable[[], str]) -> fb.BundleDraft:
+    """Read and validate the Bundle on the validation pool: a large one in as many
+    slices as the pool has workers, validated at once (each worker parses the JSON and
+    validates its slice). A transaction's first problem in entry order is raised."""
+    parts = node.validator_workers if len(data) >= SPLIT_BYTES else 1
+    read = await asyncio.gather(*(node._off_loop(fb.read_part, data, k, parts)
+                                  for k in range(parts)), return_exceptions=True)
+    for outcome in read:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return fb.join_parts([p for p in read if isinstance(p, fb.BundleDraft)], new_id)
 
 
 @dataclass(slots=True)

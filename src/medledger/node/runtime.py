@@ -121,7 +121,7 @@ class NodeRuntime:
         if workers > 0:
             self.pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                             initializer=worker_init)
-            node.validator_pool = self.pool
+            node.validator_pool, node.validator_workers = self.pool, workers
             self.pool.submit(os.getpid)  # start the worker now, not on the first write
         purged = node.replica.purge_erased()  # a restored backup must not serve erased data
         if purged:
@@ -170,7 +170,7 @@ class NodeRuntime:
         await self.node.replica.aclose()
         self.node.blobs.close()
         if self.pool is not None:
-            self.node.validator_pool = None
+            self.node.validator_pool, self.node.validator_workers = None, 1
             self.pool.shutdown(wait=False, cancel_futures=True)
         if self.abci is not None:
             await self.abci.stop()

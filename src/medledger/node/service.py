@@ -177,6 +177,7 @@ class Node:
         self.integrity_failure: str | None = None
         self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
+        self.validator_workers = 1  # the pool's processes (1 without a pool)
         self._share_locks: dict[str, asyncio.Lock] = {}
         # locks a rotated organisation identity into keystore bytes (``open_node`` passes
         # one that holds the keystore password); None: keys cannot be rotated here
