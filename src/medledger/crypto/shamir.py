@@ -62,13 +62,13 @@ def seal_share(share: Share, reader_public: bytes) -> bytes:
     """A share sealed to ``reader_public`` (the guardian's, or a recovery request's key)."""
     doc = {"v": 1, "scheme": SCHEME, "patient": share.patient, "guardian": share.guardian,
            "mnemonic": share.mnemonic}
-    return envelope.wrap_key(canonical(doc), reader_public)
+    return envelope.seal_to(canonical(doc), reader_public)
 
 
 def open_share(sealed: bytes, reader_private: bytes, patient: str, guardian: str) -> Share:
     """Open a sealed share and check it is ``guardian``'s share of ``patient``'s key."""
     try:
-        doc = loads(envelope.unwrap_key(sealed, reader_private))
+        doc = loads(envelope.open_sealed_box(sealed, reader_private))
     except MedledgerError as exc:
         raise Forbidden("this sealed share is not for this key") from exc
     if not isinstance(doc, dict) or doc.get("scheme") != SCHEME or not isinstance(

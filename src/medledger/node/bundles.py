@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from medledger.core import policy
 from medledger.core import state as st
+from medledger.crypto import envelope
 from medledger.crypto.canonical import canonical, loads, sha256
 from medledger.errors import InvalidInput, MedledgerError, PreconditionFailed
 from medledger.fhir import bundle as fb
@@ -270,9 +271,12 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
 
 def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]
               ) -> list[tuple[dict[str, Any], bytes]]:
-    """``seal_record`` for many writes (runs on the worker pool)."""
-    return [seal_record(chain, resource, patient, version, readers)
-            for resource, patient, version, readers in items]
+    """``seal_record`` for many writes (runs on the worker pool), as one batch: every
+    version gets its own data key, wrapped to each reader under one ephemeral X25519 key
+    per reader for the whole batch (``envelope.BatchWrapper``), discarded when done."""
+    with envelope.BatchWrapper() as wrapper:
+        return [seal_record(chain, resource, patient, version, readers, wrapper=wrapper)
+                for resource, patient, version, readers in items]
 
 
 def _set_aside_orphan_keystore(node: Node, pid: str) -> None:

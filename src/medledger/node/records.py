@@ -2,10 +2,11 @@
 
 A version's plaintext ``canonical({"salt", "resource"})`` is zlib-compressed and
 sealed with AES-256-GCM under a fresh data key (AAD binds chain, patient, type, id,
-version); the data key is wrapped to each reader. The **sealed blob**
-``canonical({"ct", "iv", "keys"})`` stays off-chain in the blob stores of member nodes
-(ADR 4); the ``record.put`` tx carries its SHA-256, its size, the readers, and the
-salted commitment ``SHA-256(salt || canonical(resource))`` that a reader re-checks after
+version); the data key is wrapped to each reader (a sealed box, or the batch format
+when many versions are sealed together: ``crypto.envelope.BatchWrapper``). The
+**sealed blob** ``canonical({"ct", "iv", "keys"})`` stays off-chain in the blob stores of
+member nodes (ADR 4); the ``record.put`` tx carries its SHA-256, its size, the readers,
+and the salted commitment ``SHA-256(salt || canonical(resource))`` that a reader re-checks after
 decrypting (never a bare hash of PHI, which could be guessed).
 """
 
@@ -31,14 +32,16 @@ def record_aad(chain: str, patient: str | None, rtype: str, rid: str, version: i
 
 def seal_record(chain: str, resource: dict[str, Any], patient: str | None, version: int,
                 readers: Mapping[str, bytes],
-                random: Callable[[int], bytes] = os.urandom) -> tuple[dict[str, Any], bytes]:
-    """(the ``record.put`` fields that commit to it, the sealed blob) for ``resource``."""
+                random: Callable[[int], bytes] = os.urandom,
+                wrapper: envelope.BatchWrapper | None = None) -> tuple[dict[str, Any], bytes]:
+    """(the ``record.put`` fields that commit to it, the sealed blob) for ``resource``;
+    its data key wrapped by ``wrapper`` when it is sealed in a batch."""
     rtype, rid = resource["resourceType"], resource["id"]
     salt = random(32)
     plaintext = zlib.compress(canonical({"salt": b64e(salt), "resource": resource}),
                               COMPRESSION_LEVEL)
     sealed = envelope.seal(plaintext, record_aad(chain, patient, rtype, rid, version), readers,
-                           random)
+                           random, wrapper)
     blob = canonical({"ct": b64e(sealed.ciphertext), "iv": b64e(sealed.nonce),
                       "keys": {r: b64e(k) for r, k in sealed.wrapped_keys.items()}})
     fields = {"commitment": b64e(sha256(salt + canonical(resource))), "blob": blob_hash(blob),
