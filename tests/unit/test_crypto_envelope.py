@@ -262,3 +262,14 @@ def test_batch_entropy_is_an_argument() -> None:
     b = _batch(2, random=_counter_random())
     assert [s.wrapped_keys for s in a] == [s.wrapped_keys for s in b]
     assert a[0].wrapped_keys != a[1].wrapped_keys
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batch-wrap", "sealed-box"])
+def test_wrapping_to_an_unusable_public_key_is_invalid_input(batch: bool) -> None:
+    key = bytes(range(32))
+    for public in (bytes(32), b"short"):  # a low-order point; not a key at all
+        with pytest.raises(InvalidInput, match="not a usable X25519 key"):
+            if batch:
+                envelope.BatchWrapper().wrap(key, public)
+            else:
+                envelope.wrap_key(key, public)
