@@ -131,6 +131,25 @@ class Overlay:
         parent.writes.update(self.writes)
 
 
+class ReadTrackingOverlay(Overlay):
+    """An ``Overlay`` that remembers what it read from its base (``base_reads``).
+
+    A block's overlay: the base does not change while the block is applied, so a value
+    read there before the block wrote the key is that key's old value, which the state
+    digest update needs (``machine.state_acc_after``) and then need not read again."""
+
+    def __init__(self, base: StateReader) -> None:
+        super().__init__(base)
+        self.base_reads: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        value = self.base.get(key)
+        self.base_reads[key] = value
+        return value
+
+
 class MemoryState:
     """A plain in-memory state (the twin of the SQLite store's state table)."""
 
@@ -196,6 +215,19 @@ def active_orgs(state: StateReader) -> list[dict[str, Any]]:
 
 def record_head(state: StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
     return get_json(state, f"rec/{rtype}/{rid}")
+
+
+def record_heads(state: StateReader, refs: Iterable[tuple[str, str]]
+                 ) -> dict[tuple[str, str], dict[str, Any]]:
+    """The heads of the records ``refs`` ((type, id) pairs) that exist, in one batched
+    read (``get_many``) rather than one per record."""
+    raw = get_many(state, [f"rec/{rtype}/{rid}" for rtype, rid in refs])
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in raw.items():
+        if value is not None:
+            _, rtype, rid = key.split("/", 2)
+            out[(rtype, rid)] = loads(value)
+    return out
 
 
 def record_version(state: StateReader, rtype: str, rid: str, version: int) -> dict[str, Any] | None:
