@@ -23,6 +23,7 @@ new version. Functions here are the node's own (they use ``Node``'s write helper
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -328,8 +329,9 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: 
     except BaseException:
         _undo(node, writes, new_patient_keys)
         raise
-    responses = {w.entry.index: _written(node, w) for w in writes}
-    responses.update(_matched(node, plan))
+    heads = _committed_heads(node, writes, plan)
+    responses = {w.entry.index: _written(w, heads) for w in writes}
+    responses.update(_matched(plan, heads))
     patients = {w.entry.resource_id if w.entry.resource_type == "Patient"
                 else (w.body or w.head or {}).get("patient") for w in writes}
     for pid in sorted(p for p in patients if p):
@@ -344,7 +346,7 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     for planned in plan.entries:
         if planned.problem is not None:
             responses[planned.index] = _failed(planned.problem)
-    responses.update(_matched(node, plan))
+    responses.update(_matched(plan, st.record_heads(node.store, _match_refs(plan))))
     writes: list[_Write] = []
     new_patient_keys: dict[str, bytes] = {}
     for entry in sorted(plan.writes(), key=lambda e: e.resource_type != "Patient"):
@@ -370,38 +372,63 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     for pid in new_patient_keys:
         if st.actor(node.store, pid) is None:
             node.home.user_keystore(pid).unlink(missing_ok=True)
+    heads = _committed_heads(node, committed, None)
     for w in committed:
-        responses[w.entry.index] = _written(node, w)
-    patients = sorted({str(r["patient"]) for w in committed
-                       if (r := st.record_head(node.store, w.entry.resource_type,
-                                               w.entry.resource_id)) and r["patient"]})
+        responses[w.entry.index] = _written(w, heads)
+    patients = sorted({str(h["patient"]) for h in heads.values() if h["patient"]})
     for pid in patients:
         node._audit(session, "batch", pid, [], detail=f"{len(plan.entries)} bundle entries")
     return responses
 
 
-def _written(node: Node, write: _Write) -> EntryResponse:
-    meta = st.record_head(node.store, write.entry.resource_type, write.entry.resource_id)
-    assert meta is not None
+Heads = dict[tuple[str, str], dict[str, Any]]
+
+
+def _committed_heads(node: Node, writes: Iterable[_Write], plan: fb.BundlePlan | None
+                     ) -> Heads:
+    """The ledger heads the response names — every write's, and (``plan``) every matched
+    conditional create's — read in one batch once the writes are committed."""
+    refs = [(w.entry.resource_type, w.entry.resource_id) for w in writes]
+    if plan is not None:
+        refs.extend(_match_refs(plan))
+    return st.record_heads(node.store, refs)
+
+
+def _match_refs(plan: fb.BundlePlan) -> list[tuple[str, str]]:
+    refs = []
+    for entry in plan.entries:
+        if entry.action == "match":
+            assert entry.resource_type is not None and entry.resource_id is not None
+            refs.append((entry.resource_type, entry.resource_id))
+    return refs
+
+
+def _written(write: _Write, heads: Heads) -> EntryResponse:
+    meta = heads[(write.entry.resource_type, write.entry.resource_id)]
     status = "201 Created" if write.head is None else "200 OK"
     return _located(meta, status)
 
 
-def _matched(node: Node, plan: fb.BundlePlan) -> dict[int, EntryResponse]:
+def _matched(plan: fb.BundlePlan, heads: Heads) -> dict[int, EntryResponse]:
     """Conditional creates that found their resource: 200 with its location."""
     out: dict[int, EntryResponse] = {}
     for entry in plan.entries:
         if entry.action == "match":
-            assert entry.resource_type is not None and entry.resource_id is not None
-            meta = st.record_head(node.store, entry.resource_type, entry.resource_id)
+            meta = heads.get((str(entry.resource_type), str(entry.resource_id)))
             if meta is not None:
                 out[entry.index] = _located(meta, "200 OK")
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _iso(time_ns: int) -> str:
+    """``iso``, once per block time (every write of a block shares it)."""
+    return iso(time_ns)
+
+
 def _located(meta: dict[str, Any], status: str) -> EntryResponse:
     return EntryResponse(status, f"{meta['type']}/{meta['id']}/_history/{meta['v']}",
-                         etag(meta["v"]), iso(meta["time_ns"]))
+                         etag(meta["v"]), _iso(meta["time_ns"]))
 
 
 def _failed(err: MedledgerError) -> EntryResponse:
