@@ -26,7 +26,7 @@ salted commitment and the hash of the sealed blob that nodes keep off-chain (ADR
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Container, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -954,12 +954,48 @@ def _check_ops(ops: Any, what: str, limit: int = MAX_BATCH_OPS) -> list[dict[str
     return ops
 
 
+class _OpsView(Overlay):
+    """``s`` itself — the same base, the same pending writes — for applying the
+    operations of one batch or staged import, remembering the reads those operations
+    cannot change. ``actor.register`` and ``record.put`` (``_BATCHABLE``) never write an
+    organisation or a consent, and write an actor or a care relationship only where
+    there was none: so organisations and consent scans are read once, and actors and
+    care relationships once they exist. A large import checks the same patient,
+    writer and readers for every one of its records; every decision stays the one a
+    fresh read gives (the state before the tx, consents of earlier txs included)."""
+
+    def __init__(self, s: Overlay) -> None:  # shares s's state: no super().__init__
+        self.base = s.base
+        self.writes = s.writes
+        self._gets: dict[str, bytes | None] = {}
+        self._scans: dict[str, list[tuple[str, bytes]]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        value = self._gets.get(key, _UNREAD)
+        if value is not _UNREAD:
+            return value  # type: ignore[return-value]
+        value = super().get(key)
+        if key.startswith("org/") or (value is not None and key.startswith(("actor/",
+                                                                            "care/"))):
+            self._gets[key] = value
+        return value
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        if not prefix.startswith("consent/"):
+            return super().scan(prefix)
+        rows = self._scans.get(prefix)
+        if rows is None:
+            rows = self._scans[prefix] = list(super().scan(prefix))
+        return iter(rows)
+
+
 def _apply_ops(s: Overlay, sid: str, signer: dict[str, Any], ops: list[dict[str, Any]],
                tx: Tx, ctx: _Ctx, what: str, first: int = 0) -> None:
+    view = s if isinstance(s, _OpsView) else _OpsView(s)
     for i, op in enumerate(ops, first):
         ctx.op = i
         try:
-            _HANDLERS[op["kind"]](s, sid, signer, op["body"], tx, ctx)
+            _HANDLERS[op["kind"]](view, sid, signer, op["body"], tx, ctx)
         except MedledgerError as err:
             err.message = f"{what} op {i}: {err.message}"
             raise
@@ -1037,6 +1073,7 @@ def _apply_import_commit(s: Overlay, sid: str, signer: dict[str, Any], body: Map
                        "parts")
     if ctx.admission:
         return str(entry["ops"])
+    s = _OpsView(s)  # one view for every part: the same patients and writers recur
     first = 0
     for seq in range(entry["parts"]):
         key = f"stage/{iid}/{seq:06d}"
