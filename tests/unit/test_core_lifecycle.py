@@ -275,6 +275,24 @@ def test_operations_see_the_actors_and_care_that_earlier_operations_register(
     assert [i for _, i in st.patient_records(c.state, "pat-9")] == ["y0", "y1"]
 
 
+def test_operations_see_the_versions_that_earlier_operations_put(c: Chain) -> None:
+    """Record heads are read ahead per batch or part, as the state was before the tx; a
+    record the tx already wrote is read from its own writes."""
+    first = record_body("r1", 1, "")
+    second = record_body("r1", 2, body_hash(first))
+    third = record_body("r1", 3, body_hash(second))
+    put = [{"kind": "record.put", "body": b} for b in (first, second, third)]
+    iid = "q" * 32
+    _staged(c, iid, put)  # part 0: version 1; part 1: versions 2 and 3
+    assert (r := c.run("org-a", "import.commit", {"id": iid})).code == OK, r.log
+    head = st.record_head(c.state, "Observation", "r1")
+    assert head is not None and head["v"] == 3
+    fourth = record_body("r1", 4, body_hash(third))
+    again = [{"kind": "record.put", "body": fourth}, {"kind": "record.put", "body": fourth}]
+    r = c.run("org-a", "batch", {"ops": again})
+    assert r.code == CONFLICT and r.log.startswith("batch op 1"), r.log
+
+
 def test_import_commit_admission_checks_the_import_not_every_operation(c: Chain) -> None:
     """CheckTx admits a complete import's commit without applying its operations (the
     block does, all or nothing); an incomplete one is refused at admission already."""

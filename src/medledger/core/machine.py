@@ -969,11 +969,22 @@ class _OpsView(Overlay):
         self.writes = s.writes
         self._gets: dict[str, bytes | None] = {}
         self._scans: dict[str, list[tuple[str, bytes]]] = {}
+        self._ahead: dict[str, bytes | None] = {}
+
+    def read_ahead(self, ops: list[dict[str, Any]]) -> None:
+        """Read the heads of the records ``ops`` put in one batch (``get_many``), rather
+        than one store read each as the operations come to them."""
+        keys = [f"rec/{b['type']}/{b['id']}" for op in ops if op["kind"] == "record.put"
+                and isinstance(b := op["body"], dict) and isinstance(b.get("type"), str)
+                and isinstance(b.get("id"), str)]
+        self._ahead = self.base.get_many(keys) if isinstance(self.base, Overlay) else {}
 
     def get(self, key: str) -> bytes | None:
         value = self._gets.get(key, _UNREAD)
         if value is not _UNREAD:
             return value  # type: ignore[return-value]
+        if key not in self.writes and key in self._ahead:
+            return self._ahead[key]  # as the base holds it: the tx has not written it
         value = super().get(key)
         if key.startswith("org/") or (value is not None and key.startswith(("actor/",
                                                                             "care/"))):
@@ -992,6 +1003,7 @@ class _OpsView(Overlay):
 def _apply_ops(s: Overlay, sid: str, signer: dict[str, Any], ops: list[dict[str, Any]],
                tx: Tx, ctx: _Ctx, what: str, first: int = 0) -> None:
     view = s if isinstance(s, _OpsView) else _OpsView(s)
+    view.read_ahead(ops)
     for i, op in enumerate(ops, first):
         ctx.op = i
         try:

@@ -124,6 +124,22 @@ class Overlay:
         for key in sorted(merged):
             yield key, merged[key]
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """``{key: get(key)}``; what the writes do not hold, read from the base at once."""
+        out: dict[str, bytes | None] = {}
+        rest = []
+        for key in keys:
+            if key in self.writes:
+                out[key] = self.writes[key]
+            else:
+                rest.append(key)
+        if rest:
+            out.update(self._base_many(rest))
+        return out
+
+    def _base_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        return get_many(self.base, keys)
+
     def put(self, key: str, value: bytes | None) -> None:
         self.writes[key] = value
 
@@ -148,6 +164,11 @@ class ReadTrackingOverlay(Overlay):
         value = self.base.get(key)
         self.base_reads[key] = value
         return value
+
+    def _base_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        values = get_many(self.base, keys)
+        self.base_reads.update(values)
+        return values
 
 
 class MemoryState:
