@@ -329,9 +329,8 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: 
     except BaseException:
         _undo(node, writes, new_patient_keys)
         raise
-    heads = _committed_heads(node, writes, plan)
-    responses = {w.entry.index: _written(w, heads) for w in writes}
-    responses.update(_matched(plan, heads))
+    responses = _transaction_written(node, writes)
+    responses.update(_matched(plan, st.record_heads(node.store, _match_refs(plan))))
     patients = {w.entry.resource_id if w.entry.resource_type == "Patient"
                 else (w.body or w.head or {}).get("patient") for w in writes}
     for pid in sorted(p for p in patients if p):
@@ -372,7 +371,8 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     for pid in new_patient_keys:
         if st.actor(node.store, pid) is None:
             node.home.user_keystore(pid).unlink(missing_ok=True)
-    heads = _committed_heads(node, committed, None)
+    heads = st.record_heads(node.store, [(w.entry.resource_type, w.entry.resource_id)
+                                         for w in committed])
     for w in committed:
         responses[w.entry.index] = _written(w, heads)
     patients = sorted({str(h["patient"]) for h in heads.values() if h["patient"]})
@@ -384,14 +384,29 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
 Heads = dict[tuple[str, str], dict[str, Any]]
 
 
-def _committed_heads(node: Node, writes: Iterable[_Write], plan: fb.BundlePlan | None
-                     ) -> Heads:
-    """The ledger heads the response names — every write's, and (``plan``) every matched
-    conditional create's — read in one batch once the writes are committed."""
-    refs = [(w.entry.resource_type, w.entry.resource_id) for w in writes]
-    if plan is not None:
-        refs.extend(_match_refs(plan))
-    return st.record_heads(node.store, refs)
+def _transaction_written(node: Node, writes: list[_Write]) -> dict[int, EntryResponse]:
+    """Response entries of a committed transaction's writes, from what it committed
+    rather than a read per entry: its ``record.put`` ops commit in one block (one
+    ``batch`` tx, or the staged import's commit), so each version is its body's and
+    the time that block's, read once from a version entry (no later write replaces
+    it). An unchanged entry answers with the head it matched."""
+    bodies = [w.body for w in writes if w.body is not None]
+    time_ns = 0
+    if bodies:
+        first = st.record_version(node.store, bodies[0]["type"], bodies[0]["id"],
+                                  bodies[0]["version"])
+        assert first is not None  # committed
+        time_ns = first["time_ns"]
+    out: dict[int, EntryResponse] = {}
+    for w in writes:
+        if w.body is not None:
+            meta = {"type": w.body["type"], "id": w.body["id"], "v": w.body["version"],
+                    "time_ns": time_ns}
+        else:
+            assert w.head is not None  # unchanged: it matched the head
+            meta = w.head
+        out[w.entry.index] = _located(meta, "201 Created" if w.head is None else "200 OK")
+    return out
 
 
 def _match_refs(plan: fb.BundlePlan) -> list[tuple[str, str]]:
