@@ -190,7 +190,7 @@ async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
     """Authorise one write (a new Patient also gets its ``actor.register`` op and
     keystore); sealing comes after, for all writes at once (:func:`_seal`)."""
     resource = dict(entry.resource)
-    head = st.record_head(node.store, entry.resource_type, entry.resource_id)
+    head = bulk.head(node.store, entry.resource_type, entry.resource_id)
     if entry.if_none_match == "*" and head is not None:
         raise PreconditionFailed(f"{entry.resource_type}/{entry.resource_id} exists "
                                  f"(version {head['v']}) and ifNoneMatch is *")
@@ -313,6 +313,7 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: 
     new_patient_keys: dict[str, bytes] = {}
     # Patients first: the records of a patient this Bundle registers are sealed to them.
     ordered = sorted(plan.writes(), key=lambda e: e.resource_type != "Patient")
+    bulk.heads = _heads(node, ordered)
     try:
         for entry in ordered:
             try:
@@ -348,7 +349,9 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     responses.update(_matched(plan, st.record_heads(node.store, _match_refs(plan))))
     writes: list[_Write] = []
     new_patient_keys: dict[str, bytes] = {}
-    for entry in sorted(plan.writes(), key=lambda e: e.resource_type != "Patient"):
+    ordered = sorted(plan.writes(), key=lambda e: e.resource_type != "Patient")
+    bulk.heads = _heads(node, ordered)
+    for entry in ordered:
         try:
             writes.append(await _authorise(node, session, entry, new_patient_keys, bulk))
         except MedledgerError as err:
@@ -382,6 +385,12 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
 
 
 Heads = dict[tuple[str, str], dict[str, Any]]
+
+
+def _heads(node: Node, entries: Iterable[fb.PlannedEntry]
+           ) -> dict[tuple[str, str], dict[str, Any]]:
+    """The current heads of the records ``entries`` write, in one batched read."""
+    return st.record_heads(node.store, [(e.resource_type, e.resource_id) for e in entries])
 
 
 def _transaction_written(node: Node, writes: list[_Write]) -> dict[int, EntryResponse]:

@@ -127,12 +127,20 @@ class PutJob:
 @dataclass
 class BulkWrite:
     """What the writes of one Bundle share, looked up once instead of per entry: the
-    writer and its role, each patient's readers, and each entry's (category, labels)
-    computed where it was validated (``fhir.bundle``, on the worker pool)."""
+    writer and its role, each patient's readers, each entry's (category, labels)
+    computed where it was validated (``fhir.bundle``, on the worker pool), and the heads
+    of its records read in one batch (``heads``: a record absent there is new; a write
+    committed meanwhile is caught by the ledger's version check, as ever)."""
 
     writer: tuple[dict[str, Any], policy.Role]
     readers: dict[str | None, dict[str, bytes]]
     kind: tuple[str, frozenset[str]] | None = None
+    heads: dict[tuple[str, str], dict[str, Any]] | None = None
+
+    def head(self, store: st.StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
+        if self.heads is not None:
+            return self.heads.get((rtype, rid))
+        return st.record_head(store, rtype, rid)
 
 
 def iso(time_ns: int) -> str:
@@ -510,7 +518,8 @@ class Node:
         resource = {**resource, "id": rid}
         patient, category, labels = self._record_kind(resource, patient_override,
                                                       bulk.kind if bulk else None)
-        head = st.record_head(self.store, rtype, rid)
+        head = bulk.head(self.store, rtype, rid) if bulk is not None else st.record_head(
+            self.store, rtype, rid)
         writer, role = bulk.writer if bulk is not None else self._writer_of(session)
         state: st.StateReader = self.app.state
         if new_patient_key is not None and patient is not None:  # registered by this batch
