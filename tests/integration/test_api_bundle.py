@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from helpers import NodeHandle, assert_outcome, running_node
+from helpers import NodeHandle, assert_outcome, load_patient, running_node
 
 from medledger.fhir.synthetic import synthetic_observation, synthetic_patient_bundle
 
@@ -70,6 +70,42 @@ def test_bulk_transaction_bundle(node: NodeHandle) -> None:
     assert again.status_code == 200, again.text
     assert all(e["response"]["status"] == "200 OK" and e["response"]["etag"] == 'W/"1"'
                for e in again.json()["entry"])
+
+
+def test_batch_decides_each_kind_of_record_on_its_own(node: NodeHandle) -> None:
+    """A Bundle's policy decisions on new records are taken once per patient and kind of
+    record: a nurse's allergy and vital signs are written, the Condition between them is
+    refused, and a Condition about the same patient by a physician is written."""
+    bundle = load_patient(node, 31)
+    pid = bundle["entry"][0]["resource"]["id"]
+    allergy, condition = (copy.deepcopy(next(e["resource"] for e in bundle["entry"]
+                                             if e["resource"]["resourceType"] == rtype))
+                          for rtype in ("AllergyIntolerance", "Condition"))
+    condition.pop("encounter", None)
+    condition["subject"] = allergy["patient"] = {"reference": f"Patient/{pid}"}
+
+    def put(resource: dict[str, Any], rid: str) -> dict[str, Any]:
+        rtype = resource["resourceType"]
+        return {"resource": {**resource, "id": rid},
+                "request": {"method": "PUT", "url": f"{rtype}/{rid}"}}
+
+    entries = [put(allergy, "memo-a1"), put(condition, "memo-c1"),
+               put(synthetic_observation(pid, 2), "memo-v2")]
+    resp = _post(node, "/fhir", {"resourceType": "Bundle", "type": "batch", "entry": entries},
+                 who="nurse-joy")
+    assert resp.status_code == 200, resp.text
+    statuses = [e["response"]["status"] for e in resp.json()["entry"]]
+    assert statuses[0].startswith("201") and statuses[2].startswith("201"), statuses
+    assert statuses[1].startswith("403"), statuses
+    # a transaction is refused by the node's own check, which names the entry (the
+    # ledger, which decides again, would refuse the whole tx without naming it)
+    resp = _post(node, "/fhir", {"resourceType": "Bundle", "type": "transaction",
+                                 "entry": [put(allergy, "memo-a2"), put(condition, "memo-c2")]},
+                 who="nurse-joy")
+    assert_outcome(resp, 403, "Bundle.entry[1]")
+    resp = _post(node, "/fhir", {"resourceType": "Bundle", "type": "batch",
+                                 "entry": [put(condition, "memo-c1")]})
+    assert resp.json()["entry"][0]["response"]["status"].startswith("201"), resp.text
 
 
 def _bad_entry_bundle(seed: int, index: int, mutate: Any) -> dict[str, Any]:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 
-from medledger.node.audit import Auditor
+from medledger.node.audit import Auditor, iso_now
 from medledger.storage.sqlite import SqliteStore
 
 
@@ -113,3 +116,11 @@ def test_wal_checkpoints_run_on_their_own_thread(tmp_path: Path) -> None:
         time.sleep(0.05)
     store.close()
     assert len(_committed(tmp_path / "ledger.db")) == 2000
+
+
+@given(hs.floats(min_value=0, max_value=4e9, allow_nan=False) | hs.sampled_from(
+    [1_700_000_000.9999995, 1_700_000_000.0000005, 1_700_000_000.9999994, 86399.9999996]))
+def test_iso_now_formats_as_datetime_does(t: float) -> None:
+    """The per-second shortcut gives datetime's own string, rounding included."""
+    assert iso_now(lambda: t) == datetime.fromtimestamp(t, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -39,6 +39,19 @@ def test_put_checks_the_name_and_get_returns_bytes() -> None:
     assert store.count() == 1
 
 
+def test_have_and_settle_many_at_once() -> None:
+    """More hashes than one query takes: every held one is found, every settled one
+    leaves the pending list (and only those)."""
+    store = BlobStore(":memory:")
+    items = [blob(f"sealed-{i}") for i in range(1203)]
+    store.put(items, {h: f"Observation/o{i}/1" for i, (h, _) in enumerate(items)})
+    absent = [blob_hash(f"never-{i}".encode()) for i in range(700)]
+    held = [h for h, _ in items]
+    assert store.have([*absent, *held, held[0]]) == set(held)
+    store.settle(held[:1100])
+    assert {h for h, _ in store.stale_pending(float("inf"))} == set(held[1100:])
+
+
 def test_delete_leaves_no_bytes_in_the_files(tmp_path: Path) -> None:
     store = BlobStore(tmp_path / "blobs.db")
     secret = "ciphertext-marker-" + "x" * 4000

@@ -221,6 +221,78 @@ def test_staged_import_is_all_or_nothing_and_abortable(c: Chain) -> None:
     assert imp is not None and imp["status"] == "aborted"
 
 
+DENY_ORG_A = {"patient": "pat-1", "id": "d1", "decision": "deny", "orgs": ["org-a"]}
+
+
+def _staged(c: Chain, iid: str, ops: list[dict[str, Any]]) -> None:
+    assert c.run("org-a", "import.begin", {"id": iid, "parts": 2}).code == OK
+    for seq, part in enumerate((ops[:1], ops[1:])):
+        assert c.run("org-a", "import.part", {"id": iid, "seq": seq, "ops": part}).code == OK
+
+
+def test_a_consent_earlier_in_the_block_governs_the_operations_after_it(c: Chain) -> None:
+    """Operations of a batch or import read what they check once per tx, not per block:
+    a consent put (or revoked) by an earlier tx of the same block decides the writes of
+    a later one, and a later tx sees what the earlier writes changed."""
+    _staged(c, "m" * 32, _ops(3, "m"))
+    applied = c.block(c.tx("org-a", "batch", {"ops": _ops(2, "a")}),
+                      c.tx("pat-1", "consent.put", DENY_ORG_A),
+                      c.tx("org-a", "batch", {"ops": _ops(2, "b")}),
+                      c.tx("org-a", "import.commit", {"id": "m" * 32}))
+    codes = [r.code for r in applied.results]
+    assert codes == [OK, OK, FORBIDDEN, FORBIDDEN], applied.results
+    assert "consent d1" in applied.results[3].log
+    assert st.record_head(c.state, "Observation", "a1") is not None
+    assert st.record_head(c.state, "Observation", "b0") is None
+    assert st.record_head(c.state, "Observation", "m0") is None
+    _staged(c, "n" * 32, _ops(3, "n"))
+    applied = c.block(c.tx("pat-1", "consent.revoke", {"patient": "pat-1", "id": "d1"}),
+                      c.tx("org-a", "import.commit", {"id": "n" * 32}),
+                      c.tx("pat-1", "consent.put", {**DENY_ORG_A, "id": "d2"}))
+    assert [r.code for r in applied.results] == [OK, OK, OK], applied.results
+    assert [i for _, i in st.patient_records(c.state, "pat-1")] == ["a0", "a1", "n0", "n1",
+                                                                    "n2"]
+
+
+def test_operations_see_the_actors_and_care_that_earlier_operations_register(
+        c: Chain) -> None:
+    """An actor or a patient registered by an operation is seen by the operations after it
+    in the same batch or import (what was read as absent before is read again)."""
+    ops = [{"kind": "record.put", "body": record_body("x0", 1, "", author="dr-new")},
+           {"kind": "actor.register", "body": register("dr-new", "practitioner", "physician")}]
+    r = c.run("org-a", "batch", {"ops": ops})
+    assert r.code == FORBIDDEN and r.log.startswith("batch op 0"), r.log
+    ops = [{"kind": "actor.register", "body": register("dr-new", "practitioner", "physician")},
+           {"kind": "record.put", "body": record_body("x1", 1, "", author="dr-new")},
+           {"kind": "actor.register", "body": register("pat-9", "patient")},
+           *_ops(2, "y", "pat-9")]
+    iid = "p" * 32
+    _staged(c, iid, [{"kind": "record.put", "body": record_body("x0", 1, "")}, *ops])
+    assert (r := c.run("org-a", "import.commit", {"id": iid})).code == OK, r.log
+    head = st.record_head(c.state, "Observation", "x1")
+    assert head is not None and head["author"] == "dr-new"
+    assert st.has_care(c.state, "pat-9", "org-a")
+    assert [i for _, i in st.patient_records(c.state, "pat-9")] == ["y0", "y1"]
+
+
+def test_operations_see_the_versions_that_earlier_operations_put(c: Chain) -> None:
+    """Record heads are read ahead per batch or part, as the state was before the tx; a
+    record the tx already wrote is read from its own writes."""
+    first = record_body("r1", 1, "")
+    second = record_body("r1", 2, body_hash(first))
+    third = record_body("r1", 3, body_hash(second))
+    put = [{"kind": "record.put", "body": b} for b in (first, second, third)]
+    iid = "q" * 32
+    _staged(c, iid, put)  # part 0: version 1; part 1: versions 2 and 3
+    assert (r := c.run("org-a", "import.commit", {"id": iid})).code == OK, r.log
+    head = st.record_head(c.state, "Observation", "r1")
+    assert head is not None and head["v"] == 3
+    fourth = record_body("r1", 4, body_hash(third))
+    again = [{"kind": "record.put", "body": fourth}, {"kind": "record.put", "body": fourth}]
+    r = c.run("org-a", "batch", {"ops": again})
+    assert r.code == CONFLICT and r.log.startswith("batch op 1"), r.log
+
+
 def test_import_commit_admission_checks_the_import_not_every_operation(c: Chain) -> None:
     """CheckTx admits a complete import's commit without applying its operations (the
     block does, all or nothing); an incomplete one is refused at admission already."""

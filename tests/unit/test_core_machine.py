@@ -106,10 +106,11 @@ class Chain:
         return make_tx(signer, Signer(seed(key_of or signer)), chain or self.chain, kind, body,
                        f"{n:016x}").raw
 
-    def block(self, *txs: bytes, time_ns: int = T0) -> BlockApplied:
+    def block(self, *txs: bytes, time_ns: int = T0, reader: st.StateReader | None = None
+              ) -> BlockApplied:
         self.height += 1
-        applied = apply_block(self.state, BlockInput(self.chain, self.height, time_ns, txs,
-                                                     self.app_hash, self.header_hash, self.acc))
+        applied = apply_block(reader or self.state, BlockInput(
+            self.chain, self.height, time_ns, txs, self.app_hash, self.header_hash, self.acc))
         self.state.apply(applied.writes)
         self.app_hash, self.header_hash = applied.app_hash, applied.header_hash
         self.acc = applied.state_acc
@@ -667,6 +668,70 @@ def test_audit_anchor_refusals(c: Chain, signer: str, events: Any, code: int) ->
                       c.tx(signer, "audit.anchor", {"events": events}))
     assert [r.code for r in applied.results] == [OK, code]
     assert [a.event_id for a in applied.audit] == ["ev-7"]  # the refused tx added no rows
+
+
+# ---------------------------------------------------------------- state digest
+
+class CountingReader:
+    """The chain's state, noting the keys read in batches (``get_many``: the old values
+    of the block's writes that the state digest update had to ask for)."""
+
+    def __init__(self, state: st.MemoryState) -> None:
+        self.state = state
+        self.asked: list[str] = []
+
+    def get(self, key: str) -> bytes | None:
+        return self.state.get(key)
+
+    def scan(self, prefix: str) -> Any:
+        return self.state.scan(prefix)
+
+    def get_many(self, keys: Any) -> dict[str, bytes | None]:
+        keys = list(keys)
+        self.asked.extend(keys)
+        return {k: self.state.get(k) for k in keys}
+
+
+def test_state_digest_asks_only_for_old_values_it_does_not_know(c: Chain) -> None:
+    """A new record's head was read by the block (absent), which implies its versions and
+    compartment entry are new too: none of them is read again. Chain.block checks the
+    digest against a full recomputation after every block."""
+    reader = CountingReader(c.state)
+    first = record_body("o1", 1, "")
+    applied = c.block(c.tx("org-a", "record.put", first),
+                      c.tx("org-a", "record.put", record_body("o2", 1, "")), reader=reader)
+    assert [r.code for r in applied.results] == [OK, OK]
+    assert "ver/Observation/o1/0000000001" in applied.writes
+    assert reader.asked == []
+    # an overwrite: the version above the head's is new; the compartment entry exists
+    reader = CountingReader(c.state)
+    second = record_body("o1", 2, body_hash(first))
+    assert c.block(c.tx("org-a", "record.put", second), reader=reader).results[0].code == OK
+    assert reader.asked == ["pat/pat-1/Observation/o1"]
+    # created and overwritten in one block: nothing of it was in the state before
+    reader = CountingReader(c.state)
+    third = record_body("o3", 1, "")
+    applied = c.block(c.tx("org-a", "record.put", third),
+                      c.tx("org-a", "record.put", record_body("o3", 2, body_hash(third))),
+                      reader=reader)
+    assert [r.code for r in applied.results] == [OK, OK] and reader.asked == []
+
+
+def test_state_digest_reads_rewritten_versions() -> None:
+    """Erasure rewrites existing versions (read by a scan, not a get): their old values
+    are read for the digest, which stays equal to the recomputed one."""
+    c = world()
+    first = record_body("o1", 1, "")
+    c.block(c.tx("org-a", "record.put", first),
+            c.tx("org-a", "record.put", record_body("o1", 2, body_hash(first))))
+    reader = CountingReader(c.state)
+    applied = c.block(c.tx("pat-1", "record.erase", {"patient": "pat-1",
+                                                     "basis": "consent-withdrawn",
+                                                     "records": ["Observation/o1"]}),
+                      reader=reader)
+    assert applied.results[0].code == OK, applied.results[0].log
+    assert {"ver/Observation/o1/0000000001", "ver/Observation/o1/0000000002"} <= set(
+        reader.asked)
 
 
 # ---------------------------------------------------------------- blocks and determinism

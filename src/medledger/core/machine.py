@@ -26,7 +26,7 @@ salted commitment and the hash of the sealed blob that nodes keep off-chain (ADR
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -136,7 +136,7 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
 
     ``decoded``: a lookup, by tx hash, of txs this node already decoded (in CheckTx); a
     tx found there is not decoded again (``decode_tx`` is a pure function of the bytes)."""
-    overlay = Overlay(state)
+    overlay = st.ReadTrackingOverlay(state)
     ctx = _Ctx(block.chain, block.height, block.time_ns)
     results, hashes = [], []
     for raw in block.txs:
@@ -146,7 +146,7 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
                                 decoded(h) if decoded is not None else None))
     audit = tuple(AuditRow(eid, patient, recorded, i, ev)
                   for i, (eid, patient, recorded, ev) in enumerate(ctx.audit))
-    acc = state_acc_after(state, overlay.writes, block.prev_state_acc)
+    acc = state_acc_after(state, overlay.writes, block.prev_state_acc, overlay.base_reads)
     header = block_header(block, results, overlay.writes, [a.event for a in audit], acc)
     app_hash = bytes.fromhex(header["app_hash"])
     return BlockApplied(header, header_hash(header), app_hash, tuple(results), tuple(hashes),
@@ -154,12 +154,45 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
 
 
 def state_acc_after(base: st.StateReader, writes: Mapping[str, bytes | None],
-                    acc: bytes) -> bytes:
-    """The state digest accumulator once ``writes`` replace what ``base`` holds."""
-    olds = st.get_many(base, writes)
+                    acc: bytes, known: Mapping[str, bytes | None] | None = None) -> bytes:
+    """The state digest accumulator once ``writes`` replace what ``base`` holds.
+
+    ``known``: values the block read from ``base`` (its overlay's ``base_reads``). The
+    old values they give, or imply (``_known_olds``), are not read from ``base`` again:
+    a large import writes ~100,000 keys, nearly all new, and only the rest is read."""
+    olds = _known_olds(writes, known or {})
+    olds.update(st.get_many(base, [k for k in writes if k not in olds]))
     removed = [(k, old) for k, old in olds.items() if old is not None]
     added = [(k, v) for k, v in writes.items() if v is not None]
     return multiset.update(acc, removed, added)
+
+
+_UNREAD = object()
+
+
+def _known_olds(writes: Iterable[str], known: Mapping[str, bytes | None]
+                ) -> dict[str, bytes | None]:
+    """Old values of written keys known without reading the state: read by the block
+    before it wrote them, or implied by a record head it read. The state holds a
+    record's versions and its compartment entry only once its head exists (``rec/`` keys
+    are never deleted), and a version above the head's only once the head names it
+    (``record.put`` writes version ``head + 1`` and the head together): so a record with
+    no head has neither, and a version above its head does not exist yet."""
+    olds: dict[str, bytes | None] = {}
+    for key in writes:
+        if key in known:
+            olds[key] = known[key]
+        elif key.startswith("ver/"):
+            record, _, version = key[4:].rpartition("/")
+            head = known.get(f"rec/{record}", _UNREAD)
+            if head is None or (isinstance(head, bytes)
+                                and int(version) > loads(head)["v"]):
+                olds[key] = None
+        elif key.startswith("pat/"):
+            parts = key.split("/", 3)
+            if len(parts) == 4 and known.get(f"rec/{parts[2]}/{parts[3]}", _UNREAD) is None:
+                olds[key] = None
+    return olds
 
 
 def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, bytes | None],
@@ -921,12 +954,60 @@ def _check_ops(ops: Any, what: str, limit: int = MAX_BATCH_OPS) -> list[dict[str
     return ops
 
 
+class _OpsView(Overlay):
+    """``s`` itself — the same base, the same pending writes — for applying the
+    operations of one batch or staged import, remembering the reads those operations
+    cannot change. ``actor.register`` and ``record.put`` (``_BATCHABLE``) never write an
+    organisation or a consent, and write an actor or a care relationship only where
+    there was none: so organisations and consent scans are read once, and actors and
+    care relationships once they exist. A large import checks the same patient,
+    writer and readers for every one of its records; every decision stays the one a
+    fresh read gives (the state before the tx, consents of earlier txs included)."""
+
+    def __init__(self, s: Overlay) -> None:  # shares s's state: no super().__init__
+        self.base = s.base
+        self.writes = s.writes
+        self._gets: dict[str, bytes | None] = {}
+        self._scans: dict[str, list[tuple[str, bytes]]] = {}
+        self._ahead: dict[str, bytes | None] = {}
+
+    def read_ahead(self, ops: list[dict[str, Any]]) -> None:
+        """Read the heads of the records ``ops`` put in one batch (``get_many``), rather
+        than one store read each as the operations come to them."""
+        keys = [f"rec/{b['type']}/{b['id']}" for op in ops if op["kind"] == "record.put"
+                and isinstance(b := op["body"], dict) and isinstance(b.get("type"), str)
+                and isinstance(b.get("id"), str)]
+        self._ahead = self.base.get_many(keys) if isinstance(self.base, Overlay) else {}
+
+    def get(self, key: str) -> bytes | None:
+        value = self._gets.get(key, _UNREAD)
+        if value is not _UNREAD:
+            return value  # type: ignore[return-value]
+        if key not in self.writes and key in self._ahead:
+            return self._ahead[key]  # as the base holds it: the tx has not written it
+        value = super().get(key)
+        if key.startswith("org/") or (value is not None and key.startswith(("actor/",
+                                                                            "care/"))):
+            self._gets[key] = value
+        return value
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        if not prefix.startswith("consent/"):
+            return super().scan(prefix)
+        rows = self._scans.get(prefix)
+        if rows is None:
+            rows = self._scans[prefix] = list(super().scan(prefix))
+        return iter(rows)
+
+
 def _apply_ops(s: Overlay, sid: str, signer: dict[str, Any], ops: list[dict[str, Any]],
                tx: Tx, ctx: _Ctx, what: str, first: int = 0) -> None:
+    view = s if isinstance(s, _OpsView) else _OpsView(s)
+    view.read_ahead(ops)
     for i, op in enumerate(ops, first):
         ctx.op = i
         try:
-            _HANDLERS[op["kind"]](s, sid, signer, op["body"], tx, ctx)
+            _HANDLERS[op["kind"]](view, sid, signer, op["body"], tx, ctx)
         except MedledgerError as err:
             err.message = f"{what} op {i}: {err.message}"
             raise
@@ -1004,6 +1085,7 @@ def _apply_import_commit(s: Overlay, sid: str, signer: dict[str, Any], body: Map
                        "parts")
     if ctx.admission:
         return str(entry["ops"])
+    s = _OpsView(s)  # one view for every part: the same patients and writers recur
     first = 0
     for seq in range(entry["parts"]):
         key = f"stage/{iid}/{seq:06d}"

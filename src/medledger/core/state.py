@@ -124,11 +124,51 @@ class Overlay:
         for key in sorted(merged):
             yield key, merged[key]
 
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
+        """``{key: get(key)}``; what the writes do not hold, read from the base at once."""
+        out: dict[str, bytes | None] = {}
+        rest = []
+        for key in keys:
+            if key in self.writes:
+                out[key] = self.writes[key]
+            else:
+                rest.append(key)
+        if rest:
+            out.update(self._base_many(rest))
+        return out
+
+    def _base_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        return get_many(self.base, keys)
+
     def put(self, key: str, value: bytes | None) -> None:
         self.writes[key] = value
 
     def merge_into(self, parent: Overlay) -> None:
         parent.writes.update(self.writes)
+
+
+class ReadTrackingOverlay(Overlay):
+    """An ``Overlay`` that remembers what it read from its base (``base_reads``).
+
+    A block's overlay: the base does not change while the block is applied, so a value
+    read there before the block wrote the key is that key's old value, which the state
+    digest update needs (``machine.state_acc_after``) and then need not read again."""
+
+    def __init__(self, base: StateReader) -> None:
+        super().__init__(base)
+        self.base_reads: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        value = self.base.get(key)
+        self.base_reads[key] = value
+        return value
+
+    def _base_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        values = get_many(self.base, keys)
+        self.base_reads.update(values)
+        return values
 
 
 class MemoryState:
@@ -196,6 +236,19 @@ def active_orgs(state: StateReader) -> list[dict[str, Any]]:
 
 def record_head(state: StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
     return get_json(state, f"rec/{rtype}/{rid}")
+
+
+def record_heads(state: StateReader, refs: Iterable[tuple[str, str]]
+                 ) -> dict[tuple[str, str], dict[str, Any]]:
+    """The heads of the records ``refs`` ((type, id) pairs) that exist, in one batched
+    read (``get_many``) rather than one per record."""
+    raw = get_many(state, [f"rec/{rtype}/{rid}" for rtype, rid in refs])
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in raw.items():
+        if value is not None:
+            _, rtype, rid = key.split("/", 2)
+            out[(rtype, rid)] = loads(value)
+    return out
 
 
 def record_version(state: StateReader, rtype: str, rid: str, version: int) -> dict[str, Any] | None:

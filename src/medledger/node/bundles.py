@@ -23,6 +23,7 @@ new version. Functions here are the node's own (they use ``Node``'s write helper
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ async def _authorise(node: Node, session: Session, entry: fb.PlannedEntry,
     """Authorise one write (a new Patient also gets its ``actor.register`` op and
     keystore); sealing comes after, for all writes at once (:func:`_seal`)."""
     resource = dict(entry.resource)
-    head = st.record_head(node.store, entry.resource_type, entry.resource_id)
+    head = bulk.head(node.store, entry.resource_type, entry.resource_id)
     if entry.if_none_match == "*" and head is not None:
         raise PreconditionFailed(f"{entry.resource_type}/{entry.resource_id} exists "
                                  f"(version {head['v']}) and ifNoneMatch is *")
@@ -316,6 +317,7 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: 
     new_patient_keys: dict[str, bytes] = {}
     # Patients first: the records of a patient this Bundle registers are sealed to them.
     ordered = sorted(plan.writes(), key=lambda e: e.resource_type != "Patient")
+    bulk.heads = _heads(node, ordered)
     try:
         for entry in ordered:
             try:
@@ -332,8 +334,8 @@ async def _transaction(node: Node, session: Session, plan: fb.BundlePlan, bulk: 
     except BaseException:
         _undo(node, writes, new_patient_keys)
         raise
-    responses = {w.entry.index: _written(node, w) for w in writes}
-    responses.update(_matched(node, plan))
+    responses = _transaction_written(node, writes)
+    responses.update(_matched(plan, st.record_heads(node.store, _match_refs(plan))))
     patients = {w.entry.resource_id if w.entry.resource_type == "Patient"
                 else (w.body or w.head or {}).get("patient") for w in writes}
     for pid in sorted(p for p in patients if p):
@@ -348,10 +350,12 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     for planned in plan.entries:
         if planned.problem is not None:
             responses[planned.index] = _failed(planned.problem)
-    responses.update(_matched(node, plan))
+    responses.update(_matched(plan, st.record_heads(node.store, _match_refs(plan))))
     writes: list[_Write] = []
     new_patient_keys: dict[str, bytes] = {}
-    for entry in sorted(plan.writes(), key=lambda e: e.resource_type != "Patient"):
+    ordered = sorted(plan.writes(), key=lambda e: e.resource_type != "Patient")
+    bulk.heads = _heads(node, ordered)
+    for entry in ordered:
         try:
             writes.append(await _authorise(node, session, entry, new_patient_keys, bulk))
         except MedledgerError as err:
@@ -374,38 +378,85 @@ async def _batch(node: Node, session: Session, plan: fb.BundlePlan, bulk: BulkWr
     for pid in new_patient_keys:
         if st.actor(node.store, pid) is None:
             node.home.user_keystore(pid).unlink(missing_ok=True)
+    heads = st.record_heads(node.store, [(w.entry.resource_type, w.entry.resource_id)
+                                         for w in committed])
     for w in committed:
-        responses[w.entry.index] = _written(node, w)
-    patients = sorted({str(r["patient"]) for w in committed
-                       if (r := st.record_head(node.store, w.entry.resource_type,
-                                               w.entry.resource_id)) and r["patient"]})
+        responses[w.entry.index] = _written(w, heads)
+    patients = sorted({str(h["patient"]) for h in heads.values() if h["patient"]})
     for pid in patients:
         node._audit(session, "batch", pid, [], detail=f"{len(plan.entries)} bundle entries")
     return responses
 
 
-def _written(node: Node, write: _Write) -> EntryResponse:
-    meta = st.record_head(node.store, write.entry.resource_type, write.entry.resource_id)
-    assert meta is not None
+Heads = dict[tuple[str, str], dict[str, Any]]
+
+
+def _heads(node: Node, entries: Iterable[fb.PlannedEntry]
+           ) -> dict[tuple[str, str], dict[str, Any]]:
+    """The current heads of the records ``entries`` write, in one batched read."""
+    return st.record_heads(node.store, [(e.resource_type, e.resource_id) for e in entries])
+
+
+def _transaction_written(node: Node, writes: list[_Write]) -> dict[int, EntryResponse]:
+    """Response entries of a committed transaction's writes, from what it committed
+    rather than a read per entry: its ``record.put`` ops commit in one block (one
+    ``batch`` tx, or the staged import's commit), so each version is its body's and
+    the time that block's, read once from a version entry (no later write replaces
+    it). An unchanged entry answers with the head it matched."""
+    bodies = [w.body for w in writes if w.body is not None]
+    time_ns = 0
+    if bodies:
+        first = st.record_version(node.store, bodies[0]["type"], bodies[0]["id"],
+                                  bodies[0]["version"])
+        assert first is not None  # committed
+        time_ns = first["time_ns"]
+    out: dict[int, EntryResponse] = {}
+    for w in writes:
+        if w.body is not None:
+            meta = {"type": w.body["type"], "id": w.body["id"], "v": w.body["version"],
+                    "time_ns": time_ns}
+        else:
+            assert w.head is not None  # unchanged: it matched the head
+            meta = w.head
+        out[w.entry.index] = _located(meta, "201 Created" if w.head is None else "200 OK")
+    return out
+
+
+def _match_refs(plan: fb.BundlePlan) -> list[tuple[str, str]]:
+    refs = []
+    for entry in plan.entries:
+        if entry.action == "match":
+            assert entry.resource_type is not None and entry.resource_id is not None
+            refs.append((entry.resource_type, entry.resource_id))
+    return refs
+
+
+def _written(write: _Write, heads: Heads) -> EntryResponse:
+    meta = heads[(write.entry.resource_type, write.entry.resource_id)]
     status = "201 Created" if write.head is None else "200 OK"
     return _located(meta, status)
 
 
-def _matched(node: Node, plan: fb.BundlePlan) -> dict[int, EntryResponse]:
+def _matched(plan: fb.BundlePlan, heads: Heads) -> dict[int, EntryResponse]:
     """Conditional creates that found their resource: 200 with its location."""
     out: dict[int, EntryResponse] = {}
     for entry in plan.entries:
         if entry.action == "match":
-            assert entry.resource_type is not None and entry.resource_id is not None
-            meta = st.record_head(node.store, entry.resource_type, entry.resource_id)
+            meta = heads.get((str(entry.resource_type), str(entry.resource_id)))
             if meta is not None:
                 out[entry.index] = _located(meta, "200 OK")
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _iso(time_ns: int) -> str:
+    """``iso``, once per block time (every write of a block shares it)."""
+    return iso(time_ns)
+
+
 def _located(meta: dict[str, Any], status: str) -> EntryResponse:
     return EntryResponse(status, f"{meta['type']}/{meta['id']}/_history/{meta['v']}",
-                         etag(meta["v"]), iso(meta["time_ns"]))
+                         etag(meta["v"]), _iso(meta["time_ns"]))
 
 
 def _failed(err: MedledgerError) -> EntryResponse:

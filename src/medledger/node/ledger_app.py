@@ -188,7 +188,8 @@ class StateCache:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
         """Like ``get`` for each key; the misses in one query, and not cached (the
-        caller is about to write these keys: ``state_acc_after``'s old values)."""
+        caller is about to write these keys: ``state_acc_after``'s old values, the
+        heads a batch's or staged import's operations read ahead)."""
         out: dict[str, bytes | None] = {}
         missing = []
         for key in keys:

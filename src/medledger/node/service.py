@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -127,12 +127,22 @@ class PutJob:
 @dataclass
 class BulkWrite:
     """What the writes of one Bundle share, looked up once instead of per entry: the
-    writer and its role, each patient's readers, and each entry's (category, labels)
-    computed where it was validated (``fhir.bundle``, on the worker pool)."""
+    writer and its role, each patient's readers, each entry's (category, labels)
+    computed where it was validated (``fhir.bundle``, on the worker pool), the heads of
+    its records read in one batch (``heads``: a record absent there is new; a write
+    committed meanwhile is caught by the ledger's version check, as ever), and the
+    policy decisions on its new records (``decisions``, see ``Node._authorise_put``)."""
 
     writer: tuple[dict[str, Any], policy.Role]
     readers: dict[str | None, dict[str, bytes]]
     kind: tuple[str, frozenset[str]] | None = None
+    heads: dict[tuple[str, str], dict[str, Any]] | None = None
+    decisions: dict[tuple[Any, ...], policy.Decision] = field(default_factory=dict)
+
+    def head(self, store: st.StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
+        if self.heads is not None:
+            return self.heads.get((rtype, rid))
+        return st.record_head(store, rtype, rid)
 
 
 def iso(time_ns: int) -> str:
@@ -510,18 +520,28 @@ class Node:
         resource = {**resource, "id": rid}
         patient, category, labels = self._record_kind(resource, patient_override,
                                                       bulk.kind if bulk else None)
-        head = st.record_head(self.store, rtype, rid)
+        head = bulk.head(self.store, rtype, rid) if bulk is not None else st.record_head(
+            self.store, rtype, rid)
         writer, role = bulk.writer if bulk is not None else self._writer_of(session)
-        state: st.StateReader = self.app.state
-        if new_patient_key is not None and patient is not None:  # registered by this batch
-            state = st.Overlay(self.app.state)
-            state.put(f"care/{patient}/{self.org.id}", b"1")
         if break_glass is not None and len(break_glass.strip()) < policy.BREAK_GLASS_MIN_REASON:
             raise InvalidInput("break-the-glass needs a reason of at least "
                                f"{policy.BREAK_GLASS_MIN_REASON} characters")
-        # authorised before anything about the current content is looked at (no oracle)
-        decision = policy.decide_write(state, writer, role, patient, category, labels,
-                                       self.now_s, head, break_glass is not None)
+        now_s = self.now_s
+        # A new record's decision depends on nothing else of it: a Bundle's are taken once
+        # per patient, kind and second (the ledger decides each again when it commits).
+        memo = (patient, category, tuple(labels), now_s, new_patient_key is not None) \
+            if bulk is not None and head is None and break_glass is None else None
+        decision = bulk.decisions.get(memo) if bulk is not None and memo is not None else None
+        if decision is None:
+            state: st.StateReader = self.app.state
+            if new_patient_key is not None and patient is not None:  # registered by this batch
+                state = st.Overlay(self.app.state)
+                state.put(f"care/{patient}/{self.org.id}", b"1")
+            # authorised before anything about the current content is looked at (no oracle)
+            decision = policy.decide_write(state, writer, role, patient, category, labels,
+                                           now_s, head, break_glass is not None)
+            if bulk is not None and memo is not None:
+                bulk.decisions[memo] = decision
         if not decision.allowed:
             raise self._deny(session, "create" if head is None else "update", patient,
                              [f"{rtype}/{rid}"], decision.reason)

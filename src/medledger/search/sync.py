@@ -34,12 +34,26 @@ def _erased(meta: dict[str, Any]) -> bool:
     return bool(meta.get("erased"))
 
 
+def _metas(heads: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
+    """Record heads from their state writes (``rec/{type}/{id}``); a deleted one becomes
+    an erased stub, which drops the record from the index."""
+    metas = []
+    for key, value in heads:
+        if value is not None:
+            metas.append(loads(value))
+        else:
+            _, rtype, rid = key.split("/", 2)
+            metas.append({"type": rtype, "id": rid, "erased": True})
+    return metas
+
+
 class IndexSync:
     def __init__(self, index: SearchIndex, store: Any, decrypt: Decrypt) -> None:
         self.index = index
         self.store = store
         self.decrypt = decrypt
-        self.queue: queue.Queue[tuple[int, list[dict[str, Any]]] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[int, list[tuple[str, bytes | None]]] | None] = \
+            queue.Queue()
         self.thread: threading.Thread | None = None
         # content not replicated to this node yet (ADR 4): retried every second; until it is
         # indexed the index height does not pass it, so searches wait for it (bounded)
@@ -49,12 +63,10 @@ class IndexSync:
 
     # ------------------------------------------------------------ feeding
     def on_commit(self, applied: Any, txs: Any) -> None:
-        """Ledger commit listener: queue the block's new record heads."""
-        heads = [loads(v) for k, v in applied.writes.items()
-                 if k.startswith("rec/") and v is not None]
-        gone = [{"type": k.split("/")[1], "id": k.split("/", 2)[2], "erased": True}
-                for k, v in applied.writes.items() if k.startswith("rec/") and v is None]
-        self.queue.put((int(applied.header["height"]), heads + gone))
+        """Ledger commit listener: queue the block's record head writes, as they are (the
+        worker decodes them: a large import commits ~35,000 heads in one block)."""
+        heads = [(k, v) for k, v in applied.writes.items() if k.startswith("rec/")]
+        self.queue.put((int(applied.header["height"]), heads))
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="search-index", daemon=True)
@@ -84,8 +96,8 @@ class IndexSync:
                 continue
             if item is None:
                 return
-            height, metas = item
-            while len(metas) < BATCH * 4:  # fold queued blocks into one transaction
+            height, heads = item
+            while len(heads) < BATCH * 4:  # fold queued blocks into one transaction
                 try:
                     nxt = self.queue.get_nowait()
                 except queue.Empty:
@@ -94,9 +106,9 @@ class IndexSync:
                     self.queue.put(None)
                     break
                 height, more = nxt
-                metas.extend(more)
+                heads.extend(more)
             try:
-                self.apply(metas, height)
+                self.apply(_metas(heads), height)
             except Exception as exc:
                 self.error = f"search index update failed at height {height}: {exc}"
                 log.exception("search index update failed")

@@ -44,6 +44,9 @@ CREATE TABLE IF NOT EXISTS shares (
 """
 
 
+_CHUNK = 500  # host parameters per query (SQLite allows 32,766 since 3.32)
+
+
 def blob_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -96,7 +99,18 @@ class BlobStore:
 
     def settle(self, hashes: Iterable[str]) -> None:
         """These blobs are referenced by committed txs now."""
-        self._write("DELETE FROM pending WHERE hash = ?", [(bytes.fromhex(h),) for h in hashes])
+        keys = [bytes.fromhex(h) for h in hashes]
+        chunks = [keys[i:i + _CHUNK] for i in range(0, len(keys), _CHUNK)]
+        with self.lock:
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+                for chunk in chunks:  # a query per chunk, not per blob (an import has 35,000)
+                    self.db.execute("DELETE FROM pending WHERE hash IN "
+                                    f"({','.join('?' * len(chunk))})", chunk)
+                self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self.db.execute("ROLLBACK")
+                raise StorageError(f"blob store write failed: {exc}") from exc
 
     def stale_pending(self, before: float) -> list[tuple[str, str]]:
         """(hash, ref) of blobs sealed here before ``before`` that no commit referenced."""
@@ -120,9 +134,16 @@ class BlobStore:
         return out
 
     def have(self, hashes: Iterable[str]) -> set[str]:
+        """Which of ``hashes`` are held (a query per ``_CHUNK`` hashes)."""
+        keys = list(dict.fromkeys(bytes.fromhex(h) for h in hashes))
+        held: set[str] = set()
         with self.lock:
-            return {h for h in hashes if self.db.execute(
-                "SELECT 1 FROM blobs WHERE hash = ?", (bytes.fromhex(h),)).fetchone()}
+            for i in range(0, len(keys), _CHUNK):
+                chunk = keys[i:i + _CHUNK]
+                held.update(bytes(h).hex() for (h,) in self.db.execute(
+                    f"SELECT hash FROM blobs WHERE hash IN ({','.join('?' * len(chunk))})",
+                    chunk))
+        return held
 
     def delete(self, hashes: Iterable[str]) -> int:
         """Delete blobs (erasure) and push the deletion through the WAL into the file."""
