@@ -141,7 +141,8 @@ def _dates(value: Any) -> Iterable[tuple[int, int]]:
             hi = date_range(str(value["end"])) if "end" in value else None
             if (lo is not None or "start" not in value) and (hi is not None or
                                                              "end" not in value):
-                yield (lo[0] if lo else MIN_MS), (hi[1] if hi else MAX_MS)
+                start, end = (lo[0] if lo else MIN_MS), (hi[1] if hi else MAX_MS)
+                yield min(start, end), max(start, end)  # an end before its start: reversed
         for event in value.get("event") or ():  # Timing
             yield from _dates(event)
         bounds = (value.get("repeat") or {}).get("boundsPeriod") if isinstance(

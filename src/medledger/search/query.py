@@ -199,8 +199,11 @@ def _date_clause(prefix: str, value: str, now_ms: int, lo_col: str = "lo",
                            "2024-01-01T10:00:00Z")
     slo, shi = rng
     lo, hi = lo_col, hi_col
+    # Every stored range has lo <= hi (extract.py orders a reversed Period), so the
+    # bounds on ``lo`` below are implied; they let a prefix use the index on (lo, hi)
+    # or (hi, lo) as a range instead of scanning to the end of the parameter's rows.
     if prefix == "eq":
-        return f"({lo} >= ? AND {hi} <= ?)", [slo, shi]
+        return f"({lo} >= ? AND {lo} <= ? AND {hi} <= ?)", [slo, shi, shi]
     if prefix == "ne":
         return f"NOT ({lo} >= ? AND {hi} <= ?)", [slo, shi]
     if prefix == "gt":
@@ -208,9 +211,9 @@ def _date_clause(prefix: str, value: str, now_ms: int, lo_col: str = "lo",
     if prefix == "lt":
         return f"{lo} < ?", [slo]
     if prefix == "ge":
-        return f"({hi} > ? OR ({lo} >= ? AND {hi} <= ?))", [shi, slo, shi]
+        return f"({hi} >= ? AND ({hi} > ? OR {lo} >= ?))", [slo, shi, slo]
     if prefix == "le":
-        return f"({lo} < ? OR ({lo} >= ? AND {hi} <= ?))", [slo, slo, shi]
+        return f"({lo} <= ? AND ({lo} < ? OR {hi} <= ?))", [shi, slo, shi]
     if prefix == "sa":
         return f"{lo} >= ?", [shi]
     if prefix == "eb":
