@@ -511,3 +511,12 @@ def test_date_conditions_read_only_the_rows_in_their_range(tmp_path: Path) -> No
         ticks[0] = 0
         assert engine_mod._estimate(index, q.conditions[0]) == matches
         assert ticks[0] < 20, (query, ticks[0])  # a scan of 3,000 rows is hundreds
+    # family=Born matches all 3,000 (a prefix); the birth date's 3 drive, and the
+    # family estimate stops at the first round's 65 rows instead of DRIVER_LIMIT's 501
+    items = [("family", "Born"), ("birthdate", "1970-01-02")]
+    q = engine.parse("Patient", items, strict=True)
+    ticks[0] = 0
+    p = engine_mod.plan(index, q, Scope(object(), None, None))
+    assert p is not None and ticks[0] < 20, ticks[0]
+    found = engine.run(host, q, items, Scope(object(), None, None)).found  # type: ignore[arg-type]
+    assert {h.meta["id"] for h in found} == {"b1", "b1001", "b2001"}
