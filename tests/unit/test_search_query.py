@@ -520,3 +520,99 @@ def test_date_conditions_read_only_the_rows_in_their_range(tmp_path: Path) -> No
     assert p is not None and ticks[0] < 20, ticks[0]
     found = engine.run(host, q, items, Scope(object(), None, None)).found  # type: ignore[arg-type]
     assert {h.meta["id"] for h in found} == {"b1", "b1001", "b2001"}
+
+
+# ------------------------------------------------------------------ family + birth date rows
+
+def _people_born(tmp_path: Path, key: bytes | None = None
+                 ) -> tuple[Engine, Host, SearchIndex]:
+    """400 patients: 199 Lee and 199 Leeds-Hart (``family=Lee`` is a prefix of both),
+    two of each born on each of 10 days, in turn; m1 with a year-month birth date
+    only, m2 with a second family name."""
+    days = [time.strftime("%Y-%m-%d", time.gmtime(86_400 * ((i // 2) % 10)))
+            for i in range(398)]
+    people = [patient(f"f{i}", "Lee" if i % 2 else "Leeds-Hart", "Kim", day, "male")
+              for i, day in enumerate(days)]
+    people += [patient("m1", "Lee", "Kim", "1970-01", "male"),
+               patient("m2", "Lee", "Kim", "1970-01-01", "male",
+                       name=[{"family": "Lee", "given": ["Kim"]},
+                             {"family": "Park", "given": ["Kim"]}])]
+    index = SearchIndex(tmp_path / "index.db", key or os.urandom(32), blocking_keys)
+    host = Host(people)
+    index.apply([(m, host.decrypt(m)) for m in host.metas], 1)
+    return Engine(index, Cursors(os.urandom(32)), lambda: NOW_MS), host, index
+
+
+def test_family_and_birth_date_read_one_range_and_answer_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``family`` + a day's ``birthdate`` drive through the combined rows (a few rows
+    read, not each condition's hundreds); the answers equal those of the plans without
+    them (the driver limit at 0), a year-month birth date never matches a day, and a
+    second family name is found."""
+    from medledger.search import engine as engine_mod
+    from medledger.search.index import COMBO
+    env_ = _people_born(tmp_path)
+    engine, _, index = env_
+    combo = index.pid("Patient", COMBO)
+    assert combo is not None
+    lee_day0 = {f"f{20 * k + 1}" for k in range(20)}
+    leeds_day0 = {f"f{20 * k}" for k in range(20)}
+    cases = {  # query: (answer, whether the combined rows drive)
+        "family=Lee&birthdate=1970-01-01": (lee_day0 | leeds_day0 | {"m2"}, True),
+        "family=leeds&birthdate=1970-01-01": (leeds_day0, True),
+        "family=lee&birthdate=1970-01-02": ({f"f{20 * k + j}" for k in range(20)
+                                             for j in (2, 3)}, True),
+        "family=Park&birthdate=1970-01-01": ({"m2"}, True),
+        "family=Lee&birthdate=1971-01-01": (set(), True),
+        "family:exact=Lee&birthdate=1970-01-01": (lee_day0 | {"m2"}, False),
+        "family=Lee&birthdate=1970-01": ({f"f{i}" for i in range(398)} | {"m1", "m2"},
+                                         False),
+        "family=Lee,Park&birthdate=1970-01-01": (lee_day0 | leeds_day0 | {"m2"}, False),
+    }
+    ticks = [0]
+    index.rdb.set_progress_handler(lambda: ticks.__setitem__(0, ticks[0] + 1) or 0, 100)
+    for query, (expected, drives) in cases.items():
+        items = [tuple(p.split("=", 1)) for p in query.split("&")]
+        q = engine.parse("Patient", items, strict=True)  # type: ignore[arg-type]
+        p = engine_mod.plan(index, q, Scope(object(), None, None))
+        assert p is not None
+        assert any(w.text.startswith("res.rid IN (SELECT rid FROM s") and w.args[0] == combo
+                   for w in p.where) is drives, query
+        ticks[0] = 0
+        assert ids(env_, "Patient", query + "&_count=500") == expected, query
+        if drives:  # 400 rows match Lee, 40 a day
+            assert ticks[0] < 40, (query, ticks[0])
+    monkeypatch.setattr(engine_mod, "DRIVER_LIMIT", 0)
+    for query, (expected, _) in cases.items():
+        assert ids(env_, "Patient", query + "&_count=500") == expected, query
+
+
+def test_an_index_of_schema_1_gains_the_family_and_birth_date_rows(tmp_path: Path) -> None:
+    """An index written before the combined rows existed gets them when opened (from its
+    own family and birth date rows), and answers as a fresh one does; a newer schema
+    than the node knows is refused with what to do."""
+    from medledger.errors import StorageError
+    from medledger.search.index import COMBO
+    key = os.urandom(32)
+    engine, host, index = _people_born(tmp_path, key)
+    query = "family=Lee&birthdate=1970-01-01&_count=500"
+    fresh = ids((engine, host, index), "Patient", query)
+    combo = index.pid("Patient", COMBO)
+    assert index.query("SELECT count(*) FROM s WHERE pid = ?", (combo,))[0][0] == 400
+    with index.lock:  # as schema 1 left it: 398 day births + m2's two names, gone
+        index.db.execute("DELETE FROM s WHERE pid = ?", (combo,))
+        index.db.execute("DELETE FROM params WHERE pid = ?", (combo,))
+        index.db.execute("UPDATE meta SET v = '1' WHERE k = 'schema'")
+    index.close()
+    again = SearchIndex(tmp_path / "index.db", key, blocking_keys)
+    combo = again.pid("Patient", COMBO)
+    assert combo is not None
+    assert again.query("SELECT count(*) FROM s WHERE pid = ?", (combo,))[0][0] == 400
+    assert again.query("SELECT v FROM meta WHERE k = 'schema'") == [("2",)]
+    env_ = (Engine(again, Cursors(os.urandom(32)), lambda: NOW_MS), host, again)
+    assert ids(env_, "Patient", query) == fresh and len(fresh) == 41
+    with again.lock:
+        again.db.execute("UPDATE meta SET v = '3' WHERE k = 'schema'")
+    again.close()
+    with pytest.raises(StorageError, match="index rebuild"):
+        SearchIndex(tmp_path / "index.db", key, blocking_keys)

@@ -24,7 +24,7 @@ from medledger.core import policy
 from medledger.core import state as st
 from medledger.crypto.kdf import mac
 from medledger.errors import Forbidden, InvalidInput, MedledgerError
-from medledger.search.index import SearchIndex
+from medledger.search.index import COMBO, SearchIndex, combo_key
 from medledger.search.query import Compiler, Condition, Query, Sql, parse
 
 DRIVER_LIMIT = 500  # a condition matching at most this many rows drives the query
@@ -175,7 +175,7 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
         # rows, whatever their number; counting them first would read more
         drivable = [(conds[0], DRIVER_LIMIT + 1)]
     else:
-        drivable = _estimates(index, conds)
+        drivable = _estimates(index, [*_combo(index, q), *conds])
     small = min(drivable, key=lambda x: x[1]) if drivable else None
     driver = small[0] if small is not None and small[1] <= DRIVER_LIMIT else None
     ordered = None
@@ -185,6 +185,8 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
         by_size = sorted((n, i) for i, (c, n) in enumerate(drivable) if c.ordered)
         ordered = drivable[by_size[0][1]][0] if by_size else None
     out = Plan(base, ordered=None if ordered is None else ordered.ordered)
+    if driver is not None and driver.driver is not None and driver.name == COMBO:
+        out.where.append(Sql(f"res.rid IN ({driver.driver.text})", driver.driver.args))
     for cond in q.conditions:
         if cond is driver:
             assert cond.driver is not None
@@ -193,6 +195,22 @@ def plan(index: SearchIndex, q: Query, scope: Scope) -> Plan | None:
             out.where.append((cond.lazy_check if ordered else cond.check).bind(out.rid))
     out.order = [(k.expr.bind("res.rid"), k.descending) for k in q.sort]
     return out
+
+
+def _combo(index: SearchIndex, q: Query) -> list[Condition]:
+    """The family + birth date index range, when the query has both parts: a driver
+    only (both conditions are still checked), so it may match more, never fewer."""
+    parts: dict[str, str] = {}
+    for cond in q.conditions:
+        if cond.combo is not None:
+            parts.setdefault(*cond.combo)
+    pid = index.pid(q.rtype, COMBO)
+    if pid is None or "family" not in parts or "birthdate" not in parts:
+        return []
+    low = combo_key(parts["birthdate"], parts["family"])
+    return [Condition(COMBO, Sql("1"), Sql("SELECT rid FROM s WHERE pid = ? AND "
+                                          "(norm >= ? AND norm < ?)",
+                                          (pid, low, low + "\U0010ffff")))]
 
 
 SMALL_ENOUGH = 200  # a condition this selective drives; ranges then need no estimate

@@ -28,7 +28,18 @@ from medledger.errors import StorageError
 from medledger.search.extract import Extracted, extract
 
 KEY_INFO = "medledger search index v1"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the Patient family + birth date rows (``COMBO``)
+# A registration desk's first query, ``Patient?family=&birthdate=``, read as one range
+# of one index: an ``s`` row per (family name, birth day) of each Patient, keyed
+# ``<day start in ms>|<normalised family>``. Each condition alone matches ever more
+# patients as the index grows (a birth day holds ~30 of a million); together, a few.
+# It only drives a query; the family and birth date conditions are still checked.
+COMBO = "family+birthdate"
+DAY_MS = 86_400_000
+
+
+def combo_key(day_ms: int | str, family_norm: str) -> str:
+    return f"{int(day_ms)}|{family_norm}"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID;
@@ -115,10 +126,16 @@ class SearchIndex:
         self.blocking_keys = blocking_keys
         with self.lock:
             self.db.executescript(SCHEMA)
-            if self._meta("schema") is None:
+            schema = self._meta("schema")
+            if schema is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         self._pids: dict[tuple[str, str], int] = {
             (t, c): p for p, t, c in self.db.execute("SELECT pid, type, code FROM params")}
+        if schema == "1":
+            self._add_combo_rows()
+        elif schema not in (None, SCHEMA_VERSION):
+            raise StorageError(f"the search index {path} has schema {schema}, this node "
+                               f"knows {SCHEMA_VERSION}: `medledger index rebuild` recreates it")
         self._tids: dict[str, int] = {
             t: i for i, t in self.db.execute("SELECT tid, type FROM types")}
         self.changed = threading.Condition()
@@ -132,6 +149,25 @@ class SearchIndex:
             self.rdb.close()
         with self.lock:
             self.db.close()
+
+    def _add_combo_rows(self) -> None:
+        """Schema 1 -> 2: the ``COMBO`` rows, from the family and birth date rows already
+        indexed (no record is decrypted again)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                family, birth = self.pid("Patient", "family"), self.pid("Patient", "birthdate")
+                if family is not None and birth is not None:
+                    self.db.execute(
+                        "INSERT OR IGNORE INTO s SELECT ?, CAST(d.lo AS INTEGER) || '|' || "
+                        "s.norm, s.rid, '' FROM s JOIN d ON d.rid = s.rid WHERE s.pid = ? "
+                        "AND d.pid = ? AND d.hi - d.lo = ?",
+                        (self.pid("Patient", COMBO, create=True), family, birth, DAY_MS))
+                self.db.execute("UPDATE meta SET v = ? WHERE k = 'schema'", (SCHEMA_VERSION,))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     # ------------------------------------------------------------ ids
     def _meta(self, key: str) -> str | None:
@@ -289,6 +325,11 @@ class SearchIndex:
         add("u", [(p(c), val, row) for c, val in v.uris])
         add("c", [(p(c), c1, b, row, s1, kind, a, lo, hi)
                   for c, s1, c1, kind, a, b, lo, hi in v.composites])
+        if rtype == "Patient":
+            days = [lo for c, lo, hi in v.dates if c == "birthdate" and hi - lo == DAY_MS]
+            families = [norm for c, norm, _ in v.strings if c == "family"] if days else []
+            add("s", [(p(COMBO), combo_key(day, norm), row, "")
+                      for day in days for norm in families])
 
     def reset(self) -> None:
         """Forget everything (before a rebuild)."""

@@ -74,6 +74,9 @@ class Condition:
     # ``check`` as a subquery SQLite runs as written (``LIMIT 1`` keeps it from becoming
     # a join): tests the rows of an ordered walk before their ``res`` row is read
     probe: Sql | None = None
+    # (parameter, key) of a plain one-value ``family`` (normalised) or day-precision
+    # ``birthdate`` on Patient: parts of the family + birth date index (index.COMBO)
+    combo: tuple[str, str] | None = None
 
     @property
     def lazy_check(self) -> Sql:
@@ -360,6 +363,20 @@ def _composite(param: SearchParam, values: list[str], now_ms: int) -> tuple[str,
 
 # ------------------------------------------------------------------ conditions
 
+def _combo_part(rtype: str, code: str, mod: str, values: list[str]
+                ) -> tuple[str, str] | None:
+    if rtype != "Patient" or mod or len(values) != 1:
+        return None
+    if code == "family":
+        return code, normalize(values[0])
+    if code == "birthdate":
+        prefix, value = _prefix(values[0])
+        rng = date_range(value) if prefix == "eq" else None
+        if rng is not None and rng[1] - rng[0] == 86_400_000:  # a whole day
+            return code, str(rng[0])
+    return None
+
+
 @dataclass
 class Compiler:
     """Turns (parameter, modifier, values) into a ``Condition`` for one resource type."""
@@ -417,7 +434,8 @@ class Compiler:
                 _ORDERED.match(where):
             qualified = _COLUMN.sub(r"j.\1", where)
             ordered = (table, Sql(f"j.pid = ? AND ({qualified})", (pid, *args)))
-        return Condition(name, check, driver, ordered, probe)
+        return Condition(name, check, driver, ordered, probe,
+                         _combo_part(rtype, code, mod, values))
 
     def _where(self, param: SearchParam, mod: str, values: list[str]) -> tuple[str, list[Any]]:
         t = param.type
