@@ -34,7 +34,14 @@ from medledger.core.state import MemoryState
 from medledger.search.engine import Cursors, Engine, Scope
 from medledger.search.extract import Extracted, extract
 from medledger.search.index import SearchIndex
-from medledger.search.matching import blocking_keys, candidate_ids, score
+from medledger.search.matching import (
+    blocking_keys,
+    candidate_ids,
+    keys_stale,
+    mark_keys_current,
+    refresh_keys,
+    score,
+)
 
 SYLLABLES = ("an", "ber", "cal", "dor", "el", "fen", "gar", "hol", "is", "jor", "kel", "lin",
              "mar", "nor", "ol", "pen", "quin", "ros", "sol", "tor", "ul", "ven", "wil", "yor",
@@ -176,6 +183,7 @@ def build(path: Path, n_resources: int, n_patients: int, workers: int,
             if progress:
                 progress(done)
     index.set_height(1)
+    mark_keys_current(index)
     index.checkpoint()
     index.db.execute("PRAGMA cache_size=-65536")  # back to the node's (SearchIndex's)
     index.db.execute("ANALYZE")
@@ -360,7 +368,15 @@ def _open_or_build(n_resources: int, workers: int, progress: Callable[[int], Non
     db, meta = keep / f"index-{n_resources}.db", keep / f"index-{n_resources}.json"
     if meta.exists():
         kept = json.loads(meta.read_text())
-        return SearchIndex(db, bytes.fromhex(kept["key"])), float(kept["build_s"])
+        index = SearchIndex(db, bytes.fromhex(kept["key"]))
+        if keys_stale(index):  # kept from before a change of blocking keys: recompute
+            for start in range(0, n_patients, 50_000):
+                refresh_keys(index, (patient(i) for i in
+                                     range(start, min(start + 50_000, n_patients))))
+                progress(start)
+            mark_keys_current(index)
+            index.checkpoint()
+        return index, float(kept["build_s"])
     for stale in keep.glob(f"index-{n_resources}.db*"):
         stale.unlink()
     key = os.urandom(32)

@@ -105,3 +105,35 @@ def test_height_waits_for_content_not_replicated_yet(tmp_path: Path) -> None:
     assert _codes(index) == {("o9", "Z")}
     sync.stop()
     index.close()
+
+
+def test_catch_up_recomputes_blocking_keys_of_another_version(tmp_path: Path) -> None:
+    """An index whose Patients hold blocking keys of an older key set (as kept by a node
+    from before a change of ``matching.KEYS_VERSION``) has them recomputed on start, and
+    only once; other records are left alone."""
+    from medledger.search import matching
+    ledger = Ledger()
+    people = {f"p{i}": {"resourceType": "Patient", "id": f"p{i}", "birthDate": "1961-07-04",
+                        "name": [{"family": f"Quetzal{i}", "given": ["Ana"]}]}
+              for i in range(2)}
+    plain = {(pid, 1): r for pid, r in people.items()} | {("o1", 1): _obs("o1", "A")}
+    writes = {f"rec/Patient/{pid}": canonical({**_meta(pid, 1), "type": "Patient",
+                                                "patient": pid}) for pid in people}
+    writes["rec/Observation/o1"] = canonical(_meta("o1", 1))
+    ledger.apply(writes)
+    ledger.height = 1
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32), lambda r: {f"old:{r['id']}"})
+    sync = IndexSync(index, ledger, lambda m: plain[(m["id"], m["v"])])
+    assert sync.catch_up() == 3
+    index.set_meta_value("blocking", "1")  # the keys above are of version 1
+    index.blocking_keys = matching.blocking_keys
+    assert matching.keys_stale(index)
+    assert sync.catch_up() == 2  # the two Patients, not the Observation
+    keys = {k for (k,) in index.query("SELECT key FROM blk")}
+    assert "fd:quetzal0|1961-07-04" in keys and "sy:Q324|1961|a" in keys
+    assert not any(k.startswith("old:") for k in keys)
+    assert not matching.keys_stale(index) and sync.catch_up() == 0
+    assert {i for (i,) in index.query(
+        "SELECT res.id FROM blk JOIN res ON res.rid = blk.rid WHERE blk.key = ?",
+        ("fg:quetzal1|A500|07-04",))} == {"p1"}
+    index.close()

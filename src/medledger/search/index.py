@@ -169,6 +169,35 @@ class SearchIndex:
                 self.db.execute("ROLLBACK")
                 raise
 
+    def meta_value(self, key: str) -> str | None:
+        with self.lock:
+            return self._meta(key)
+
+    def set_meta_value(self, key: str, value: str) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def replace_blocking_keys(self, items: Iterable[tuple[str, Iterable[str]]]) -> int:
+        """Set the blocking keys of indexed Patients, given as (id, keys), in one
+        transaction; ids not in the index are skipped. Returns how many were set."""
+        n = 0
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for pid, keys in items:
+                    row = self._rid_of("Patient", pid)
+                    if row is None:
+                        continue
+                    self.db.execute("DELETE FROM blk WHERE rid = ?", (row,))
+                    self.db.executemany("INSERT OR IGNORE INTO blk VALUES (?, ?)",
+                                        [(k, row) for k in keys])
+                    n += 1
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return n
+
     # ------------------------------------------------------------ ids
     def _meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()

@@ -3,14 +3,21 @@ duplicate check on Patient create compare a new patient with.
 
 Each Patient head gets blocking keys in the index (``blk``): identifiers, phone
 numbers and e-mail addresses, family name + birth date, Soundex of the family name
-+ birth year, family name + Soundex of the first given name, Soundex of the first
-given name + birth date. A new patient's keys select the candidates (an index
-lookup per key: cost does not grow with the population), only they are decrypted
-and scored (``fhir.match``), and nothing keeps the population's demographics in
-memory. The keys cover the situations of the match vectors: spelling variants and
-nicknames (family + birth date), transposed or mistyped birth dates (family +
-given, Soundex + year), changed family names (given + birth date), shared
-identifiers or contact points.
++ birth year + initial of the first given name, family name + Soundex of the first
+given name + birth month and day, Soundex of the first given name + birth date. A
+new patient's keys select the candidates (an index lookup per key), only they are
+decrypted and scored (``fhir.match``), and nothing keeps the population's
+demographics in memory. The keys cover the situations of the match vectors:
+spelling variants and nicknames (family + birth date), transposed or mistyped birth
+dates (Soundex + year + initial for a day or month typo, family + given + month-day
+for a year typo), changed family names (given + birth date), shared identifiers or
+contact points.
+
+Every name key also carries part of the birth date, so a key's patients do not grow
+with the population the way a name alone does (version 1 had Soundex + year and
+family + given: at a million patients ~50 candidates per ``$match`` instead of ~6).
+``KEYS_VERSION`` names the key set; an index holding another version's keys has its
+patients' keys recomputed (``search.sync`` on start, ``refresh_keys``).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from medledger.fhir import match
 from medledger.search.index import SearchIndex
 
+KEYS_VERSION = "2"
 MAX_PER_KEY = 200  # a key shared by more patients than this selects nothing (too common)
 MAX_CANDIDATES = 500
 
@@ -64,18 +72,33 @@ def blocking_keys(patient: Mapping[str, Any]) -> set[str]:
             if len(digits) >= 7:
                 keys.add("phone:" + digits[-10:])
     birth = str(patient.get("birthDate") or "")[:10]
-    year = birth[:4]
+    year, month_day = birth[:4], birth[5:10] if len(birth) == 10 else ""
     for family, given in _names(patient):
         fam_sx, given_sx = match.soundex(family), match.soundex(given)
         if family and birth:
             keys.add(f"fd:{family}|{birth}")
         if fam_sx and year:
-            keys.add(f"sy:{fam_sx}|{year}")
-        if family and given_sx:
-            keys.add(f"fg:{family}|{given_sx}")
+            keys.add(f"sy:{fam_sx}|{year}|{given[:1]}")
+        if family and given_sx and month_day:
+            keys.add(f"fg:{family}|{given_sx}|{month_day}")
         if given_sx and birth:
             keys.add(f"gd:{given_sx}|{birth}")
     return keys
+
+
+def keys_stale(index: SearchIndex) -> bool:
+    """Whether the index's Patients may hold blocking keys of another ``KEYS_VERSION``."""
+    return index.meta_value("blocking") != KEYS_VERSION
+
+
+def refresh_keys(index: SearchIndex, patients: Iterable[Mapping[str, Any]]) -> int:
+    """Recompute the blocking keys of these (indexed) patients."""
+    return index.replace_blocking_keys((str(p["id"]), blocking_keys(p)) for p in patients)
+
+
+def mark_keys_current(index: SearchIndex) -> None:
+    """Record that every indexed Patient now has this version's keys."""
+    index.set_meta_value("blocking", KEYS_VERSION)
 
 
 def candidate_ids(index: SearchIndex, patient: Mapping[str, Any]) -> list[str]:

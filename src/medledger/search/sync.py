@@ -21,6 +21,7 @@ from typing import Any
 
 from medledger.crypto.canonical import loads
 from medledger.errors import Unavailable
+from medledger.search import matching
 from medledger.search.index import SearchIndex
 
 log = logging.getLogger(__name__)
@@ -156,9 +157,12 @@ class IndexSync:
 
     def catch_up(self, progress: Progress | None = None) -> int:
         """Index every ledger head the index lacks or holds at another version; drop rows
-        of records the ledger no longer has. Returns how many records changed."""
+        of records the ledger no longer has; every Patient again when the index holds
+        blocking keys of another version (``matching.KEYS_VERSION``). Returns how many
+        records changed."""
         height = int(self.store.height)
-        if self.index.height == height and not self.failed:
+        rekey = matching.keys_stale(self.index)
+        if self.index.height == height and not self.failed and not rekey:
             return 0
         indexed = {(t, i): v for t, i, v in self.index.heads()}
         todo: list[dict[str, Any]] = []
@@ -167,7 +171,8 @@ class IndexSync:
             meta = loads(raw)
             key = (meta["type"], meta["id"])
             seen.add(key)
-            if indexed.get(key) != meta["v"] or _erased(meta):
+            if indexed.get(key) != meta["v"] or _erased(meta) or (
+                    rekey and meta["type"] == "Patient"):
                 todo.append(meta)
         todo.extend({"type": t, "id": i, "erased": True} for t, i in indexed
                     if (t, i) not in seen)
@@ -181,6 +186,8 @@ class IndexSync:
                 progress(done, len(todo))
         if not todo:
             self.index.set_height(height)
+        if rekey:
+            matching.mark_keys_current(self.index)
         return len(todo)
 
     def rebuild(self, progress: Progress | None = None) -> int:
