@@ -128,7 +128,18 @@ def test_catch_up_recomputes_blocking_keys_of_another_version(tmp_path: Path) ->
     index.set_meta_value("blocking", "1")  # the keys above are of version 1
     index.blocking_keys = matching.blocking_keys
     assert matching.keys_stale(index)
+    heights: list[int] = []
+    apply = index.apply_extracted
+
+    def watched(entries: Any, *args: Any, **kw: Any) -> int:
+        entries = list(entries)
+        if entries:
+            heights.append(index.height)  # what a waiting $match sees meanwhile
+        return apply(entries, *args, **kw)
+
+    index.apply_extracted = watched  # type: ignore[method-assign]
     assert sync.catch_up() == 2  # the two Patients, not the Observation
+    assert heights == [0] and index.height == 1  # held back until re-keyed
     keys = {k for (k,) in index.query("SELECT key FROM blk")}
     assert "fd:quetzal0|1961-07-04" in keys and "sy:Q324|1961|a" in keys
     assert not any(k.startswith("old:") for k in keys)

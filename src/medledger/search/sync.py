@@ -176,6 +176,10 @@ class IndexSync:
                 todo.append(meta)
         todo.extend({"type": t, "id": i, "erased": True} for t, i in indexed
                     if (t, i) not in seen)
+        if rekey and any(m["type"] == "Patient" for m in todo):
+            # matching waits for the index height: hold it back until every Patient has
+            # its new keys, so no duplicate check runs on a half re-keyed index
+            self.index.set_height(0)
         done = 0
         for start in range(0, len(todo), BATCH):
             chunk = todo[start:start + BATCH]
