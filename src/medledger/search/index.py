@@ -134,6 +134,7 @@ class SearchIndex:
         if schema == "1":
             self._add_combo_rows()
         elif schema not in (None, SCHEMA_VERSION):
+            self.db.close()
             raise StorageError(f"the search index {path} has schema {schema}, this node "
                                f"knows {SCHEMA_VERSION}: `medledger index rebuild` recreates it")
         self._tids: dict[str, int] = {
