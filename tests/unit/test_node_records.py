@@ -91,3 +91,20 @@ def test_rewrap_to_a_late_reader(batch: bool) -> None:
     assert open_any(CHAIN, meta, blob, "org-late", [LATE[0]], [rewrapped]) == resource
     with pytest.raises(Forbidden):
         rewrap_key(blob, "org-a", PATIENT[0], LATE[1])
+
+
+def test_rewrap_in_a_batch_opens_each_record_with_one_ephemeral_key() -> None:
+    """``org rewrap`` and a patient's key rotation re-wrap many keys at once: in the batch
+    format, under one ephemeral key per batch (the late reader opens every record with
+    its own), where a sealed box per record cost an X25519 key generation each."""
+    resources = [_observation(i) for i in range(3)]
+    sealed = [seal_record(CHAIN, r, "p1", 1, READERS) for r in resources]
+    with envelope.BatchWrapper() as wrapper:
+        rewrapped = [rewrap_key(blob, "org-a", ORG[0], LATE[1], wrapper) for _, blob in sealed]
+    assert {len(k) for k in rewrapped} == {envelope.BATCH_KEY_SIZE}
+    assert len({k[1:33] for k in rewrapped}) == 1  # one ephemeral public key
+    assert len(set(rewrapped)) == 3  # fresh nonces: no two alike
+    for r, (fields, blob), key in zip(resources, sealed, rewrapped, strict=True):
+        assert open_any(CHAIN, _meta(fields, r), blob, "org-late", [LATE[0]], [key]) == r
+        with pytest.raises(Forbidden):
+            open_any(CHAIN, _meta(fields, r), blob, "org-late", [PATIENT[0]], [key])

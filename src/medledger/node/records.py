@@ -107,13 +107,18 @@ def open_as(chain: str, meta: Mapping[str, Any], blob: bytes, reader_id: str,
 
 
 def rewrap_key(blob: bytes, reader_id: str, reader_private: bytes,
-               new_reader_public: bytes) -> bytes:
+               new_reader_public: bytes, wrapper: envelope.BatchWrapper | None = None
+               ) -> bytes:
     """The version's data key, unwrapped as ``reader_id`` and wrapped to a new reader
-    (the result is itself a blob: the ledger gets its hash)."""
+    (the result is itself a blob: the ledger gets its hash); by ``wrapper`` when many
+    are re-wrapped at once (one ephemeral key per batch, ADR 4 section 7)."""
     wrapped = wrapped_key(blob, reader_id)
     if wrapped is None:
         raise Forbidden(f"the data key is not wrapped to {reader_id}")
-    return envelope.wrap_key(envelope.unwrap_key(wrapped, reader_private), new_reader_public)
+    data_key = envelope.unwrap_key(wrapped, reader_private)
+    if wrapper is not None:
+        return wrapper.wrap(data_key, new_reader_public)
+    return envelope.wrap_key(data_key, new_reader_public)
 
 
 def open_any(chain: str, meta: Mapping[str, Any], blob: bytes, reader_id: str,

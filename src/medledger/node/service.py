@@ -328,30 +328,33 @@ class Node:
             raise InvalidInput(f"{target} is not an active member organisation")
         target_pub = b64d(org["enc_pub"])
         items: list[dict[str, Any]] = []
-        for _, raw in self.store.scan("ver/"):
-            meta = loads(raw)
-            if st.erased(meta) or target in meta["readers"] or \
-                    self.org.id not in meta["readers"]:
-                continue
-            if any(True for _ in self.store.scan(
-                    f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{target}/")):
-                continue
-            wrapped = self._rewrap(meta, target_pub)
-            self.blobs.put([(blob_hash(wrapped), wrapped)],
-                           pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{target}")
-            items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
-                          "reader": target, "key": blob_hash(wrapped)})
+        with envelope.BatchWrapper() as wrapper:
+            for _, raw in self.store.scan("ver/"):
+                meta = loads(raw)
+                if st.erased(meta) or target in meta["readers"] or \
+                        self.org.id not in meta["readers"]:
+                    continue
+                if any(True for _ in self.store.scan(
+                        f"wrap/{meta['type']}/{meta['id']}/{meta['v']:010d}/{target}/")):
+                    continue
+                wrapped = self._rewrap(meta, target_pub, wrapper)
+                self.blobs.put([(blob_hash(wrapped), wrapped)],
+                               pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{target}")
+                items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
+                              "reader": target, "key": blob_hash(wrapped)})
         for part in iter_chunks(items, chunk):
             await self.submit(self.org, "record.rewrap", {"items": part})
         return len(items)
 
-    def _rewrap(self, meta: dict[str, Any], target_pub: bytes) -> bytes:
+    def _rewrap(self, meta: dict[str, Any], target_pub: bytes,
+                wrapper: envelope.BatchWrapper | None = None) -> bytes:
         """A version's data key (held inside its blob for this organisation) wrapped to
         another X25519 key; tried with every key this organisation has held."""
         failure: MedledgerError = Forbidden(f"{meta['type']}/{meta['id']} cannot be opened")
         for private in self.org.enc_privates:
             try:
-                return rewrap_key(self.blob_of(meta), self.org.id, private, target_pub)
+                return rewrap_key(self.blob_of(meta), self.org.id, private, target_pub,
+                                  wrapper)
             except Forbidden as err:
                 failure = err
         raise failure
@@ -1208,12 +1211,15 @@ class Node:
         items = []
         try:
             await self.ensure_blobs(metas)
-            for meta in metas:
-                wrapped = self._rewrap(meta, target)
-                self.blobs.put([(blob_hash(wrapped), wrapped)],
-                               pending=f"{meta['type']}/{meta['id']}/{meta['v']}/key:{patient}")
-                items.append({"type": meta["type"], "id": meta["id"], "version": meta["v"],
-                              "reader": patient, "key": blob_hash(wrapped)})
+            with envelope.BatchWrapper() as wrapper:
+                for meta in metas:
+                    wrapped = self._rewrap(meta, target, wrapper)
+                    self.blobs.put([(blob_hash(wrapped), wrapped)],
+                                   pending=f"{meta['type']}/{meta['id']}/{meta['v']}"
+                                           f"/key:{patient}")
+                    items.append({"type": meta["type"], "id": meta["id"],
+                                  "version": meta["v"], "reader": patient,
+                                  "key": blob_hash(wrapped)})
             for part in iter_chunks(items, chunk):
                 await self.submit(self.org, "record.rewrap", {"items": part})
         except MedledgerError as err:
