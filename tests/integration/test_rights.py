@@ -247,8 +247,12 @@ def test_imported_patient_activates_with_a_one_time_code(node: NodeHandle) -> No
     home = Home(node.home)
     escrow_copy = node.home.parent / "escrow-copy.json"
     escrow_copy.write_bytes(home.user_keystore(pid).read_bytes())
+    # a 256-bit escrow secret needs no stretching; the patient's password does (ADR 7)
+    assert orjson.loads(escrow_copy.read_bytes())["kdf"]["n"] == 2**10
     r = activate(doc["code"])
     assert r.status_code == 200 and r.json()["kind"] == "patient", r.text
+    assert orjson.loads(home.user_keystore(pid).read_bytes())["kdf"]["n"] == \
+        keys.DEFAULT_SCRYPT_N
     # the escrow ended with new keys: the copy no longer signs for the patient, while
     # the patient's keystore keeps the old encryption key for what was sealed to it
     escrowed = keys.load_keystore(escrow_copy, escrow_secret(

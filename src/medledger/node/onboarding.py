@@ -50,6 +50,11 @@ DEFAULT_TTL_S = 14 * 86400
 MAX_TTL_S = 90 * 86400
 MAX_ATTEMPTS = 5
 CODE_BYTES = 13  # 104 bits -> 21 base32 characters, 20 shown (100 bits)
+# The escrow secret is a 256-bit key, not a password: stretching it adds nothing against
+# guessing, so the escrow keystore takes scrypt's smallest cost (~1 ms, against ~0.1 s
+# of CPU for a password's). Activation re-encrypts under the patient's password at
+# ``keys.DEFAULT_SCRYPT_N``.
+ESCROW_SCRYPT_N = 2**10
 
 
 def escrow_secret(org_secret: bytes, patient: str) -> str:
@@ -76,7 +81,7 @@ def _read(home: Home, patient: str) -> dict[str, Any] | None:
 
 
 def escrow_keystore(home: Home, org_secret: bytes, identity: keys.Identity, now: float,
-                    scrypt_n: int = keys.DEFAULT_SCRYPT_N) -> None:
+                    scrypt_n: int = ESCROW_SCRYPT_N) -> None:
     """Write a new patient's keystore under the escrow secret (never a password anyone
     knows) and mark it escrowed. Called from the registration path (``Node``) for every
     patient registered without a password."""
