@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from medledger.errors import InvalidInput
-from medledger.fhir.narrative import MAX_DEPTH, check_xhtml
+from medledger.fhir.narrative import (
+    MAX_DEPTH,
+    _certainly_clean,
+    _walk,
+    check_resource_content,
+    check_xhtml,
+)
+from medledger.fhir.synthetic import synthetic_patient_bundle
 from medledger.fhir.validate import parse_resource
 
 NS = 'xmlns="http://www.w3.org/1999/xhtml"'
@@ -118,3 +125,65 @@ def test_deep_nesting_refused() -> None:
 
 def test_reasonable_nesting_accepted() -> None:
     parse_resource(_obs(extension=[_nested_extension(MAX_DEPTH // 2 - 3)]))
+
+
+def _full_walk_passes(resource: dict[str, Any]) -> bool:
+    try:
+        _walk(resource, "")
+    except InvalidInput:
+        return False
+    return True
+
+
+def _chain(depth: int, leaf: Any, via_list: bool) -> dict[str, Any]:
+    """A resource whose innermost container sits ``depth`` levels deep (the resource
+    itself is level 1), reached through objects or through arrays of objects."""
+    node: Any = leaf
+    level = depth
+    while level > 1:
+        if via_list and level > 2 and isinstance(node, dict):
+            node, level = {"a": [node]}, level - 2
+        else:
+            node, level = {"a": node}, level - 1
+    return {"resourceType": "Basic", **node} if isinstance(node, dict) else node
+
+
+@pytest.mark.parametrize("depth", range(MAX_DEPTH - 3, MAX_DEPTH + 4))
+@pytest.mark.parametrize("leaf", [{"v": "x"}, ["x", "y"], {"v": ["x"]}])
+@pytest.mark.parametrize("via_list", [False, True])
+def test_quick_proof_agrees_with_the_full_walk_at_the_depth_limit(
+        depth: int, leaf: Any, via_list: bool) -> None:
+    resource = _chain(depth, leaf, via_list)
+    assert _certainly_clean(resource) == _full_walk_passes(resource)
+    if not _full_walk_passes(resource):
+        with pytest.raises(InvalidInput, match=f"more than {MAX_DEPTH} levels"):
+            check_resource_content(resource)
+
+
+@pytest.mark.parametrize("text", ["C:\\build\\u0041", "\\bword\\f", "a\x7fb", "tab\there",
+                                  "é ✓ 🙂"])
+def test_quick_proof_never_clears_what_the_full_walk_refuses(text: str) -> None:
+    for resource in ({"resourceType": "Basic", "note": [{"text": text}]},
+                     {"resourceType": "Basic", f"k{text}": 1},
+                     {"resourceType": "Basic", "text": {"status": "generated",
+                                                        "div": f"<div>{text}</div>"}}):
+        assert not _certainly_clean(resource) or _full_walk_passes(resource)
+    for char in [chr(i) for i in range(32) if i not in (9, 10, 13)]:
+        bad = {"resourceType": "Basic", "a": [{"b": {f"k{char}": text}}]}
+        assert not _certainly_clean(bad) and not _full_walk_passes(bad)
+        bad = {"resourceType": "Basic", "a": [{"b": [f"{text}{char}"]}]}
+        assert not _certainly_clean(bad) and not _full_walk_passes(bad)
+
+
+def test_quick_proof_takes_ordinary_resources_and_leaves_narratives_to_the_walk() -> None:
+    bundle = synthetic_patient_bundle(3, n_encounters=3)
+    resources = [e["resource"] for e in bundle["entry"]]
+    assert not any(_certainly_clean(r) for r in resources if "div" in r.get("text", {}))
+    plain = [{k: v for k, v in r.items() if k != "text"} for r in resources]
+    assert all(_certainly_clean(r) for r in plain)
+    with_div = {**plain[0], "text": {"status": "generated",
+                                     "div": '<div xmlns="http://www.w3.org/1999/xhtml">'
+                                            "<script>x</script></div>"}}
+    assert not _certainly_clean(with_div)
+    with pytest.raises(InvalidInput, match="script"):
+        check_resource_content(with_div)
