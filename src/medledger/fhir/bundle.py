@@ -304,10 +304,10 @@ def read_bundle(bundle: Mapping[str, Any] | bytes | str,
 
 def read_part(bundle: Mapping[str, Any] | bytes | str, part: int, parts: int) -> BundleDraft:
     """:func:`read_bundle` for the ``part``-th of ``parts`` contiguous slices of
-    ``Bundle.entry``, so the slices of a large Bundle are validated on several worker
-    processes at once; :func:`join_parts` puts them together. Each part parses the
-    whole JSON (orjson, the cheap step) and keeps only its own slice's entries. Entries
-    that need a new id get it in :func:`join_parts`, in entry order."""
+    ``Bundle.entry`` (the node reads ``0, 1``, the whole Bundle, on a worker process);
+    :func:`join_parts` puts parts together. Each part parses the whole JSON and keeps
+    only its own slice's entries. Entries that need a new id get it in
+    :func:`join_parts`, in entry order."""
     owned = isinstance(bundle, bytes | str)
     raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
     kind, entries = _bundle_entries(raw)
