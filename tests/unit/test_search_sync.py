@@ -107,6 +107,44 @@ def test_height_waits_for_content_not_replicated_yet(tmp_path: Path) -> None:
     index.close()
 
 
+def test_records_wait_for_their_blobs_without_decryption_attempts(tmp_path: Path) -> None:
+    """With the blob store's ``have``, a head whose blob has not arrived is not decrypted
+    (a member receives a large import's heads before its blobs); it waits, holding the
+    height, and a newer version of the same record replaces the waiting one."""
+    ledger = Ledger()
+    held: set[str] = set()
+    attempts: list[tuple[str, int]] = []
+    codes = {("o1", 1): "A", ("o2", 1): "B", ("o2", 2): "C"}
+
+    def decrypt(meta: dict[str, Any]) -> dict[str, Any]:
+        attempts.append((meta["id"], meta["v"]))
+        assert meta["blob"] in held, "decrypted before its blob arrived"
+        return _obs(meta["id"], codes[(meta["id"], meta["v"])])
+
+    def commit(height: int, versions: list[tuple[str, int]]) -> None:
+        writes: dict[str, bytes | None] = {
+            f"rec/Observation/{oid}": canonical({**_meta(oid, v), "blob": f"{oid}v{v}"})
+            for oid, v in versions}
+        ledger.apply(writes)
+        ledger.height = height
+        sync.on_commit(SimpleNamespace(header={"height": height}, writes=writes), ())
+
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32))
+    sync = IndexSync(index, ledger, decrypt, lambda hashes: held & set(hashes))
+    sync.start()
+    held.add("o1v1")
+    commit(1, [("o1", 1), ("o2", 1)])
+    assert not sync.wait_for(1, 1.5)  # o2's blob is missing: the height waits
+    assert _codes(index) == {("o1", "A")}
+    commit(2, [("o2", 2)])  # a newer version while v1 still waits
+    held.add("o2v2")
+    assert sync.wait_for(2, 10)
+    assert _codes(index) == {("o1", "A"), ("o2", "C")}
+    assert ("o2", 1) not in attempts and sync.failed == {}
+    sync.stop()
+    index.close()
+
+
 def test_catch_up_recomputes_blocking_keys_of_another_version(tmp_path: Path) -> None:
     """An index whose Patients hold blocking keys of an older key set (as kept by a node
     from before a change of ``matching.KEYS_VERSION``) has them recomputed on start, and

@@ -70,7 +70,7 @@ class NodeSearch:
         self.node = node
         key = node.org.enc_private
         self.index = open_index(node.home.index_path, index_key(key))
-        self.sync = IndexSync(self.index, node.store, node.decrypt)
+        self.sync = IndexSync(self.index, node.store, node.decrypt, node.blobs.have)
         self.engine = Engine(self.index, Cursors(derive_key(key, CURSOR_INFO)),
                              lambda: int(node.clock() * 1000))
         node.app.on_commit.append(self.sync.on_commit)

@@ -27,6 +27,7 @@ from medledger.search.index import SearchIndex
 log = logging.getLogger(__name__)
 Decrypt = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[[int, int], None]
+HeldBlobs = Callable[[list[str]], set[str]]
 BATCH = 500
 RETRY_S = 1.0
 
@@ -49,10 +50,15 @@ def _metas(heads: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
 
 
 class IndexSync:
-    def __init__(self, index: SearchIndex, store: Any, decrypt: Decrypt) -> None:
+    def __init__(self, index: SearchIndex, store: Any, decrypt: Decrypt,
+                 held_blobs: HeldBlobs | None = None) -> None:
         self.index = index
         self.store = store
         self.decrypt = decrypt
+        # which sealed blobs this node holds (one query per few hundred): a version whose
+        # blob has not arrived waits without a decryption attempt (on a member, most of
+        # a large import's records commit before the replicator has fetched their blobs)
+        self.held_blobs = held_blobs
         self.queue: queue.Queue[tuple[int, list[tuple[str, bytes | None]]] | None] = \
             queue.Queue()
         self.thread: threading.Thread | None = None
@@ -126,16 +132,33 @@ class IndexSync:
             return meta, None
         try:
             return meta, self.decrypt(meta)
-        except Unavailable as err:  # content not replicated here yet: retry, hold height
-            if (meta["type"], meta["id"]) not in self.failed:
-                log.info("search index: %s/%s waits for its content: %s", meta["type"],
-                         meta["id"], err)
+        except Unavailable:  # content not replicated here yet: retry, hold height
             self.failed[(meta["type"], meta["id"])] = meta
             return None
         except Exception as err:  # never openable here (e.g. sealed before we joined)
             log.warning("search index: %s/%s cannot be indexed here: %s", meta["type"],
                         meta["id"], err)
             return None
+
+    def _arrived(self, retry: list[dict[str, Any]], metas: list[dict[str, Any]]
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(earlier failures, new heads) worth a decryption attempt now; the rest stay in
+        ``failed`` (keyed by record: a newer version replaces a waiting one)."""
+        self.failed = {}
+        if self.held_blobs is None:
+            return retry, metas
+        held = self.held_blobs([m["blob"] for m in [*retry, *metas]
+                                if not _erased(m) and "blob" in m])
+        ready: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        for out, group in zip(ready, (retry, metas), strict=True):
+            for m in group:
+                key = (m["type"], m["id"])
+                if _erased(m) or "blob" not in m or m["blob"] in held:
+                    self.failed.pop(key, None)
+                    out.append(m)
+                else:
+                    self.failed[key] = m
+        return ready
 
     def _still_head(self, meta: dict[str, Any]) -> bool:
         raw = self.store.get(f"rec/{meta['type']}/{meta['id']}")
@@ -144,9 +167,13 @@ class IndexSync:
     def apply(self, metas: list[dict[str, Any]], height: int | None) -> int:
         """Index ``metas`` (after the retries of earlier failures); record ``height``
         unless some content is still missing (then it is reached later, on retry)."""
-        retry = [m for m in self.failed.values() if self._still_head(m)]
-        self.failed = {}
+        waiting = len(self.failed)
+        retry, metas = self._arrived(list(self.failed.values()), metas)
+        retry = [m for m in retry if self._still_head(m)]
         entries = [e for m in [*retry, *metas] if (e := self._entry(m)) is not None]
+        if len(self.failed) > waiting:
+            log.info("search index: %d records wait for their content (not replicated to "
+                     "this node yet)", len(self.failed))
         if height is not None:
             self.held = max(height, self.held or 0)
         reached = self.held if not self.failed else None
