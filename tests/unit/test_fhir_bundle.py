@@ -370,34 +370,33 @@ def test_rewrite_references_is_deep_and_pure() -> None:
     assert node["a"][0] == {"reference": "urn:uuid:1"}
 
 
-@pytest.mark.parametrize("parts", [2, 3, 7])
-def test_a_bundle_read_in_parts_is_the_bundle_read_whole(parts: int) -> None:
-    """Slices validated on several workers join to what one reader drafts: the same
-    entries, the same queries, and new ids drawn in entry order whatever the split."""
+def test_ids_are_drawn_on_the_loop_in_entry_order() -> None:
+    """The worker's draft (``read_entries``) draws no ids; ``assign_ids`` draws them in
+    entry order, so the node's keyed id sequence gives a retried Bundle the same ids."""
     bundle = synthetic_patient_bundle(5, n_encounters=3)
     for i, entry in enumerate(bundle["entry"]):
-        if i % 4 == 1:  # creates with no id of their own: join_parts draws theirs
+        if i % 4 == 1:  # creates with no id of their own: assign_ids draws theirs
             del entry["fullUrl"]
     data = orjson.dumps(bundle)
+    draft = fb.read_entries(data)
+    waiting = [d.index for d in draft.drafts if d.needs_id]
+    assert waiting == list(range(1, len(bundle["entry"]), 4))
+    assert all(d.resource_id is None for d in draft.drafts if d.needs_id)
     whole = read_bundle(data, _counter())
-    joined = fb.join_parts([fb.read_part(data, k, parts) for k in range(parts)], _counter())
-    assert [(d.index, d.resource_id, d.resource) for d in joined.drafts] == [
-        (d.index, d.resource_id, d.resource) for d in whole.drafts]
-    assert joined.queries == whole.queries
-    assert sum(d.resource_id is not None and d.resource_id.startswith("new-")
-               for d in joined.drafts) == len(bundle["entry"][1::4])
+    assert [(d.index, d.resource_id, d.resource) for d in fb.assign_ids(
+        draft, _counter()).drafts] == [(d.index, d.resource_id, d.resource)
+                                       for d in whole.drafts]
+    assert [d.resource_id for d in whole.drafts if d.index in waiting] == [
+        f"new-{i}" for i in range(1, len(waiting) + 1)]
 
 
-def test_a_transaction_read_in_parts_raises_its_first_problem() -> None:
-    """Each part raises its own first problem; the node raises the lowest part's, which
-    is the transaction's first problem in entry order."""
+def test_a_transaction_raises_its_first_problem() -> None:
+    """Entries are read in order: the first bad one is the one raised."""
     bundle = synthetic_patient_bundle(4, n_encounters=2)
     bundle["entry"][1]["request"]["method"] = "PATCH"
     bundle["entry"][-1]["request"]["method"] = "DELETE"
     data = orjson.dumps(bundle)
     with pytest.raises(InvalidInput, match=r"Bundle.entry\[1\].*PATCH"):
-        fb.read_part(data, 0, 2)
-    with pytest.raises(InvalidInput, match=rf"Bundle.entry\[{len(bundle['entry']) - 1}\]"):
-        fb.read_part(data, 1, 2)
+        fb.read_entries(data)
     with pytest.raises(InvalidInput, match=r"Bundle.entry\[1\]"):
         read_bundle(data, _counter())

@@ -275,7 +275,7 @@ class _Draft:
     body_id: bool = False  # the resource names its own id (conditional update as create)
     problem: MedledgerError | None = None
     kind: tuple[str, frozenset[str]] | None = None  # (category, labels) of the resource
-    needs_id: bool = False  # a create with no id of its own: join_parts draws one
+    needs_id: bool = False  # a create with no id of its own: assign_ids draws one
 
 
 @dataclass(slots=True)
@@ -299,26 +299,20 @@ def read_bundle(bundle: Mapping[str, Any] | bytes | str,
     ``Bundle.entry[17] (urn:uuid:..., Observation): ...``); a batch keeps the problem
     on the entry. A dict argument is never mutated.
     """
-    return join_parts([read_part(bundle, 0, 1)], new_id)
+    return assign_ids(read_entries(bundle), new_id)
 
 
-def read_part(bundle: Mapping[str, Any] | bytes | str, part: int, parts: int) -> BundleDraft:
-    """:func:`read_bundle` for the ``part``-th of ``parts`` contiguous slices of
-    ``Bundle.entry`` (the node reads ``0, 1``, the whole Bundle, on a worker process);
-    :func:`join_parts` puts parts together. Each part parses the whole JSON and keeps
-    only its own slice's entries. Entries that need a new id get it in
-    :func:`join_parts`, in entry order."""
+def read_entries(bundle: Mapping[str, Any] | bytes | str) -> BundleDraft:
+    """:func:`read_bundle` without drawing the new ids (the node reads on a worker
+    process and draws ids on its loop, :func:`assign_ids`). A Bundle parsed here
+    releases each raw entry as soon as it is drafted."""
     owned = isinstance(bundle, bytes | str)
     raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
     kind, entries = _bundle_entries(raw)
-    lo, hi = len(entries) * part // parts, len(entries) * (part + 1) // parts
-    if owned:  # parsed here: the other slices' entries go now, ours once each is drafted
-        entries[:lo] = [None] * lo
-        entries[hi:] = [None] * (len(entries) - hi)
-    else:
+    if not owned:
         entries = list(entries)  # a caller's dict is never mutated
     drafts: list[_Draft] = []
-    for index in range(lo, hi):
+    for index in range(len(entries)):
         draft = _read_entry(index, entries[index])
         entries[index] = None
         if draft.problem is not None and kind == "transaction":
@@ -335,18 +329,16 @@ def read_part(bundle: Mapping[str, Any] | bytes | str, part: int, parts: int) ->
     return BundleDraft(kind, drafts, frozenset(queries))
 
 
-def join_parts(parts: list[BundleDraft], new_id: Callable[[], str]) -> BundleDraft:
-    """The parts of one Bundle (:func:`read_part`, in order) as one draft; the entries
-    that need a new id get ``new_id()`` here, in entry order (a keyed id sequence stays
-    the same however the Bundle was split)."""
-    drafts = [d for p in parts for d in p.drafts]
-    for d in drafts:
+def assign_ids(draft: BundleDraft, new_id: Callable[[], str]) -> BundleDraft:
+    """``draft`` with ``new_id()`` drawn for each entry that needs an id, in entry order
+    (a keyed id sequence gives a retried Bundle the same ids)."""
+    for d in draft.drafts:
         if d.needs_id:
             d.resource_id = new_id()
             d.needs_id = False
             if d.resource is not None:
                 d.resource["id"] = d.resource_id
-    return BundleDraft(parts[0].kind, drafts, frozenset().union(*(p.queries for p in parts)))
+    return draft
 
 
 def _bundle_entries(raw: object) -> tuple[Literal["transaction", "batch"], list[Any]]:
@@ -477,7 +469,7 @@ def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object) -> 
             raise InvalidInput(f"resource.id {body_id!r} does not match request.url id "
                                f"{url_id!r}")
         draft.resource_id = url_id
-    draft.needs_id = draft.resource_id is None  # join_parts gives it one
+    draft.needs_id = draft.resource_id is None  # assign_ids gives it one
     if draft.resource_id is not None and not _ID_RE.match(draft.resource_id):
         raise InvalidInput(f"{draft.resource_id!r} is not a valid FHIR id "
                            "(1-64 of A-Z a-z 0-9 - .)")

@@ -160,13 +160,12 @@ async def _process(node: Node, session: Session, data: bytes | str,
 
 async def _read_bundle(node: Node, data: bytes | str, new_id: Callable[[], str]) -> fb.BundleDraft:
     """Read and validate the Bundle on the validation pool, whole, on one worker (a
-    transaction's first problem in entry order is raised). Slices validated on every
-    worker at once (``fb.read_part``) were measured slower, from 4 MB to 86 MB: each
-    worker parses the whole JSON and the loop unpickles every slice, which cost more
-    than the parallel validation saves (bench/README.md, Synthea import). Sealing uses
-    every worker (:func:`_seal`)."""
-    draft = await node._off_loop(fb.read_part, data, 0, 1)
-    return fb.join_parts([draft], new_id)
+    transaction's first problem in entry order is raised); new ids are drawn here, on
+    the loop. Slices validated on every worker at once were measured slower, from 4 MB
+    to 86 MB: each worker parsed the whole JSON and the loop unpickled every slice,
+    which cost more than the parallel validation saved (bench/README.md, Synthea
+    import). Sealing uses every worker (:func:`_seal`)."""
+    return fb.assign_ids(await node._off_loop(fb.read_entries, data), new_id)
 
 
 @dataclass(slots=True)
