@@ -177,7 +177,7 @@ def build(path: Path, n_resources: int, n_patients: int, workers: int,
         for batch in _bounded_map(pool, _extract_chunk, jobs, ahead=2 * workers):
             keys = {r["id"]: k for r, _, k in batch}
             index.blocking_keys = lambda res: keys[res["id"]]  # noqa: B023 (this batch's)
-            index.apply_extracted([(meta_of(r, done + n), r, v) for n, (r, v, _) in
+            index.apply_extracted([(meta_of(r, done + n), v, r) for n, (r, v, _) in
                                    enumerate(batch)])
             done += len(batch)
             if progress:

@@ -4,8 +4,9 @@ Measures what issue 10 asks: resources/s and MB/s, with the peak RSS of the node
 processes, for
 
 - a population of at least 50 patients (``synthea_generate.py -p 50 -s 7``): the
-  hospital and practitioner batches, then every patient Bundle, one after the other
-  over HTTP (``POST /fhir``) as a FHIR client loads a server;
+  hospital and practitioner batches, then every patient Bundle over HTTP
+  (``POST /fhir``) as a FHIR client loads a server: one after the other, or
+  ``--clients N`` at a time as bulk loaders do;
 - the single largest patient of the default population (``-p 5 -s 42``: 34,600
   resources, 86 MB) into a fresh node (after its directory batches);
 
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +120,33 @@ def _post(url: str, token: str, path: Path) -> None:
         raise RuntimeError(f"{path.name}: {resp.status_code} {resp.text[:500]}")
 
 
-def load(url: str, token: str, files: list[Path], label: str) -> dict[str, Any]:
+def load(url: str, token: str, files: list[Path], label: str, clients: int = 1
+         ) -> dict[str, Any]:
+    """Post ``files`` in order, or with ``clients`` > 1 that many at a time (a bulk
+    loader's way: the node overlaps one Bundle's validation with another's sealing and
+    commit)."""
     entries = sum(_entries(p) for p in files)
     size = sum(p.stat().st_size for p in files)
     started = time.perf_counter()
-    for i, path in enumerate(files):
+    done = 0
+
+    def post(path: Path) -> None:
+        nonlocal done
         _post(url, token, path)
-        print(f"  {label}: {i + 1}/{len(files)} bundles, "
+        done += 1
+        print(f"  {label}: {done}/{len(files)} bundles, "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+    with ThreadPoolExecutor(max(1, clients)) as pool:
+        list(pool.map(post, files))
     seconds = time.perf_counter() - started
     return {"bundles": len(files), "resources": entries, "mb": size / 1e6,
             "seconds": seconds, "resources_per_s": entries / seconds,
-            "mb_per_s": size / 1e6 / seconds}
+            "mb_per_s": size / 1e6 / seconds, "clients": clients}
 
 
 def embedded(work: Path, directory: list[Path], patients: list[Path], label: str,
-             workers: int) -> dict[str, Any]:
+             workers: int, clients: int = 1) -> dict[str, Any]:
     """A fresh solo node: the directory batches (not timed), then ``patients`` (timed)."""
     port = _free_port()
     home = init_home(work / label, "org-bench", "Bench Hospital", PASSWORD,
@@ -147,7 +160,7 @@ def embedded(work: Path, directory: list[Path], patients: list[Path], label: str
         with Client(node.url, org) as c:
             token = c.token()
         load(node.url, token, directory, f"{label} directory")
-        figures = _timed_load(node.url, token, patients, label, [node.proc.pid])
+        figures = _timed_load(node.url, token, patients, label, [node.proc.pid], clients)
         figures["peak_rss_mib"] = _tree_peak_rss(node.proc.pid)
         figures["validation_workers"] = workers
         return figures
@@ -155,8 +168,8 @@ def embedded(work: Path, directory: list[Path], patients: list[Path], label: str
         node.stop()
 
 
-def on_network(work: Path, directory: list[Path], patients: list[Path], label: str
-               ) -> dict[str, Any]:
+def on_network(work: Path, directory: list[Path], patients: list[Path], label: str,
+               clients: int = 1) -> dict[str, Any]:
     """A fresh 4-validator network: load at org-1, time until all four have committed."""
     from medledger.node import network
 
@@ -169,7 +182,8 @@ def on_network(work: Path, directory: list[Path], patients: list[Path], label: s
         with Client(urls[0], org) as c:
             token = c.token()
         load(urls[0], token, directory, f"{label} directory")
-        figures = _timed_load(urls[0], token, patients, label, [p.pid for p in procs])
+        figures = _timed_load(urls[0], token, patients, label, [p.pid for p in procs],
+                              clients)
         target = httpx.get(urls[0] + "/ledger/status", timeout=10).json()["height"]
         started = time.perf_counter()
         while min(httpx.get(u + "/ledger/status", timeout=10).json()["height"]
@@ -199,6 +213,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=50)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--workers", type=int, default=2, help="validation workers")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="concurrent HTTP clients posting the patient Bundles")
     parser.add_argument("--skip-population", action="store_true")
     parser.add_argument("--skip-largest", action="store_true")
     args = parser.parse_args()
@@ -217,11 +233,12 @@ def main() -> None:
             if not args.no_embedded:
                 print(f"» {label}: {len(patients)} bundles, embedded", file=sys.stderr)
                 results[f"{label}_embedded"] = embedded(work, directory, patients, label,
-                                                        args.workers)
+                                                        args.workers, args.clients)
                 print(json.dumps(results[f"{label}_embedded"], indent=1), file=sys.stderr)
             if args.network:
                 print(f"» {label}: 4-validator network", file=sys.stderr)
-                results[f"{label}_network"] = on_network(work, directory, patients, label)
+                results[f"{label}_network"] = on_network(work, directory, patients, label,
+                                                         args.clients)
                 print(json.dumps(results[f"{label}_network"], indent=1), file=sys.stderr)
     results["load_avg_at_end"] = list(os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
@@ -250,7 +267,8 @@ def _print_table(results: dict[str, Any]) -> None:
         nodes = rss.values() if "node" not in rss else [rss]
         peak = " | ".join(f"{n['node']:.0f} / {_worker_peak(n):.0f}" for n in nodes)
         rate = f.get("resources_per_s_all_nodes", f["resources_per_s"])
-        table.add_row(label, str(f["bundles"]), f"{f['resources']:,}", f"{f['mb']:.1f}",
+        clients = f" ({f['clients']} clients)" if f.get("clients", 1) > 1 else ""
+        table.add_row(label + clients, str(f["bundles"]), f"{f['resources']:,}", f"{f['mb']:.1f}",
                       f"{rate:,.0f}", f"{f['mb'] / f['resources'] * rate:.2f}",
                       f"{f['node_cpu_ms_per_resource']:.2f}", peak,
                       "{:.1f}-{:.1f}".format(*f["load_avg_1m"]))

@@ -17,6 +17,7 @@ from medledger.crypto.canonical import b64d, loads
 from medledger.errors import Forbidden
 from medledger.node.bundles import seal_many
 from medledger.node.records import open_any, open_as, rewrap_key, seal_record, wrapped_key
+from medledger.search.extract import extract
 
 VECTOR = json.loads((Path(__file__).parent / "vectors" / "sealed_box_record.json").read_text())
 CHAIN = "chain-v"
@@ -59,7 +60,8 @@ def test_seal_many_wraps_in_batch_format_and_every_reader_opens_every_record() -
     resources = [_observation(i) for i in range(5)]
     sealed = seal_many(CHAIN, [(r, "p1", 1, READERS) for r in resources])
     data_keys = set()
-    for resource, (fields, blob) in zip(resources, sealed, strict=True):
+    for resource, (fields, blob, values) in zip(resources, sealed, strict=True):
+        assert values == extract(resource)  # what the node's index takes instead of decrypting
         assert _key_sizes(blob) == {envelope.BATCH_KEY_SIZE}
         meta = _meta(fields, resource)
         for rid, sk in (("org-a", ORG[0]), ("p1", PATIENT[0])):
@@ -81,7 +83,7 @@ def test_single_writes_keep_sealed_boxes() -> None:
 def test_rewrap_to_a_late_reader(batch: bool) -> None:
     resource = _observation(7)
     if batch:
-        fields, blob = seal_many(CHAIN, [(resource, "p1", 1, READERS)])[0]
+        fields, blob, _ = seal_many(CHAIN, [(resource, "p1", 1, READERS)])[0]
     else:
         fields, blob = seal_record(CHAIN, resource, "p1", 1, READERS)
     meta = _meta(fields, resource)

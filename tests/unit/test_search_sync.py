@@ -11,6 +11,7 @@ from typing import Any
 
 from medledger.core.state import MemoryState
 from medledger.crypto.canonical import canonical
+from medledger.search.extract import extract
 from medledger.search.index import SearchIndex
 from medledger.search.sync import IndexSync
 
@@ -185,4 +186,31 @@ def test_catch_up_recomputes_blocking_keys_of_another_version(tmp_path: Path) ->
     assert {i for (i,) in index.query(
         "SELECT res.id FROM blk JOIN res ON res.rid = blk.rid WHERE blk.key = ?",
         ("fg:quetzal1|A500|07-04",))} == {"p1"}
+    index.close()
+
+
+def test_a_writers_hint_replaces_decryption_for_that_blob_only(tmp_path: Path) -> None:
+    """A version this node sealed is indexed from the values the sealer extracted, keyed
+    by its blob hash: no decryption. A head with another blob (someone else's version)
+    is decrypted as ever; a forgotten hint (refused write) is never used."""
+    ledger = Ledger()
+    decrypted: list[str] = []
+    plain = {"o2": _obs("o2", "B"), "o3": _obs("o3", "C")}
+
+    def decrypt(meta: dict[str, Any]) -> dict[str, Any]:
+        decrypted.append(meta["id"])
+        return plain[meta["id"]]
+
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32))
+    sync = IndexSync(index, ledger, decrypt)
+    metas = [{**_meta(oid, 1), "blob": f"h-{oid}"} for oid in ("o1", "o2", "o3")]
+    sync.expect("h-o1", extract(_obs("o1", "A")), None)
+    sync.expect("h-o2-other", extract(_obs("o2", "WRONG")), None)  # not the committed blob
+    sync.expect("h-o3", extract(_obs("o3", "WRONG")), None)
+    sync.forget(["h-o3"])  # the ledger refused that write
+    ledger.apply({f"rec/Observation/{m['id']}": canonical(m) for m in metas})
+    sync.apply(metas, 1)
+    assert decrypted == ["o2", "o3"]
+    assert _codes(index) == {("o1", "A"), ("o2", "B"), ("o3", "C")}
+    assert set(sync.expected) == {"h-o2-other"}  # o1's hint was used once, then dropped
     index.close()

@@ -47,6 +47,7 @@ from medledger.node import idempotency
 from medledger.node.records import seal_record
 from medledger.node.service import BulkWrite, Node, PutJob, iso
 from medledger.search.compartment import directory_type
+from medledger.search.extract import Extracted, extract
 
 if TYPE_CHECKING:
     from medledger.node.auth import Session
@@ -236,14 +237,18 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
 
     async def seal_chunk(chunk: list[_Write]) -> None:
         async with in_flight:
-            sealed: list[tuple[dict[str, Any], bytes]] = await node._off_loop(
+            sealed: list[tuple[dict[str, Any], bytes, Extracted]] = await node._off_loop(
                 seal_many, node.chain,
                 [(w.job.resource, w.job.patient, w.job.version, w.job.readers)
                  for w in chunk if w.job is not None])
             blobs: list[tuple[str, bytes]] = []
             refs: dict[str, str] = {}
-            for w, (fields, blob) in zip(chunk, sealed, strict=True):
+            for w, (fields, blob, values) in zip(chunk, sealed, strict=True):
                 assert w.job is not None
+                # the index takes these values when the version commits (no decryption);
+                # a Patient's resource too, for its blocking keys
+                node.index_hint(fields["blob"], values, w.job.resource
+                                if w.entry.resource_type == "Patient" else None)
                 body = w.job.prepared(fields).body
                 assert body is not None
                 w.body = body
@@ -265,12 +270,15 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
 
 
 def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]
-              ) -> list[tuple[dict[str, Any], bytes]]:
+              ) -> list[tuple[dict[str, Any], bytes, Extracted]]:
     """``seal_record`` for many writes (runs on the worker pool), as one batch: every
     version gets its own data key, wrapped to each reader under one ephemeral X25519 key
-    per reader for the whole batch (``envelope.BatchWrapper``), discarded when done."""
+    per reader for the whole batch (``envelope.BatchWrapper``), discarded when done. Each
+    comes with its search index values, extracted here from the plaintext the worker
+    holds anyway, so the node's index need not decrypt its own writes."""
     with envelope.BatchWrapper() as wrapper:
-        return [seal_record(chain, resource, patient, version, readers, wrapper=wrapper)
+        return [(*seal_record(chain, resource, patient, version, readers, wrapper=wrapper),
+                 extract(resource))
                 for resource, patient, version, readers in items]
 
 

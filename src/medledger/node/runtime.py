@@ -43,11 +43,32 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
+# The cyclic collector's first generation runs every 50,000 net container allocations
+# instead of 700: a Bundle's resources are millions of dicts and lists, made in bursts
+# (parsing, unpickling a worker's result) and all alive until the import ends, and each
+# collection walks the young ones again. Unpickling the 15,446 resources of one Synthea
+# patient took 1.09 s at the default, 0.18 s at this (bench/README.md, Synthea import).
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_gc() -> None:
+    """Collector thresholds for bulk work (:data:`GC_THRESHOLDS`); what was allocated so
+    far (modules, models, caches) lives as long as the process: it is frozen out of the
+    collector, whose full passes over it stalled every thread for 80-190 ms (gc
+    callbacks, bench.flood); they now cost 10-30 ms."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.collect()
+    gc.freeze()
+
+
 def worker_init() -> None:
     """Initializer of the node's validation workers: tied to the node, models loaded."""
     die_with_parent()
     from medledger.fhir.validate import preload_models
+    from medledger.search.extract import indexed_params
     preload_models()
+    indexed_params("Observation")  # the search parameter registry: sealing extracts values
+    tune_gc()
 
 
 def password_from_env(var: str = "MEDLEDGER_PASSWORD") -> str:
@@ -137,11 +158,7 @@ class NodeRuntime:
         self.tasks.append(loop.create_task(node.replica.run()))
         self.tasks.append(loop.create_task(self._abort_open_imports()))
         _ = node.searcher  # open the search index: it catches up and follows commits
-        # what start-up allocated (FHIR models, caches, the app) lives as long as the
-        # process: keep it out of the cyclic collector, whose full passes over it stalled
-        # every thread for 80-190 ms (gc callbacks, bench.flood); they now cost 10-30 ms
-        gc.collect()
-        gc.freeze()
+        tune_gc()
 
     async def _abort_open_imports(self) -> None:
         """Staged imports this organisation left open (a crash mid-import) are aborted."""

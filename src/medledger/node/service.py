@@ -59,6 +59,7 @@ from medledger.node.records import open_any, rewrap_key, seal_record
 from medledger.node.replica import Replicator
 from medledger.search.compartment import directory_type
 from medledger.search.engine import SearchResult
+from medledger.search.extract import Extracted
 from medledger.search.service import NodeSearch
 from medledger.storage.blobs import BlobStore, blob_hash
 from medledger.storage.sqlite import SqliteStore
@@ -507,7 +508,15 @@ class Node:
         # stored before the ledger references it; "pending" until a commit does
         self.blobs.put([(fields["blob"], blob)],
                        pending=f"{resource['resourceType']}/{rid}/{job.version}")
+        self.index_hint(fields["blob"], None, job.resource)
         return job.prepared(fields)
+
+    def index_hint(self, blob: str, values: Extracted | None,
+                   resource: dict[str, Any] | None) -> None:
+        """Tell the search index what the version sealed as ``blob`` holds, so it is not
+        decrypted again when it commits (``IndexSync.expect``)."""
+        if self._search is not None:
+            self._search.sync.expect(blob, values, resource)
 
     async def _authorise_put(self, session: Session, resource: dict[str, Any], rid: str,
                              if_match: int | None, patient_override: str | None = None,
@@ -630,6 +639,8 @@ class Node:
         hashes = [b["blob"] for b in bodies if b is not None
                   and st.record_version(self.store, b["type"], b["id"], b["version"]) is None]
         self.blobs.delete(hashes)
+        if self._search is not None:
+            self._search.sync.forget(hashes)
 
     async def put_resource(self, session: Session, data: Any, rtype: str, rid: str | None,
                            if_match: int | None = None, password: str | None = None,

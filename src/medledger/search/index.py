@@ -246,19 +246,22 @@ class SearchIndex:
         """Index each (record head meta, decrypted resource) in one transaction; a
         ``None`` resource removes the record (erased). Then record ``height``. Values are
         extracted before the write lock is taken (searches go on meanwhile)."""
-        return self.apply_extracted([(m, r, None if r is None else extract(r))
+        return self.apply_extracted([(m, None if r is None else extract(r), r)
                                      for m, r in entries], height)
 
-    def apply_extracted(self, entries: Iterable[tuple[dict[str, Any], dict[str, Any] | None,
-                                                      Extracted | None]],
+    def apply_extracted(self, entries: Iterable[tuple[dict[str, Any], Extracted | None,
+                                                      dict[str, Any] | None]],
                         height: int | None = None) -> int:
+        """``apply`` with the values already extracted: (meta, values, resource) each,
+        values None to remove the record; the resource is read only for a Patient (its
+        blocking keys)."""
         n = 0
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 rows: dict[str, list[tuple[Any, ...]]] = {}
-                for meta, resource, values in entries:
-                    if resource is None or values is None:
+                for meta, values, resource in entries:
+                    if values is None:
                         self._flush(rows)  # a later version may follow: keep the order
                         self._remove(meta["type"], meta["id"])
                     else:
@@ -314,7 +317,7 @@ class SearchIndex:
                 self.db.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", items)
         rows.clear()
 
-    def _index(self, meta: dict[str, Any], resource: dict[str, Any], values: Extracted,
+    def _index(self, meta: dict[str, Any], resource: dict[str, Any] | None, values: Extracted,
                rows: dict[str, list[tuple[Any, ...]]]) -> None:
         rtype = str(meta["type"])
         tid = self.tid(rtype, create=True)
@@ -332,6 +335,8 @@ class SearchIndex:
                             "updated = ? WHERE rid = ?", (*fields, row))
         self._gather(rtype, row, values, rows)
         if self.blocking_keys is not None and rtype == "Patient":
+            if resource is None:
+                raise ValueError(f"Patient/{meta['id']}: indexed without its resource")
             rows.setdefault("blk", []).extend((k, row) for k in self.blocking_keys(resource))
 
     def _gather(self, rtype: str, row: int, v: Extracted,

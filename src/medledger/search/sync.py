@@ -6,6 +6,11 @@ decrypts each new head (the node is a reader of every record), extracts its valu
 and writes them, then records the block's height. Searches call ``wait_for`` with
 the ledger height at request time, so a client sees its own writes.
 
+A version this node has just sealed need not be decrypted again: the writer hands the
+index what it knew when sealing (``expect``: the values the sealing worker extracted, or
+the plaintext), keyed by the sealed blob's hash, so the index trusts it only for the
+head whose blob is that one; a write the ledger refused is forgotten (``forget``).
+
 On start, ``catch_up`` compares every record head in the ledger with the index (by
 version) and re-indexes what differs, so a node that stopped with a lagging index,
 or an index deleted by hand, comes back complete.
@@ -16,18 +21,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from medledger.crypto.canonical import loads
 from medledger.errors import Unavailable
 from medledger.search import matching
+from medledger.search.extract import Extracted, extract
 from medledger.search.index import SearchIndex
 
 log = logging.getLogger(__name__)
 Decrypt = Callable[[dict[str, Any]], dict[str, Any]]
 Progress = Callable[[int, int], None]
 HeldBlobs = Callable[[list[str]], set[str]]
+# (head meta, values or None to remove the record, the resource when the index needs it)
+Entry = tuple[dict[str, Any], Extracted | None, dict[str, Any] | None]
 BATCH = 500
 RETRY_S = 1.0
 
@@ -67,6 +75,21 @@ class IndexSync:
         self.failed: dict[tuple[str, str], dict[str, Any]] = {}
         self.held: int | None = None  # the height reached once ``failed`` is empty
         self.error: str | None = None
+        # blob hash -> (values, resource) of versions this node sealed, until committed
+        self.expected: dict[str, tuple[Extracted | None, dict[str, Any] | None]] = {}
+
+    # ------------------------------------------------------------ the writer's hints
+    def expect(self, blob: str, values: Extracted | None,
+               resource: dict[str, Any] | None) -> None:
+        """What the version sealed as ``blob`` indexes as (``values``; or ``resource``,
+        extracted here): used instead of decrypting it when it commits. The resource is
+        needed with the values only for a Patient (its blocking keys)."""
+        self.expected[blob] = (values, resource)
+
+    def forget(self, blobs: Iterable[str]) -> None:
+        """Drop hints of versions the ledger will never commit."""
+        for blob in blobs:
+            self.expected.pop(blob, None)
 
     # ------------------------------------------------------------ feeding
     def on_commit(self, applied: Any, txs: Any) -> None:
@@ -127,11 +150,18 @@ class IndexSync:
             self.error = f"search index update failed: {exc}"
             log.exception("search index update failed")
 
-    def _entry(self, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    def _entry(self, meta: dict[str, Any]) -> Entry | None:
         if _erased(meta):
-            return meta, None
+            return meta, None, None
+        hint = self.expected.pop(meta.get("blob", ""), None)
+        if hint is not None:
+            values, resource = hint
+            if values is not None:
+                return meta, values, resource
+            assert resource is not None
+            return meta, extract(resource), resource
         try:
-            return meta, self.decrypt(meta)
+            resource = self.decrypt(meta)
         except Unavailable:  # content not replicated here yet: retry, hold height
             self.failed[(meta["type"], meta["id"])] = meta
             return None
@@ -139,6 +169,7 @@ class IndexSync:
             log.warning("search index: %s/%s cannot be indexed here: %s", meta["type"],
                         meta["id"], err)
             return None
+        return meta, extract(resource), resource
 
     def _arrived(self, retry: list[dict[str, Any]], metas: list[dict[str, Any]]
                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -177,8 +208,8 @@ class IndexSync:
         if height is not None:
             self.held = max(height, self.held or 0)
         reached = self.held if not self.failed else None
-        n = self.index.apply(entries, reached)
-        if any(resource is None for _, resource in entries):
+        n = self.index.apply_extracted(entries, reached)
+        if any(values is None for _, values, _ in entries):
             self.index.checkpoint()  # erased rows leave the WAL too (ADR 4)
         return n
 
