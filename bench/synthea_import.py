@@ -101,11 +101,11 @@ def _tree_cpu_s(pids: list[int]) -> float:
     return total
 
 
-def _timed_load(url: str, token: str, files: list[Path], label: str, pids: list[int]
-                ) -> dict[str, Any]:
+def _timed_load(url: str, token: str, files: list[Path], label: str, pids: list[int],
+                clients: int = 1) -> dict[str, Any]:
     """``load`` with the CPU its node processes spent and the load average around it."""
     before, load_before = _tree_cpu_s(pids), os.getloadavg()[0]
-    figures = load(url, token, files, label)
+    figures = load(url, token, files, label, clients)
     cpu = _tree_cpu_s(pids) - before
     figures.update(node_cpu_s=cpu, node_cpu_ms_per_resource=cpu / figures["resources"] * 1e3,
                    load_avg_1m=[load_before, os.getloadavg()[0]])

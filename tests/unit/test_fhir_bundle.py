@@ -390,6 +390,36 @@ def test_ids_are_drawn_on_the_loop_in_entry_order() -> None:
         f"new-{i}" for i in range(1, len(waiting) + 1)]
 
 
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_a_bundle_read_in_parts_is_the_bundle_read_whole(parts: int) -> None:
+    """Slices validated on several workers join to what one reader drafts: the same
+    entries, the same queries, and new ids drawn in entry order whatever the split."""
+    bundle = synthetic_patient_bundle(5, n_encounters=3)
+    for i, entry in enumerate(bundle["entry"]):
+        if i % 4 == 1:  # creates with no id of their own: assign_ids draws theirs
+            del entry["fullUrl"]
+    data = orjson.dumps(bundle)
+    whole = read_bundle(data, _counter())
+    joined = fb.assign_ids(fb.join([fb.read_entries(data, k, parts) for k in range(parts)]),
+                           _counter())
+    assert [(d.index, d.resource_id, d.resource) for d in joined.drafts] == [
+        (d.index, d.resource_id, d.resource) for d in whole.drafts]
+    assert joined.queries == whole.queries
+
+
+def test_a_transaction_read_in_parts_raises_its_first_problem_in_each() -> None:
+    """Each slice raises its own first problem (the node raises the lowest slice's: the
+    transaction's first problem in entry order)."""
+    bundle = synthetic_patient_bundle(4, n_encounters=2)
+    bundle["entry"][1]["request"]["method"] = "PATCH"
+    bundle["entry"][-1]["request"]["method"] = "DELETE"
+    data = orjson.dumps(bundle)
+    with pytest.raises(InvalidInput, match=r"Bundle.entry\[1\].*PATCH"):
+        fb.read_entries(data, 0, 2)
+    with pytest.raises(InvalidInput, match=rf"Bundle.entry\[{len(bundle['entry']) - 1}\]"):
+        fb.read_entries(data, 1, 2)
+
+
 def test_a_transaction_raises_its_first_problem() -> None:
     """Entries are read in order: the first bad one is the one raised."""
     bundle = synthetic_patient_bundle(4, n_encounters=2)

@@ -302,17 +302,25 @@ def read_bundle(bundle: Mapping[str, Any] | bytes | str,
     return assign_ids(read_entries(bundle), new_id)
 
 
-def read_entries(bundle: Mapping[str, Any] | bytes | str) -> BundleDraft:
-    """:func:`read_bundle` without drawing the new ids (the node reads on a worker
-    process and draws ids on its loop, :func:`assign_ids`). A Bundle parsed here
-    releases each raw entry as soon as it is drafted."""
+def read_entries(bundle: Mapping[str, Any] | bytes | str, part: int = 0, parts: int = 1
+                 ) -> BundleDraft:
+    """:func:`read_bundle` without drawing the new ids (the node reads on worker
+    processes and draws ids on its loop, :func:`assign_ids`), for the ``part``-th of
+    ``parts`` contiguous slices of ``Bundle.entry`` (the node validates the slices of a
+    large Bundle on its workers at once; :func:`join` puts them together). A Bundle
+    parsed here releases each raw entry as soon as it is drafted, and the other slices'
+    at once."""
     owned = isinstance(bundle, bytes | str)
     raw = parse_json(bundle) if isinstance(bundle, bytes | str) else bundle
     kind, entries = _bundle_entries(raw)
-    if not owned:
+    lo, hi = len(entries) * part // parts, len(entries) * (part + 1) // parts
+    if owned:
+        entries[:lo] = [None] * lo
+        entries[hi:] = [None] * (len(entries) - hi)
+    else:
         entries = list(entries)  # a caller's dict is never mutated
     drafts: list[_Draft] = []
-    for index in range(len(entries)):
+    for index in range(lo, hi):
         draft = _read_entry(index, entries[index])
         entries[index] = None
         if draft.problem is not None and kind == "transaction":
@@ -327,6 +335,14 @@ def read_entries(bundle: Mapping[str, Any] | bytes | str) -> BundleDraft:
             if query is not None:
                 queries.add(query)
     return BundleDraft(kind, drafts, frozenset(queries))
+
+
+def join(parts: list[BundleDraft]) -> BundleDraft:
+    """The slices of one Bundle (:func:`read_entries`, in order) as one draft."""
+    if len(parts) == 1:
+        return parts[0]
+    return BundleDraft(parts[0].kind, [d for p in parts for d in p.drafts],
+                       frozenset().union(*(p.queries for p in parts)))
 
 
 def assign_ids(draft: BundleDraft, new_id: Callable[[], str]) -> BundleDraft:

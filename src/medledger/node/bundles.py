@@ -159,14 +159,21 @@ async def _process(node: Node, session: Session, data: bytes | str,
     return BundleResult(plan.kind, [responses[i] for i in sorted(responses)])
 
 
+SPLIT_BYTES = 1024 * 1024  # a Bundle from this size is validated on every worker
+
+
 async def _read_bundle(node: Node, data: bytes | str, new_id: Callable[[], str]) -> fb.BundleDraft:
-    """Read and validate the Bundle on the validation pool, whole, on one worker (a
-    transaction's first problem in entry order is raised); new ids are drawn here, on
-    the loop. Slices validated on every worker at once were measured slower, from 4 MB
-    to 86 MB: each worker parsed the whole JSON and the loop unpickled every slice,
-    which cost more than the parallel validation saved (bench/README.md, Synthea
-    import). Sealing uses every worker (:func:`_seal`)."""
-    return fb.assign_ids(await node._off_loop(fb.read_entries, data), new_id)
+    """Read and validate the Bundle on the validation pool: a large one in as many
+    slices as the pool has workers, validated at once (each worker parses the JSON and
+    validates its slice); a transaction's first problem in entry order is raised. New
+    ids are drawn here, on the loop, in entry order."""
+    parts = node.validator_workers if len(data) >= SPLIT_BYTES else 1
+    read = await asyncio.gather(*(node._off_loop(fb.read_entries, data, k, parts)
+                                  for k in range(parts)), return_exceptions=True)
+    for outcome in read:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return fb.assign_ids(fb.join([p for p in read if isinstance(p, fb.BundleDraft)]), new_id)
 
 
 @dataclass(slots=True)
