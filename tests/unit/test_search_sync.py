@@ -213,4 +213,8 @@ def test_a_writers_hint_replaces_decryption_for_that_blob_only(tmp_path: Path) -
     assert decrypted == ["o2", "o3"]
     assert _codes(index) == {("o1", "A"), ("o2", "B"), ("o3", "C")}
     assert set(sync.expected) == {"h-o2-other"}  # o1's hint was used once, then dropped
+    sync.max_expected = 2  # hints of writes that never commit are bounded: oldest go
+    for n in range(3):
+        sync.expect(f"h-extra{n}", None, _obs(f"x{n}", "Z"))
+    assert list(sync.expected) == ["h-extra1", "h-extra2"]
     index.close()

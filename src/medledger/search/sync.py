@@ -58,6 +58,8 @@ def _metas(heads: list[tuple[str, bytes | None]]) -> list[dict[str, Any]]:
 
 
 class IndexSync:
+    max_expected = 250_000  # writers' hints held (a few KB each): a large import's worth
+
     def __init__(self, index: SearchIndex, store: Any, decrypt: Decrypt,
                  held_blobs: HeldBlobs | None = None) -> None:
         self.index = index
@@ -83,7 +85,11 @@ class IndexSync:
                resource: dict[str, Any] | None) -> None:
         """What the version sealed as ``blob`` indexes as (``values``; or ``resource``,
         extracted here): used instead of decrypting it when it commits. The resource is
-        needed with the values only for a Patient (its blocking keys)."""
+        needed with the values only for a Patient (its blocking keys). At most
+        ``max_expected`` are held (a write that timed out may never commit): the oldest
+        goes, and is decrypted like any other version if it commits after all."""
+        while len(self.expected) >= self.max_expected:
+            self.expected.pop(next(iter(self.expected)))
         self.expected[blob] = (values, resource)
 
     def forget(self, blobs: Iterable[str]) -> None:
