@@ -20,8 +20,10 @@ import httpx
 import orjson
 import pytest
 from conftest import SyntheaPopulation
-from helpers import ORG_ID, NodeHandle, run_cli, running_node
+from helpers import ORG_ID, PASSWORD, NodeHandle, run_cli, running_node
 
+from medledger.client import Client
+from medledger.crypto import keys
 from medledger.search.index import VALUE_TABLES, SearchIndex, index_key
 
 pytestmark = pytest.mark.timeout(3600)
@@ -357,3 +359,35 @@ def _try_post(node: NodeHandle, path: Path) -> Any:
         return _post_bundle(node, path)
     except httpx.HTTPError as exc:  # the node was killed under it
         return exc
+
+
+def test_the_demo_loads_synthea_and_a_second_run_on_its_home_changes_nothing(
+        synthea_population: SyntheaPopulation, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medledger demo` run again on its home: the patients it loaded are recognised
+    (their Bundle's last record is there) and not re-posted -- the loader, a physician,
+    may not overwrite records labelled for other roles without breaking the glass."""
+    from medledger.cli.demo import seed_synthea
+    with running_node(tmp_path / "home", staff=False) as node:
+        first = seed_synthea(node.url, node.home, synthea_population.fhir_dir, 5000, 3)
+        height = httpx.get(f"{node.url}/ledger/status", timeout=10).json()["height"]
+        assert len(first) == 3
+        posted: list[str] = []
+        request = Client.request
+
+        def counted(self: Client, method: str, path: str, *args: Any, **kw: Any) -> Any:
+            if method in ("POST", "PUT"):
+                posted.append(f"{method} {path}")
+            return request(self, method, path, *args, **kw)
+
+        monkeypatch.setattr(Client, "request", counted)
+        again = seed_synthea(node.url, node.home, synthea_population.fhir_dir, 5000, 3)
+        assert again == first
+        assert posted == ["POST /fhir", "POST /fhir"]  # the directory batches only
+        node.staff["dr-house"] = keys.load_keystore(node.home / "demo-keys" / "dr-house.json",
+                                                    PASSWORD)
+        for pid in first:
+            found = _everything(node, "dr-house", pid, **BREAK_GLASS)
+            records = _matches(found)
+            assert records and all(r["meta"]["versionId"] == "1" for r in records)
+        assert httpx.get(f"{node.url}/ledger/status", timeout=10).json()["height"] - height < 20
