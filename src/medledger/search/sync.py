@@ -79,6 +79,7 @@ class IndexSync:
         self.error: str | None = None
         # blob hash -> (values, resource) of versions this node sealed, until committed
         self.expected: dict[str, tuple[Extracted | None, dict[str, Any] | None]] = {}
+        self.expected_lock = threading.Lock()
 
     # ------------------------------------------------------------ the writer's hints
     def expect(self, blob: str, values: Extracted | None,
@@ -88,14 +89,16 @@ class IndexSync:
         needed with the values only for a Patient (its blocking keys). At most
         ``max_expected`` are held (a write that timed out may never commit): the oldest
         goes, and is decrypted like any other version if it commits after all."""
-        while len(self.expected) >= self.max_expected:
-            self.expected.pop(next(iter(self.expected)))
-        self.expected[blob] = (values, resource)
+        with self.expected_lock:  # the loop adds, the index thread takes
+            while len(self.expected) >= self.max_expected:
+                self.expected.pop(next(iter(self.expected)))
+            self.expected[blob] = (values, resource)
 
     def forget(self, blobs: Iterable[str]) -> None:
         """Drop hints of versions the ledger will never commit."""
-        for blob in blobs:
-            self.expected.pop(blob, None)
+        with self.expected_lock:
+            for blob in blobs:
+                self.expected.pop(blob, None)
 
     # ------------------------------------------------------------ feeding
     def on_commit(self, applied: Any, txs: Any) -> None:
@@ -159,7 +162,8 @@ class IndexSync:
     def _entry(self, meta: dict[str, Any]) -> Entry | None:
         if _erased(meta):
             return meta, None, None
-        hint = self.expected.pop(meta.get("blob", ""), None)
+        with self.expected_lock:
+            hint = self.expected.pop(meta.get("blob", ""), None)
         if hint is not None:
             values, resource = hint
             if values is not None:
