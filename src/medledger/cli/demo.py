@@ -144,9 +144,11 @@ def seed_synthea(base_url: str, home: Path, fhir_dir: Path, max_entries: int,
             else:
                 patients[patient["id"]] = _name(patient)
                 bar.update(task, description=patients[patient["id"]][:40])
-                if last and _stored(c, last):  # loaded by an earlier `medledger demo` on this home
-                    bar.advance(task, n)  # (re-posting would need break-the-glass: the
-                    continue  # loader may not read every label it would overwrite)
+                # loaded by an earlier `medledger demo` on this home: not re-posted (the
+                # loader may not read every label it would overwrite: break-the-glass)
+                if last and _stored(c, last):
+                    bar.advance(task, n)
+                    continue
                 if not _stored(c, f"Patient/{patient['id']}"):  # the demo password first
                     c.request("PUT", f"/fhir/Patient/{patient['id']}", patient,
                               headers={"X-Medledger-Patient-Password": DEMO_PASSWORD})

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,12 +168,19 @@ async def _read_bundle(node: Node, data: bytes | str, new_id: Callable[[], str])
     validates its slice); a transaction's first problem in entry order is raised. New
     ids are drawn here, on the loop, in entry order."""
     parts = node.validator_workers if len(data) >= SPLIT_BYTES else 1
-    read = await asyncio.gather(*(node._off_loop(fb.read_entries, data, k, parts)
-                                  for k in range(parts)), return_exceptions=True)
-    for outcome in read:
+    read: list[fb.BundleDraft] = await _all_then_first_failure(
+        node._off_loop(fb.read_entries, data, k, parts) for k in range(parts))
+    return fb.assign_ids(fb.join(read), new_id)
+
+
+async def _all_then_first_failure(jobs: Iterable[Awaitable[Any]]) -> list[Any]:
+    """Every job's result, in order, once all have ended; else the first failure in
+    order, raised only when every job has ended (none is left running after it)."""
+    done = await asyncio.gather(*jobs, return_exceptions=True)
+    for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
-    return fb.assign_ids(fb.join([p for p in read if isinstance(p, fb.BundleDraft)]), new_id)
+    return done
 
 
 @dataclass(slots=True)
@@ -269,11 +276,7 @@ async def _seal(node: Node, writes: list[_Write]) -> None:
             await asyncio.to_thread(node.blobs.put, blobs, refs)
 
     # every chunk ends before a failure is raised: none stores blobs after an undo
-    done = await asyncio.gather(*(seal_chunk(chunk) for chunk in chunks),
-                                return_exceptions=True)
-    for outcome in done:
-        if isinstance(outcome, BaseException):
-            raise outcome
+    await _all_then_first_failure(seal_chunk(chunk) for chunk in chunks)
 
 
 def seal_many(chain: str, items: list[tuple[dict[str, Any], str | None, int, dict[str, bytes]]]

@@ -164,12 +164,12 @@ class IndexSync:
             return meta, None, None
         with self.expected_lock:
             hint = self.expected.pop(meta.get("blob", ""), None)
-        if hint is not None:
+        if hint is not None:  # sealed here: its values, or the plaintext to extract them
             values, resource = hint
-            if values is not None:
-                return meta, values, resource
-            assert resource is not None
-            return meta, extract(resource), resource
+            if values is None:
+                assert resource is not None
+                values = extract(resource)
+            return meta, values, resource
         try:
             resource = self.decrypt(meta)
         except Unavailable:  # content not replicated here yet: retry, hold height
