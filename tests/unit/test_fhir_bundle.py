@@ -430,3 +430,29 @@ def test_a_transaction_raises_its_first_problem() -> None:
         fb.read_entries(data)
     with pytest.raises(InvalidInput, match=r"Bundle.entry\[1\]"):
         read_bundle(data, _counter())
+
+
+def test_the_node_raises_the_first_slice_failure_once_every_slice_has_ended() -> None:
+    """The node reads a large Bundle's slices at once: the failure raised is the first
+    in entry order, and only after every slice has ended (none left running)."""
+    import asyncio
+
+    from medledger.node.bundles import _all_then_first_failure
+
+    ended: list[int] = []
+
+    async def job(k: int, delay: float, fail: bool) -> int:
+        await asyncio.sleep(delay)
+        ended.append(k)
+        if fail:
+            raise InvalidInput(f"slice {k}")
+        return k
+
+    async def run(*jobs: tuple[float, bool]) -> list[Any]:
+        return await _all_then_first_failure(job(k, d, f) for k, (d, f) in enumerate(jobs))
+
+    assert asyncio.run(run((0.02, False), (0.0, False))) == [0, 1]
+    ended.clear()
+    with pytest.raises(InvalidInput, match="slice 1"):
+        asyncio.run(run((0.0, False), (0.03, True), (0.0, True), (0.05, False)))
+    assert sorted(ended) == [0, 1, 2, 3]

@@ -96,3 +96,20 @@ def test_blocking_keys_carry_no_id() -> None:
     keys = blocking_keys(_patient("p"))
     assert "fd:quetzalcoatl|1961-07-04" in keys and "id:urn:mrn|MRN-88231" in keys
     assert "phone:6175550199" in keys and all("p" != k for k in keys)
+
+
+def test_a_patient_given_values_without_its_resource_is_refused(tmp_path: Path) -> None:
+    """Values alone (a writer's hint) cannot make a Patient's blocking keys: indexing one
+    without its resource fails and writes nothing, rather than a Patient $match misses."""
+    from medledger.search.extract import extract
+    index = SearchIndex(tmp_path / "index.db", os.urandom(32), blocking_keys)
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Quetzal"}],
+               "birthDate": "1961-07-04"}
+    meta = {"type": "Patient", "id": "p1", "v": 1, "patient": "p1", "category": "demographics",
+            "labels": [], "time_ns": 1}
+    with pytest.raises(ValueError, match="Patient/p1: indexed without its resource"):
+        index.apply_extracted([(meta, extract(patient), None)], 1)
+    assert index.query("SELECT count(*) FROM res") == [(0,)] and index.height == 0
+    index.apply_extracted([(meta, extract(patient), patient)], 1)
+    assert index.query("SELECT count(*) FROM blk")[0][0] > 0
+    index.close()
