@@ -58,7 +58,7 @@ def _resolver(stored: dict[str, list[str]]) -> Callable[[Query], Iterable[str]]:
 
 
 def _refs(resource: Any) -> list[str]:
-    return sorted(set(fb._references(resource)))
+    return sorted({ref for _, ref in fb._reference_sites(resource)})
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -186,7 +186,7 @@ def test_plan_transaction_returns_writes_and_raises_on_any_problem() -> None:
     assert len(plan) >= 300
     assert len({f"{p.resource_type}/{p.resource_id}" for p in plan}) == len(plan)
     for entry in plan:
-        assert not any(r.startswith("urn:") for r in fb._references(entry.resource))
+        assert not any(r.startswith("urn:") for r in _refs(entry.resource))
     # the same bundle plans the same writes (idempotent Synthea loads)
     assert [p.resource for p in plan_transaction(bundle, _counter())] == [
         p.resource for p in plan]
@@ -368,6 +368,34 @@ def test_rewrite_references_is_deep_and_pure() -> None:
         "reference": 5,
     }
     assert node["a"][0] == {"reference": "urn:uuid:1"}
+
+
+def test_a_transaction_rewrites_every_site_of_a_reference() -> None:
+    """The planner rewrites references where the worker found them (``ref_sites``):
+    repeated, inside lists, nested, inside a contained resource, next to ones it keeps."""
+    patient = {"fullUrl": "urn:uuid:p-1", "resource": {"resourceType": "Patient"},
+               "request": {"method": "POST", "url": "Patient"}}
+    pref = {"reference": "urn:uuid:p-1"}
+    report = {"resourceType": "DiagnosticReport", "status": "final",
+              "code": {"text": "panel"}, "subject": dict(pref),
+              "performer": [{"reference": "Organization?identifier=s|1"}, dict(pref)],
+              "contained": [{"resourceType": "Observation", "id": "o", "status": "final",
+                             "code": {"text": "x"}, "subject": dict(pref)}],
+              "result": [{"reference": "#o"}],
+              "extension": [{"url": "http://example.org/x",
+                             "valueReference": {"reference": "urn:uuid:p-1"}}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        patient, {"fullUrl": "urn:uuid:r-1", "resource": report,
+                  "request": {"method": "POST", "url": "DiagnosticReport"}}]}
+    plan = plan_transaction(bundle, _counter(), lambda q: ["org-9"])
+    out = next(p.resource for p in plan if p.resource_type == "DiagnosticReport")
+    assert out["subject"] == {"reference": "Patient/p-1"}
+    assert out["performer"] == [{"reference": "Organization/org-9"},
+                                {"reference": "Patient/p-1"}]
+    assert out["contained"][0]["subject"] == {"reference": "Patient/p-1"}
+    assert out["result"] == [{"reference": "#o"}]
+    assert out["extension"][0]["valueReference"] == {"reference": "Patient/p-1"}
+    assert report["subject"] == pref  # the caller's Bundle is not mutated
 
 
 def test_ids_are_drawn_on_the_loop_in_entry_order() -> None:

@@ -268,6 +268,9 @@ class _Draft:
     url: str | None
     resource: dict[str, Any] | None = None
     references: tuple[str, ...] = ()  # distinct Reference.reference strings, sorted
+    # where each ``reference`` string sits: the path (keys, list indices) of its dict, so
+    # the loop rewrites them without walking the resource again (``_Resolution.rewrite``)
+    ref_sites: tuple[tuple[str | int, ...], ...] = ()
     if_match: int | None = None
     if_none_match: int | Literal["*"] | None = None
     condition: Query | None = None
@@ -492,7 +495,9 @@ def _read_write(draft: _Draft, request: Mapping[str, Any], resource: object) -> 
     validated = parse_resource(resource, rtype)
     if draft.resource_id is not None:
         validated["id"] = draft.resource_id
-    draft.references = tuple(sorted(set(_references(validated))))
+    sites = _reference_sites(validated)
+    draft.references = tuple(sorted({ref for _, ref in sites}))
+    draft.ref_sites = tuple(path for path, _ in sites)
     _check_local_references(validated, draft.references)
     draft.kind = policy_kind(validated)
     draft.resource = validated
@@ -515,18 +520,30 @@ def _urn_uuid(full_url: str | None) -> str | None:
     return full_url.removeprefix("urn:uuid:") or None
 
 
-def _references(node: Any) -> Iterator[str]:
-    """Every ``reference`` string in ``node`` (contained resources included)."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                yield value
-            elif isinstance(value, dict | list):
-                yield from _references(value)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, dict | list):
-                yield from _references(item)
+def _reference_sites(resource: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    """(path of the dict holding it, the string) of every ``reference`` string in
+    ``resource`` (contained resources included), in document order."""
+    sites: list[tuple[tuple[str | int, ...], str]] = []
+    path: list[str | int] = []
+
+    def walk(node: dict[str, Any] | list[Any]) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "reference" and isinstance(value, str):
+                    sites.append((tuple(path), value))
+                elif isinstance(value, dict | list):
+                    path.append(key)
+                    walk(value)
+                    path.pop()
+        else:
+            for i, item in enumerate(node):
+                if isinstance(item, dict | list):
+                    path.append(i)
+                    walk(item)
+                    path.pop()
+
+    walk(resource)
+    return sites
 
 
 def _check_local_references(resource: Mapping[str, Any], refs: Iterable[str]) -> None:
@@ -684,7 +701,13 @@ class _Resolution:
             if new is not None and new != ref:
                 replace[ref] = new
         if replace:
-            _rewrite_in_place(d.resource, replace)
+            for path in d.ref_sites:
+                node: Any = d.resource
+                for step in path:
+                    node = node[step]
+                new = replace.get(node["reference"])
+                if new is not None:
+                    node["reference"] = new
 
     def _resolve_reference(self, d: _Draft, ref: str) -> str | None:
         mapped = self.mapping.get(ref)
@@ -811,21 +834,6 @@ def rewrite_references(node: Any, mapping: Mapping[str, str]) -> Any:
     if isinstance(node, list):
         return [rewrite_references(item, mapping) for item in node]
     return node
-
-
-def _rewrite_in_place(node: Any, mapping: Mapping[str, str]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and isinstance(value, str):
-                new = mapping.get(value)
-                if new is not None:
-                    node[key] = new
-            elif isinstance(value, dict | list):
-                _rewrite_in_place(value, mapping)
-    elif isinstance(node, list):
-        for item in node:
-            if isinstance(item, dict | list):
-                _rewrite_in_place(item, mapping)
 
 
 def _reference_path(resource: Mapping[str, Any], ref: str) -> str:
