@@ -288,14 +288,29 @@ def indexed_params(rtype: str) -> tuple[SearchParam, ...]:
                  or (p.type == "composite" and composite_supported(p)))
 
 
+Plan = tuple[tuple[SearchParam, frozenset[str] | None, Evaluator | None], ...]
+
+
+@cache
+def _plan(rtype: str, fast: bool) -> Plan:
+    """Per indexed parameter of ``rtype``: the top-level keys it needs one of (None:
+    always evaluated; see ``fastpath.first_keys``) and its evaluator (None: composite)."""
+    return tuple((p, fastpath.first_keys(p.path, rtype) if fast else None,
+                  None if p.type == "composite" else evaluator(p.path, rtype, fast))
+                 for p in indexed_params(rtype))
+
+
 def extract(resource: dict[str, Any], fast: bool = True) -> Extracted:
     """Every index value of ``resource`` (a FHIR R4 resource as JSON)."""
     rtype = str(resource.get("resourceType", ""))
     out = Extracted()
     memo: Memo = {}
-    for param in indexed_params(rtype):
-        if param.type == "composite":
+    keys = resource.keys()
+    for param, needs, evaluate in _plan(rtype, fast):
+        if needs is not None and needs.isdisjoint(keys):
+            continue  # a parameter whose elements the resource lacks: nothing to extract
+        if evaluate is None:
             add_composite(out, param, resource, fast, memo)
         else:
-            add_values(out, param, evaluator(param.path, rtype, fast)(resource))
+            add_values(out, param, evaluate(resource))
     return out

@@ -108,32 +108,49 @@ def _keys_for(name: str, choices: list[str] | None) -> list[str]:
     return [name + c[0].upper() + c[1:] for c in choices]
 
 
-def _run(steps: list[Step], items: list[Any]) -> list[Any]:
+# A step made ready to run: (keys to read, None) navigates, reading whichever of the keys
+# an item has (a choice element's ``as`` already narrowed them); (None, (field, literal))
+# filters (``where``).
+Ready = tuple[tuple[tuple[str, ...] | None, tuple[str, str] | None], ...]
+
+
+def _ready(steps: list[Step]) -> Ready:
+    out: list[tuple[tuple[str, ...] | None, tuple[str, str] | None]] = []
     for i, step in enumerate(steps):
-        kind = step[0]
-        if kind == "field":
+        if step[0] == "field":
             _, name, choices, _ = step
-            want = None
             if i + 1 < len(steps) and steps[i + 1][0] == "as":
                 t = steps[i + 1][1]
-                want = [name + t[0].upper() + t[1:]]
-            out: list[Any] = []
-            for item in items:
-                if not isinstance(item, dict):
-                    continue
-                for key in want or _keys_for(name, choices):
-                    value = item.get(key)
-                    if value is None:
-                        continue
-                    if isinstance(value, list):
-                        out.extend(v for v in value if v is not None)
-                    else:
-                        out.append(value)
-            items = out
-        elif kind == "where":
-            _, field, literal = step
+                out.append(((name + t[0].upper() + t[1:],), None))
+            else:
+                out.append((tuple(_keys_for(name, choices)), None))
+        elif step[0] == "where":
+            out.append((None, (step[1], step[2])))
+        # "as": applied by the field step before it
+    return tuple(out)
+
+
+def _run(steps: Ready, items: list[Any]) -> list[Any]:
+    for keys, where in steps:
+        if keys is None:
+            assert where is not None
+            field, literal = where
             items = [x for x in items if isinstance(x, dict) and x.get(field) == literal]
-        # "as": already applied by the field step before it
+            continue
+        out: list[Any] = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            for key in keys:
+                value = item.get(key)
+                if value is None:
+                    continue
+                if isinstance(value, list):
+                    out.extend(value if None not in value else
+                               [v for v in value if v is not None])
+                else:
+                    out.append(value)
+        items = out
     return items
 
 
@@ -149,35 +166,48 @@ def _distinct(items: list[Any]) -> list[Any]:
     return out
 
 
+def first_keys(expression: str, start: str) -> frozenset[str] | None:
+    """The top-level keys a ``start`` resource must have one of for ``expression`` to
+    select anything (``compile_path``'s evaluators return [] without one), or None when
+    that is not known (not a simple expression, or a branch selecting the resource)."""
+    keys: set[str] = set()
+    for branch in split_union(expression):
+        steps = _compile_branch(branch, start, False)
+        if not steps:
+            return None
+        keys.update(_keys_for(steps[0][1], steps[0][2]))
+    return frozenset(keys)
+
+
 def compile_path(expression: str, start: str, relative: bool = False) -> Evaluator | None:
     """A fast evaluator for ``expression`` on a ``start`` resource (or, ``relative``,
     on an element at path ``start``), or None when the expression is not simple."""
-    branches: list[tuple[tuple[str, ...], list[Step]]] = []
+    branches: list[tuple[tuple[str, ...], Ready]] = []
     for branch in split_union(expression):
         steps = _compile_branch(branch, start, relative)
         if steps is None:
             return None
         first = tuple(_keys_for(steps[0][1], steps[0][2])) if steps else ()
-        branches.append((first, steps))
+        branches.append((first, _ready(steps)))
 
     if len(branches) == 1 and len(branches[0][0]) == 1:
-        (key,), steps = branches[0]
+        (key,), ready = branches[0]
 
         def evaluate_one(node: Any) -> list[Any]:
             # most parameters name elements a resource lacks: check the first key first
             if isinstance(node, dict) and key in node:
-                return _run(steps, [node])
+                return _run(ready, [node])
             return []
 
         return evaluate_one
 
     def evaluate(node: Any) -> list[Any]:
         out: list[Any] = []
-        for first, steps in branches:
+        for first, branch_steps in branches:
             if not first:
                 out.append(node)
             elif isinstance(node, dict) and any(k in node for k in first):
-                out.extend(_run(steps, [node]))
+                out.extend(_run(branch_steps, [node]))
         return _distinct(out) if len(branches) > 1 else out
 
     return evaluate
