@@ -1,6 +1,7 @@
 """Sealing and opening record versions: the sealed blob and what the ledger commits to.
 
-A version's plaintext ``canonical({"salt", "resource"})`` is zlib-compressed and
+A version's plaintext ``canonical({"salt", "resource"})`` is zlib-compressed (by ISA-L's
+``isal_zlib``: the zlib format at ~3x the speed of the standard library's level 1) and
 sealed with AES-256-GCM under a fresh data key (AAD binds chain, patient, type, id,
 version); the data key is wrapped to each reader (a sealed box, or the batch format
 when many versions are sealed together: ``crypto.envelope.BatchWrapper``). The
@@ -17,13 +18,16 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from isal import isal_zlib
+
 from medledger.crypto import envelope
 from medledger.crypto.canonical import b64d, b64e, canonical, loads, sha256
 from medledger.errors import Forbidden, IntegrityError, InvalidInput
 from medledger.storage.blobs import blob_hash
 
 MAX_PLAINTEXT_BYTES = 256 * 1024 * 1024  # a decompression bomb stops here
-COMPRESSION_LEVEL = 1  # FHIR JSON shrinks ~5x at level 1, at ~100 MB/s
+COMPRESSION_LEVEL = 1  # ISA-L level 1: FHIR JSON shrinks ~2.3x as zlib's level 1 does,
+# at ~150 MB/s instead of ~55 (Synthea resources, 12.5 vs 33-37 us each)
 
 
 def record_aad(chain: str, patient: str | None, rtype: str, rid: str, version: int) -> bytes:
@@ -38,8 +42,8 @@ def seal_record(chain: str, resource: dict[str, Any], patient: str | None, versi
     its data key wrapped by ``wrapper`` when it is sealed in a batch."""
     rtype, rid = resource["resourceType"], resource["id"]
     salt = random(32)
-    plaintext = zlib.compress(canonical({"salt": b64e(salt), "resource": resource}),
-                              COMPRESSION_LEVEL)
+    plaintext = isal_zlib.compress(canonical({"salt": b64e(salt), "resource": resource}),
+                                   COMPRESSION_LEVEL)
     sealed = envelope.seal(plaintext, record_aad(chain, patient, rtype, rid, version), readers,
                            random, wrapper)
     blob = canonical({"ct": b64e(sealed.ciphertext), "iv": b64e(sealed.nonce),
