@@ -915,3 +915,40 @@ def test_a_decoded_tx_is_used_only_for_its_own_bytes() -> None:
     swapped = {sha256(txs[0]): decode_tx(txs[1]), sha256(txs[1]): decode_tx(txs[0])}
     assert apply_block(c.state, block, decoded=swapped.get) == plain
     assert [r.code for r in plain.results] == [OK, OK]
+
+
+def test_a_large_block_hashed_in_slices_has_the_digests_of_one_hashed_whole() -> None:
+    """``block_digests`` with a worker pool's ``map`` (slices) gives the accumulator and
+    writes root of the plain computation: overwrites, deletions and new keys included."""
+    n = machine.PARALLEL_DIGEST_MIN + 7
+    base = st.MemoryState()
+    for i in range(0, n, 3):
+        base.data[f"rec/Observation/o{i:06d}"] = canonical({"v": 1, "i": i})
+    acc = multiset.of_items(base.data.items())
+    writes: dict[str, bytes | None] = {}
+    for i in range(n):
+        key = f"rec/Observation/o{i:06d}"
+        writes[key] = None if i % 9 == 0 else canonical({"v": 2, "i": i})
+    calls: list[int] = []
+
+    def pool_map(fn: Any, *iterables: Any) -> list[Any]:
+        calls.append(len(iterables[0]))
+        return [fn(*args) for args in zip(*iterables, strict=True)]
+
+    whole = machine.block_digests(base, writes, acc)
+    sliced = machine.block_digests(base, writes, acc, digest_map=pool_map)
+    assert calls == [machine.DIGEST_SLICES]
+    assert sliced == whole
+    after = dict(base.data)
+    for key, value in writes.items():
+        if value is None:
+            after.pop(key, None)
+        else:
+            after[key] = value
+    assert whole[0] == multiset.of_items(after.items())
+    assert whole[1] == merkle.root([canonical([k, None if v is None else sha256(v).hex()])
+                                    for k, v in sorted(writes.items())])
+    small = {k: writes[k] for k in list(writes)[:100]}  # below the threshold: not sliced
+    assert machine.block_digests(base, small, acc, digest_map=pool_map) == \
+        machine.block_digests(base, small, acc)
+    assert calls == [machine.DIGEST_SLICES]

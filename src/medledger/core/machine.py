@@ -131,11 +131,14 @@ class BlockApplied:
 # ---------------------------------------------------------------- blocks
 
 def apply_block(state: st.StateReader, block: BlockInput, verified: Container[bytes] = (),
-                decoded: Callable[[bytes], Tx | None] | None = None) -> BlockApplied:
+                decoded: Callable[[bytes], Tx | None] | None = None,
+                digest_map: DigestMap | None = None) -> BlockApplied:
     """Apply every tx of ``block`` in order; return results, writes, header and app hash.
 
     ``decoded``: a lookup, by tx hash, of txs this node already decoded (in CheckTx); a
-    tx found there is not decoded again (``decode_tx`` is a pure function of the bytes)."""
+    tx found there is not decoded again (``decode_tx`` is a pure function of the bytes).
+    ``digest_map``: an ``Executor.map`` that hashes the writes of a large block in
+    slices (``block_digests``); the result is the same without it."""
     overlay = st.ReadTrackingOverlay(state)
     ctx = _Ctx(block.chain, block.height, block.time_ns)
     results, hashes = [], []
@@ -146,25 +149,61 @@ def apply_block(state: st.StateReader, block: BlockInput, verified: Container[by
                                 decoded(h) if decoded is not None else None))
     audit = tuple(AuditRow(eid, patient, recorded, i, ev)
                   for i, (eid, patient, recorded, ev) in enumerate(ctx.audit))
-    acc = state_acc_after(state, overlay.writes, block.prev_state_acc, overlay.base_reads)
-    header = block_header(block, results, overlay.writes, [a.event for a in audit], acc)
+    acc, writes_root = block_digests(state, overlay.writes, block.prev_state_acc,
+                                     overlay.base_reads, digest_map)
+    header = block_header(block, results, overlay.writes, [a.event for a in audit], acc,
+                          writes_root)
     app_hash = bytes.fromhex(header["app_hash"])
     return BlockApplied(header, header_hash(header), app_hash, tuple(results), tuple(hashes),
                         overlay.writes, audit, tuple(ctx.validator_updates), acc)
 
 
-def state_acc_after(base: st.StateReader, writes: Mapping[str, bytes | None],
-                    acc: bytes, known: Mapping[str, bytes | None] | None = None) -> bytes:
-    """The state digest accumulator once ``writes`` replace what ``base`` holds.
+DigestMap = Callable[..., Iterable[tuple[int, list[bytes]]]]
+PARALLEL_DIGEST_MIN = 20_000  # writes in a block from which ``digest_map`` is used
+DIGEST_SLICES = 8
+
+
+def block_digests(base: st.StateReader, writes: Mapping[str, bytes | None], acc: bytes,
+                  known: Mapping[str, bytes | None] | None = None,
+                  digest_map: DigestMap | None = None) -> tuple[bytes, bytes]:
+    """(the state digest accumulator once ``writes`` replace what ``base`` holds, the
+    Merkle root of the writes in key order).
 
     ``known``: values the block read from ``base`` (its overlay's ``base_reads``). The
     old values they give, or imply (``_known_olds``), are not read from ``base`` again:
-    a large import writes ~100,000 keys, nearly all new, and only the rest is read."""
+    a large import writes ~100,000 keys, nearly all new, and only the rest is read.
+    A block of ``PARALLEL_DIGEST_MIN`` writes or more is hashed by ``digest_map`` in
+    ``DIGEST_SLICES`` consecutive slices (a 25,000-entry import writes ~75,000 keys: each
+    a 512-byte SHAKE-256 element and a leaf hash)."""
     olds = _known_olds(writes, known or {})
     olds.update(st.get_many(base, [k for k in writes if k not in olds]))
-    removed = [(k, old) for k, old in olds.items() if old is not None]
-    added = [(k, v) for k, v in writes.items() if v is not None]
-    return multiset.update(acc, removed, added)
+    items = sorted(writes.items())
+    n = len(items)
+    k = DIGEST_SLICES if digest_map is not None and n >= PARALLEL_DIGEST_MIN else 1
+    slices = [items[i * n // k:(i + 1) * n // k] for i in range(k)]
+    removed = [[(key, old) for key, _ in part if (old := olds.get(key)) is not None]
+               for part in slices]
+    parts = (digest_map(digest_part, slices, removed) if digest_map is not None and k > 1
+             else [digest_part(items, removed[0])])
+    total = multiset.to_int(acc)
+    leaves: list[bytes] = []
+    for delta, hashes in parts:
+        total += delta
+        leaves.extend(hashes)
+    return multiset.to_bytes(total), merkle.root_of_hashes(leaves)
+
+
+def digest_part(items: list[tuple[str, bytes | None]], removed: list[tuple[str, bytes]]
+                ) -> tuple[int, list[bytes]]:
+    """One slice of ``block_digests``: the multiset delta of its writes (``items``, with
+    the old values they replace, ``removed``) and their Merkle leaf hashes."""
+    added = [(k, v) for k, v in items if v is not None]
+    return multiset.delta(removed, added), [
+        merkle.leaf_hash(_write_leaf(k, v)) for k, v in items]
+
+
+def _write_leaf(key: str, value: bytes | None) -> bytes:
+    return canonical([key, None if value is None else sha256(value).hex()])
 
 
 _UNREAD = object()
@@ -196,14 +235,16 @@ def _known_olds(writes: Iterable[str], known: Mapping[str, bytes | None]
 
 
 def block_header(block: BlockInput, results: list[Result], writes: Mapping[str, bytes | None],
-                 audit_events: list[bytes], state_acc: bytes | None = None
-                 ) -> dict[str, Any]:
+                 audit_events: list[bytes], state_acc: bytes | None = None,
+                 writes_root: bytes | None = None) -> dict[str, Any]:
+    """``writes_root``: the root of ``writes`` when the caller has it (``block_digests``)."""
+    if writes_root is None:
+        writes_root = merkle.root([_write_leaf(k, v) for k, v in sorted(writes.items())])
     roots = {
         "tx_root": merkle.root(block.txs).hex(),
         # codes and data only: human log wording may change between versions
         "results_root": merkle.root([canonical([r.code, r.data]) for r in results]).hex(),
-        "writes_root": merkle.root([canonical([k, None if v is None else sha256(v).hex()])
-                                    for k, v in sorted(writes.items())]).hex(),
+        "writes_root": writes_root.hex(),
         "audit_root": merkle.root(audit_events).hex(),
         "state_digest": multiset.digest(block.prev_state_acc if state_acc is None
                                         else state_acc),

@@ -152,7 +152,7 @@ class ReadTrackingOverlay(Overlay):
 
     A block's overlay: the base does not change while the block is applied, so a value
     read there before the block wrote the key is that key's old value, which the state
-    digest update needs (``machine.state_acc_after``) and then need not read again."""
+    digest update needs (``machine.block_digests``) and then need not read again."""
 
     def __init__(self, base: StateReader) -> None:
         super().__init__(base)

@@ -39,15 +39,21 @@ def to_bytes(acc: int) -> bytes:
     return (acc % _MODULUS).to_bytes(ELEMENT_BYTES, "little")
 
 
-def update(acc: bytes, removed: Iterable[tuple[str, bytes]],
-           added: Iterable[tuple[str, bytes]]) -> bytes:
-    """``acc`` minus the elements of ``removed`` plus those of ``added``."""
-    total = to_int(acc)
+def delta(removed: Iterable[tuple[str, bytes]], added: Iterable[tuple[str, bytes]]) -> int:
+    """The elements of ``added`` minus those of ``removed`` (not reduced: deltas of
+    disjoint parts of one change add up to the delta of the whole)."""
+    total = 0
     for key, value in added:
         total += element(key, value)
     for key, value in removed:
         total -= element(key, value)
-    return to_bytes(total)
+    return total
+
+
+def update(acc: bytes, removed: Iterable[tuple[str, bytes]],
+           added: Iterable[tuple[str, bytes]]) -> bytes:
+    """``acc`` minus the elements of ``removed`` plus those of ``added``."""
+    return to_bytes(to_int(acc) + delta(removed, added))
 
 
 def of_items(items: Iterable[tuple[str, bytes]]) -> bytes:

@@ -188,7 +188,7 @@ class StateCache:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
         """Like ``get`` for each key; the misses in one query, and not cached (the
-        caller is about to write these keys: ``state_acc_after``'s old values, the
+        caller is about to write these keys: ``block_digests``' old values, the
         heads a batch's or staged import's operations read ahead)."""
         out: dict[str, bytes | None] = {}
         missing = []
@@ -242,6 +242,7 @@ class LedgerApp:
         self._admitted: OrderedDict[bytes, mempool.Admitted] = OrderedDict()
         self.decoded = DecodedTxs()
         self.on_commit: list[Callable[[BlockApplied, tuple[bytes, ...]], None]] = []
+        self.digest_map: machine.DigestMap | None = None  # the node's workers, when running
         self._load_head()
 
     def _load_head(self) -> None:
@@ -333,7 +334,8 @@ class LedgerApp:
                        block_hash: bytes) -> BlockOutcome:
         block = BlockInput(self.chain, height, time_ns, tuple(txs), self.app_hash,
                            self.header_hash, self.state_acc)
-        applied = machine.apply_block(self.state, block, self.verified, self.decoded.get)
+        applied = machine.apply_block(self.state, block, self.verified, self.decoded.get,
+                                      self.digest_map)
         self.pending = (applied, tuple(txs))
         results = tuple(TxResult(r.code, r.log, r.data.encode()) for r in applied.results)
         return BlockOutcome(results, applied.app_hash, applied.validator_updates)

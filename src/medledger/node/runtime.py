@@ -12,12 +12,14 @@ import gc
 import logging
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import Any
+from typing import Any, TypeVar
 
 from medledger.consensus.solo import SoloProducer
 from medledger.core import state as st
+from medledger.core.machine import DigestMap
 from medledger.crypto import keys
 from medledger.crypto.canonical import b64e, loads
 from medledger.errors import InvalidInput, Unauthenticated
@@ -27,6 +29,7 @@ from medledger.node.service import Node
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -144,6 +147,7 @@ class NodeRuntime:
                                             initializer=worker_init)
             node.validator_pool, node.validator_workers = self.pool, workers
             self.pool.submit(os.getpid)  # start the worker now, not on the first write
+            node.app.digest_map = _digest_map(self.pool)
         purged = node.replica.purge_erased()  # a restored backup must not serve erased data
         if purged:
             log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
@@ -188,6 +192,7 @@ class NodeRuntime:
         self.node.blobs.close()
         if self.pool is not None:
             self.node.validator_pool, self.node.validator_workers = None, 1
+            self.node.app.digest_map = None
             self.pool.shutdown(wait=False, cancel_futures=True)
         if self.abci is not None:
             await self.abci.stop()
@@ -195,6 +200,21 @@ class NodeRuntime:
             await self.comet.aclose()
         self.node.close_search()
         self.node.store.close()
+
+
+def _digest_map(pool: ProcessPoolExecutor) -> DigestMap:
+    """``pool.map`` for a large block's digests (``machine.block_digests``), on the loop
+    while the workers would otherwise wait for the block; computed here instead if the
+    pool is gone (a worker killed): a block is never refused for it."""
+    def digest_map(fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
+        calls = list(zip(*iterables, strict=True))
+        try:
+            return list(pool.map(fn, *zip(*calls, strict=True)))
+        except (BrokenExecutor, RuntimeError) as exc:
+            log.warning("block digests computed on the loop: the worker pool failed (%s)",
+                        exc)
+            return [fn(*args) for args in calls]
+    return digest_map
 
 
 def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
