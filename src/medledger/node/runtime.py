@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterable
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, CancelledError, ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
@@ -205,12 +205,13 @@ class NodeRuntime:
 def _digest_map(pool: ProcessPoolExecutor) -> DigestMap:
     """``pool.map`` for a large block's digests (``machine.block_digests``), on the loop
     while the workers would otherwise wait for the block; computed here instead if the
-    pool is gone (a worker killed): a block is never refused for it."""
+    pool is gone (a worker killed, or the node stopping): a block is never refused for
+    it."""
     def digest_map(fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
         calls = list(zip(*iterables, strict=True))
         try:
             return list(pool.map(fn, *zip(*calls, strict=True)))
-        except (BrokenExecutor, RuntimeError) as exc:
+        except (BrokenExecutor, CancelledError, RuntimeError) as exc:
             log.warning("block digests computed on the loop: the worker pool failed (%s)",
                         exc)
             return [fn(*args) for args in calls]
