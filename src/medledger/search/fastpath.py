@@ -173,7 +173,7 @@ def first_keys(expression: str, start: str) -> frozenset[str] | None:
     keys: set[str] = set()
     for branch in split_union(expression):
         steps = _compile_branch(branch, start, False)
-        if not steps:
+        if not steps or steps[0][0] != "field":
             return None
         keys.update(_keys_for(steps[0][1], steps[0][2]))
     return frozenset(keys)
