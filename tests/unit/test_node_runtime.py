@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import Any
 
 from medledger.core import machine
 from medledger.crypto.canonical import canonical
@@ -22,7 +23,7 @@ def test_the_pool_hashes_the_slices_as_the_loop_would() -> None:
     slices, removed = _slices()
     expected = [machine.digest_part(s, r) for s, r in zip(slices, removed, strict=True)]
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        assert _digest_map(pool)(machine.digest_part, slices, removed) == expected
+        assert _digest_map(pool, lambda: True)(machine.digest_part, slices, removed) == expected
 
 
 def test_a_pool_that_is_gone_leaves_the_work_to_the_loop() -> None:
@@ -30,4 +31,22 @@ def test_a_pool_that_is_gone_leaves_the_work_to_the_loop() -> None:
     expected = [machine.digest_part(s, r) for s, r in zip(slices, removed, strict=True)]
     pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
     pool.shutdown()
-    assert _digest_map(pool)(machine.digest_part, slices, removed) == expected
+    assert _digest_map(pool, lambda: True)(machine.digest_part, slices, removed) == expected
+
+
+def test_a_busy_pool_is_not_waited_for() -> None:
+    """With other work queued on the pool the loop hashes the slices itself: a pool
+    that would fail them shows it never got them."""
+    slices, removed = _slices()
+    expected = [machine.digest_part(s, r) for s, r in zip(slices, removed, strict=True)]
+
+    class Refusing(ProcessPoolExecutor):
+        def map(self, *args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("the pool was used while busy")
+
+    pool = Refusing(1, mp_context=get_context("spawn"))
+    try:
+        assert _digest_map(pool, lambda: False)(machine.digest_part, slices, removed) == \
+            expected
+    finally:
+        pool.shutdown()

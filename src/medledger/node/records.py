@@ -26,8 +26,8 @@ from medledger.errors import Forbidden, IntegrityError, InvalidInput
 from medledger.storage.blobs import blob_hash
 
 MAX_PLAINTEXT_BYTES = 256 * 1024 * 1024  # a decompression bomb stops here
-COMPRESSION_LEVEL = 1  # ISA-L level 1: FHIR JSON shrinks ~2.3x as zlib's level 1 does,
-# at ~150 MB/s instead of ~55 (Synthea resources, 12.5 vs 33-37 us each)
+COMPRESSION_LEVEL = 1  # ISA-L level 1: FHIR JSON shrinks as with zlib's level 1 (Synthea
+# resources ~2.3-2.7x), at ~150 MB/s instead of ~55 (12.5 vs 33-37 us each)
 
 
 def record_aad(chain: str, patient: str | None, rtype: str, rid: str, version: int) -> bytes:

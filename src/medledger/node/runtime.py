@@ -147,7 +147,7 @@ class NodeRuntime:
                                             initializer=worker_init)
             node.validator_pool, node.validator_workers = self.pool, workers
             self.pool.submit(os.getpid)  # start the worker now, not on the first write
-            node.app.digest_map = _digest_map(self.pool)
+            node.app.digest_map = _digest_map(self.pool, lambda: node.pool_jobs == 0)
         purged = node.replica.purge_erased()  # a restored backup must not serve erased data
         if purged:
             log.warning("deleted %d sealed blobs the ledger has erased since this copy was "
@@ -202,19 +202,21 @@ class NodeRuntime:
         self.node.store.close()
 
 
-def _digest_map(pool: ProcessPoolExecutor) -> DigestMap:
-    """``pool.map`` for a large block's digests (``machine.block_digests``), on the loop
-    while the workers would otherwise wait for the block; computed here instead if the
-    pool is gone (a worker killed, or the node stopping): a block is never refused for
-    it."""
+def _digest_map(pool: ProcessPoolExecutor, idle: Callable[[], bool]) -> DigestMap:
+    """``pool.map`` for a large block's digests (``machine.block_digests``): the workers
+    hash the slices while the loop waits for them, as a one-client import's commit
+    block does. The loop computes them itself when the pool has other work queued (the
+    slices would wait behind it) or is broken or shut down: a block never waits for a
+    busy pool and is never refused for it."""
     def digest_map(fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
         calls = list(zip(*iterables, strict=True))
-        try:
-            return list(pool.map(fn, *zip(*calls, strict=True)))
-        except (BrokenExecutor, CancelledError, RuntimeError) as exc:
-            log.warning("block digests computed on the loop: the worker pool failed (%s)",
-                        exc)
-            return [fn(*args) for args in calls]
+        if idle():
+            try:
+                return list(pool.map(fn, *zip(*calls, strict=True)))
+            except (BrokenExecutor, CancelledError, RuntimeError) as exc:
+                log.warning("block digests computed on the loop: the worker pool failed "
+                            "(%s)", exc)
+        return [fn(*args) for args in calls]
     return digest_map
 
 

@@ -188,6 +188,7 @@ class Node:
         self.integrity_failure: str | None = None
         self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
+        self.pool_jobs = 0  # ``_off_loop`` calls waiting for the pool
         self.validator_workers = 1  # the pool's processes (1 without a pool)
         self._share_locks: dict[str, asyncio.Lock] = {}
         # locks a rotated organisation identity into keystore bytes (``open_node`` passes
@@ -369,7 +370,12 @@ class Node:
         API server starts it: the node's own loop stays free for ledger work)."""
         if self.validator_pool is None:
             return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.validator_pool, fn, *args)
+        self.pool_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.validator_pool, fn,
+                                                                    *args)
+        finally:
+            self.pool_jobs -= 1
 
     # ------------------------------------------------------------ identities
     async def register_practitioner(self, session: Session, actor_id: str, role: str,

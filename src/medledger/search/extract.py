@@ -305,7 +305,7 @@ def extract(resource: dict[str, Any], fast: bool = True) -> Extracted:
     rtype = str(resource.get("resourceType", ""))
     out = Extracted()
     memo: Memo = {}
-    keys = resource.keys()
+    keys = set(resource)  # a set: isdisjoint then walks the smaller side
     for param, needs, evaluate in _plan(rtype, fast):
         if needs is not None and needs.isdisjoint(keys):
             continue  # a parameter whose elements the resource lacks: nothing to extract

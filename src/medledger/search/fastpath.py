@@ -108,40 +108,39 @@ def _keys_for(name: str, choices: list[str] | None) -> list[str]:
     return [name + c[0].upper() + c[1:] for c in choices]
 
 
-# A step made ready to run: (keys to read, None) navigates, reading whichever of the keys
-# an item has (a choice element's ``as`` already narrowed them); (None, (field, literal))
-# filters (``where``).
-Ready = tuple[tuple[tuple[str, ...] | None, tuple[str, str] | None], ...]
+# A step made ready to run: ("field", keys) navigates, reading whichever of the keys an
+# item has (a choice element's ``as`` already narrowed them); ("where", field, literal)
+# filters.
+Ready = tuple[tuple[Any, ...], ...]
 
 
 def _ready(steps: list[Step]) -> Ready:
-    out: list[tuple[tuple[str, ...] | None, tuple[str, str] | None]] = []
+    out: list[tuple[Any, ...]] = []
     for i, step in enumerate(steps):
         if step[0] == "field":
             _, name, choices, _ = step
             if i + 1 < len(steps) and steps[i + 1][0] == "as":
                 t = steps[i + 1][1]
-                out.append(((name + t[0].upper() + t[1:],), None))
+                out.append(("field", (name + t[0].upper() + t[1:],)))
             else:
-                out.append((tuple(_keys_for(name, choices)), None))
+                out.append(("field", tuple(_keys_for(name, choices))))
         elif step[0] == "where":
-            out.append((None, (step[1], step[2])))
+            out.append(step)
         # "as": applied by the field step before it
     return tuple(out)
 
 
 def _run(steps: Ready, items: list[Any]) -> list[Any]:
-    for keys, where in steps:
-        if keys is None:
-            assert where is not None
-            field, literal = where
+    for step in steps:
+        if step[0] == "where":
+            _, field, literal = step
             items = [x for x in items if isinstance(x, dict) and x.get(field) == literal]
             continue
         out: list[Any] = []
         for item in items:
             if not isinstance(item, dict):
                 continue
-            for key in keys:
+            for key in step[1]:
                 value = item.get(key)
                 if value is None:
                     continue
