@@ -13,7 +13,7 @@ import pytest
 from medledger.search import fastpath
 from medledger.search.compartment import directory_type, patient_refs
 from medledger.search.differential import compare, resources_in
-from medledger.search.extract import extract, indexed_params
+from medledger.search.extract import evaluator, extract, indexed_params
 from medledger.search.registry import registry
 from medledger.search.values import MAX_MS, date_range, implicit_range, normalize, parse_reference
 
@@ -159,3 +159,15 @@ def test_compartment_follows_the_definition() -> None:
 ])
 def test_directory_types_follow_the_compartment_definition(rtype: str, directory: bool) -> None:
     assert directory_type(rtype) is directory
+
+
+def test_a_branch_that_filters_first_is_left_to_fhirpathpy() -> None:
+    """A branch beginning with ``where`` has no first element to check: the fast path
+    declines it (its first-key check would read the filter's literal as keys) and
+    extraction never skips it."""
+    path = "Observation.where(status='final').code"
+    assert fastpath.compile_path(path, "Observation") is None
+    assert fastpath.first_keys(path, "Observation") is None
+    code = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+    resource = {"resourceType": "Observation", "status": "final", "code": code}
+    assert evaluator(path, "Observation")(resource) == [code]

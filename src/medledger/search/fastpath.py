@@ -165,6 +165,16 @@ def _distinct(items: list[Any]) -> list[Any]:
     return out
 
 
+def _branch_keys(steps: list[Step]) -> tuple[str, ...] | None:
+    """The keys a compiled branch reads first: () when it selects the node itself, None
+    when it does not begin with an element (a filter first: not for the fast path)."""
+    if not steps:
+        return ()
+    if steps[0][0] != "field":
+        return None
+    return tuple(_keys_for(steps[0][1], steps[0][2]))
+
+
 def first_keys(expression: str, start: str) -> frozenset[str] | None:
     """The top-level keys a ``start`` resource must have one of for ``expression`` to
     select anything (``compile_path``'s evaluators return [] without one), or None when
@@ -172,9 +182,10 @@ def first_keys(expression: str, start: str) -> frozenset[str] | None:
     keys: set[str] = set()
     for branch in split_union(expression):
         steps = _compile_branch(branch, start, False)
-        if not steps or steps[0][0] != "field":
+        first = None if steps is None else _branch_keys(steps)
+        if not first:
             return None
-        keys.update(_keys_for(steps[0][1], steps[0][2]))
+        keys.update(first)
     return frozenset(keys)
 
 
@@ -184,9 +195,9 @@ def compile_path(expression: str, start: str, relative: bool = False) -> Evaluat
     branches: list[tuple[tuple[str, ...], Ready]] = []
     for branch in split_union(expression):
         steps = _compile_branch(branch, start, relative)
-        if steps is None:
+        first = None if steps is None else _branch_keys(steps)
+        if steps is None or first is None:
             return None
-        first = tuple(_keys_for(steps[0][1], steps[0][2])) if steps else ()
         branches.append((first, _ready(steps)))
 
     if len(branches) == 1 and len(branches[0][0]) == 1:
