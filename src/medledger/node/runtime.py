@@ -209,14 +209,14 @@ def _digest_map(pool: ProcessPoolExecutor, idle: Callable[[], bool]) -> DigestMa
     slices would wait behind it) or is broken or shut down: a block never waits for a
     busy pool and is never refused for it."""
     def digest_map(fn: Callable[..., T], *iterables: Iterable[Any]) -> list[T]:
-        calls = list(zip(*iterables, strict=True))
+        columns = [list(it) for it in iterables]  # read once: the fallback reads them again
         if idle():
             try:
-                return list(pool.map(fn, *zip(*calls, strict=True)))
+                return list(pool.map(fn, *columns))
             except (BrokenExecutor, CancelledError, RuntimeError) as exc:
                 log.warning("block digests computed on the loop: the worker pool failed "
                             "(%s)", exc)
-        return [fn(*args) for args in calls]
+        return [fn(*args) for args in zip(*columns, strict=True)]
     return digest_map
 
 
