@@ -168,6 +168,28 @@ def test_state_cache_follows_commits(world: tuple[LedgerApp, keys.Identity],
     assert (reopened.height, reopened.app_hash) == (1, app.app_hash)
 
 
+def test_a_read_that_straddles_a_commit_is_not_cached(
+        world: tuple[LedgerApp, keys.Identity], monkeypatch: pytest.MonkeyPatch) -> None:
+    # request handlers on other threads read principals and heads through the cache: a
+    # value read from the store just before a commit lands must not outlive the commit
+    app, org = world
+    raw = _register(org, "pat-1", "e" * 16)
+    app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.state.cache.invalidate(["actor/pat-1"])  # not cached (FinalizeBlock read it)
+    store = app.store
+
+    class CommitDuringRead:
+        def get(self, key: str) -> bytes | None:
+            value = store.get(key)  # the old value (absent) ...
+            app.commit()  # ... and the block commits before the reader caches it
+            return value
+
+    monkeypatch.setattr(app.state, "store", CommitDuringRead())
+    assert app.state.get("actor/pat-1") is None  # what that reader saw
+    monkeypatch.setattr(app.state, "store", store)
+    assert app.state.get("actor/pat-1") == store.get("actor/pat-1") is not None
+
+
 def test_scan_cache_forgets_a_prefix_when_a_key_under_it_is_written(
         world: tuple[LedgerApp, keys.Identity]) -> None:
     app, org = world

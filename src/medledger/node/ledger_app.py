@@ -22,6 +22,7 @@ its users still get policy refusals before their tx reaches the network.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
@@ -166,6 +167,11 @@ class StateCache:
     Misses are cached too (a nonce not yet used is looked up by CheckTx, then by
     FinalizeBlock). ``apply`` must see every committed write (it forgets the keys
     written): ``LedgerApp.commit`` is the only writer of the state table.
+
+    ``get`` may be called from any thread (the node's request handlers read principals
+    and record heads through it): a value read from the store is cached only if no
+    commit was applied while it was being read, so a value from before a commit never
+    outlives it. ``get_many``, ``scan`` and ``apply`` are the event loop's.
     """
 
     def __init__(self, store: SqliteStore, max_bytes: int = 64 * 1024 * 1024,
@@ -177,13 +183,18 @@ class StateCache:
         # is written
         self.max_scans = max_scans
         self._scans: OrderedDict[str, list[tuple[str, bytes]]] = OrderedDict()
+        self._lock = threading.Lock()  # a cache fill against a commit's invalidation
+        self._generation = 0  # commits applied (and clears)
 
     def get(self, key: str) -> bytes | None:
         hit = self.cache.lookup(key)
         if hit is not _MISSING:
             return hit  # type: ignore[return-value]
+        generation = self._generation
         value = self.store.get(key)
-        self.cache.put(key, value)
+        with self._lock:
+            if generation == self._generation:
+                self.cache.put(key, value)
         return value
 
     def get_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
@@ -216,7 +227,9 @@ class StateCache:
         return iter(rows)
 
     def apply(self, writes: dict[str, bytes | None]) -> None:
-        self.cache.invalidate(writes)
+        with self._lock:
+            self._generation += 1
+            self.cache.invalidate(writes)
         if self._scans:
             for key in writes:  # every "a/", "a/b/", ... prefix of a written key
                 end = key.find("/")
@@ -225,7 +238,9 @@ class StateCache:
                     end = key.find("/", end + 1)
 
     def clear(self) -> None:
-        self.cache.clear()
+        with self._lock:
+            self._generation += 1
+            self.cache.clear()
         self._scans.clear()
 
 

@@ -173,7 +173,8 @@ class Node:
         app.on_commit.append(lambda applied, _txs: recovery.on_commit(self, applied))
         self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
-        self.auth = Authenticator(store, lambda: self.config.base_url + "/auth/token",
+        # principals read through the ledger's state cache (any thread may read it)
+        self.auth = Authenticator(app.state, lambda: self.config.base_url + "/auth/token",
                                   config.token_ttl_s, clock, store.use_assertion)
         # seals the chain head and the local audit log (checked by node/startcheck.py)
         store.set_seal_key(localseal.derive_seal_key(org.secret_root, config.chain))
@@ -234,7 +235,7 @@ class Node:
     def _caller(self, session: Session) -> policy.Caller:
         """The session's principal as the ledger has it now, with the token's scopes:
         what every ``core.policy`` decision is asked about."""
-        entry = st.principal(self.store, session.actor_id)
+        entry = st.principal(self.app.state, session.actor_id)
         if entry is None:
             raise Unauthenticated(f"{session.actor_id} is no longer registered")
         return policy.Caller(entry, session.scopes)
@@ -539,7 +540,7 @@ class Node:
         patient, category, labels = self._record_kind(resource, patient_override,
                                                       bulk.kind if bulk else None)
         head = bulk.head(self.store, rtype, rid) if bulk is not None else st.record_head(
-            self.store, rtype, rid)
+            self.app.state, rtype, rid)
         writer, role = bulk.writer if bulk is not None else self._writer_of(session)
         if break_glass is not None and len(break_glass.strip()) < policy.BREAK_GLASS_MIN_REASON:
             raise InvalidInput("break-the-glass needs a reason of at least "
@@ -652,7 +653,7 @@ class Node:
                            if_match: int | None = None, password: str | None = None,
                            break_glass: str | None = None) -> Stored:
         """Create (``rid`` None) or update a record; identical content makes no new version."""
-        new = rid is None or st.record_head(self.store, rtype, rid) is None
+        new = rid is None or st.record_head(self.app.state, rtype, rid) is None
         self._allowed(session, policy.decide_write_scope(self._caller(session), rtype, new),
                       "create" if new else "update", None)
         self._writer_of(session)
@@ -700,7 +701,7 @@ class Node:
                         [f"{rtype}/{rid}"], outcome="4" if err.http_status < 500 else "8",
                         reason=str(err))
             raise
-        meta = st.record_head(self.store, rtype, rid)
+        meta = st.record_head(self.app.state, rtype, rid)
         assert meta is not None
         self._audit(session, "register" if ops else ("create" if new else "update"), patient,
                     [_ref(meta)], detail=detail, break_glass=bool(meta.get("break_glass")),
@@ -737,7 +738,7 @@ class Node:
         self._allowed(session, policy.decide_interaction(self._caller(session), rtype, "r"),
                       "read" if version is None else "vread", None)
         self._check_serving()
-        meta = (st.record_head(self.store, rtype, rid) if version is None
+        meta = (st.record_head(self.app.state, rtype, rid) if version is None
                 else st.record_version(self.store, rtype, rid, version))
         if meta is None:
             raise NotFound(f"{rtype}/{rid}" + (f" version {version}" if version else "")

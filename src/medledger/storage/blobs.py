@@ -68,11 +68,13 @@ class BlobStore:
         with self.lock:
             self.db.close()
 
-    def _write(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    def _write(self, *statements: tuple[str, Iterable[tuple[Any, ...]]]) -> None:
+        """Run ``(sql, rows)`` statements in one transaction."""
         with self.lock:
             try:
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.executemany(sql, rows)
+                for sql, rows in statements:
+                    self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except sqlite3.Error as exc:
                 self.db.execute("ROLLBACK")
@@ -89,13 +91,15 @@ class BlobStore:
             if blob_hash(data) != h:
                 raise IntegrityError(f"blob {h[:16]} does not hash to its name")
             rows.append((bytes.fromhex(h), data))
-        self._write("INSERT OR IGNORE INTO blobs VALUES (?, ?)", rows)
-        self._write("DELETE FROM missing WHERE hash = ?", [(r[0],) for r in rows])
+        statements: list[tuple[str, Iterable[tuple[Any, ...]]]] = [
+            ("INSERT OR IGNORE INTO blobs VALUES (?, ?)", rows),
+            ("DELETE FROM missing WHERE hash = ?", [(r[0],) for r in rows])]
         if pending is not None:
             now = time.time()
-            self._write("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
-                        [(r[0], pending if isinstance(pending, str)
-                          else pending[bytes(r[0]).hex()], now) for r in rows])
+            statements.append(("INSERT OR REPLACE INTO pending VALUES (?, ?, ?)",
+                               [(r[0], pending if isinstance(pending, str)
+                                 else pending[bytes(r[0]).hex()], now) for r in rows]))
+        self._write(*statements)  # one transaction: a write's blob is one commit
 
     def settle(self, hashes: Iterable[str]) -> None:
         """These blobs are referenced by committed txs now."""
@@ -152,9 +156,9 @@ class BlobStore:
             return 0
         with self.lock:
             deleted = len(self.have(bytes(k[0]).hex() for k in keys))
-            self._write("DELETE FROM blobs WHERE hash = ?", keys)
-            self._write("DELETE FROM missing WHERE hash = ?", keys)
-            self._write("DELETE FROM pending WHERE hash = ?", keys)
+            self._write(("DELETE FROM blobs WHERE hash = ?", keys),
+                        ("DELETE FROM missing WHERE hash = ?", keys),
+                        ("DELETE FROM pending WHERE hash = ?", keys))
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return deleted
 
@@ -180,8 +184,8 @@ class BlobStore:
         """Note blobs the ledger references that this node lacks: (hash, ref, source org,
         height)."""
         rows = [(bytes.fromhex(h), ref, src, height) for h, ref, src, height in items]
-        self._write("INSERT OR IGNORE INTO missing (hash, ref, source, height) "
-                    "VALUES (?, ?, ?, ?)", rows)
+        self._write(("INSERT OR IGNORE INTO missing (hash, ref, source, height) "
+                     "VALUES (?, ?, ?, ?)", rows))
 
     def wanted(self, now: float, limit: int = 256) -> list[tuple[str, str, str]]:
         """(hash, ref, source org) due for a fetch attempt."""
@@ -191,12 +195,13 @@ class BlobStore:
         return [(bytes(h).hex(), ref, src) for h, ref, src in rows]
 
     def retry_later(self, hashes: Iterable[str], now: float) -> None:
-        self._write("UPDATE missing SET tries = tries + 1, next_try = ? + min(60, 0.5 * "
-                    "(1 << min(tries, 7))) WHERE hash = ?",
-                    [(now, bytes.fromhex(h)) for h in hashes])
+        self._write(("UPDATE missing SET tries = tries + 1, next_try = ? + min(60, 0.5 * "
+                     "(1 << min(tries, 7))) WHERE hash = ?",
+                     [(now, bytes.fromhex(h)) for h in hashes]))
 
     def forget_wanted(self, hashes: Iterable[str]) -> None:
-        self._write("DELETE FROM missing WHERE hash = ?", [(bytes.fromhex(h),) for h in hashes])
+        self._write(("DELETE FROM missing WHERE hash = ?",
+                     [(bytes.fromhex(h),) for h in hashes]))
 
     def missing(self, limit: int = 1000) -> list[tuple[str, str, str, int]]:
         """(hash, ref, source, tries) of what this node still lacks."""
@@ -212,8 +217,8 @@ class BlobStore:
     # ------------------------------------------------------------ share payloads
     def put_share(self, share_id: str, jwe: bytes, verifier: bytes | None,
                   sealed_meta: bytes, created: float) -> None:
-        self._write("INSERT INTO shares VALUES (?, ?, ?, ?, ?)",
-                    [(share_id, jwe, verifier, sealed_meta, created)])
+        self._write(("INSERT INTO shares VALUES (?, ?, ?, ?, ?)",
+                     [(share_id, jwe, verifier, sealed_meta, created)]))
 
     def share(self, share_id: str) -> tuple[bytes, bytes | None, bytes] | None:
         """(JWE, passcode verifier, sealed label/recipient) of a link this node issued."""
@@ -242,12 +247,12 @@ class BlobStore:
 
     def forget_share(self, share_id: str) -> None:
         """A share whose tx the ledger refused: nothing of it stays."""
-        self._write("DELETE FROM shares WHERE id = ?", [(share_id,)])
+        self._write(("DELETE FROM shares WHERE id = ?", [(share_id,)]))
 
     def drop_shares(self, share_ids: Iterable[str]) -> None:
         """Delete the payloads (JWE, passcode verifier) of revoked or expired links; the
         sealed label stays so the patient still recognises the link in their list."""
         with self.lock:
-            self._write("UPDATE shares SET jwe = x'', verifier = NULL WHERE id = ?",
-                        [(s,) for s in share_ids])
+            self._write(("UPDATE shares SET jwe = x'', verifier = NULL WHERE id = ?",
+                         [(s,) for s in share_ids]))
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
