@@ -48,6 +48,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--out", type=Path, default=None, help="py-spy output directory "
                     "(none: no profile, figures only)")
+    ap.add_argument("--gil", action="store_true", help="sample only the thread holding "
+                    "the GIL (the node's main process is GIL-bound: its CPU per write)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="medledger-fhir-profile-"))
     try:
@@ -74,7 +76,8 @@ def main() -> None:
                 spy = subprocess.Popen(
                     [str(exe), "record", "--pid", str(node.proc.pid), "--subprocesses",
                      "--threads", "--rate", "200", "--nonblocking", "--format", "raw",
-                     "--output", str(args.out / "fhir_writes.txt")],
+                     "--output", str(args.out / "fhir_writes.txt"),
+                     *(["--gil"] if args.gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)  # py-spy attaches
             load0 = os.getloadavg()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,17 @@ Request = loadgen.Request
 
 def drive(url: str, requests: Sequence[Request], concurrency: int, what: str,
           unit: str) -> dict[str, Any]:
-    """Send ``requests`` over ``concurrency`` keep-alive connections (bench.loadgen)."""
+    """Send ``requests`` over ``concurrency`` keep-alive connections (bench.loadgen).
+    ``client_cpu_us_per_request``: the load generator's own CPU (it shares the cores)."""
+    cpu0 = time.process_time()
     out = asyncio.run(loadgen.run(url, requests, concurrency))
+    client_cpu = time.process_time() - cpu0
     if out.errors:
         raise RuntimeError(f"{what}: {out.statuses}; first error: {out.errors[0][:500]!r}")
     return {"requests": len(requests), "concurrency": concurrency, "seconds": out.seconds,
             f"{unit}_per_s": len(requests) / out.seconds, **latency_ms(out.latencies),
-            "statuses": out.statuses, "client": "bench.loadgen (raw HTTP/1.1 keep-alive)"}
+            "statuses": out.statuses, "client": "bench.loadgen (raw HTTP/1.1 keep-alive)",
+            "client_cpu_us_per_request": client_cpu / max(1, len(requests)) * 1e6}
 
 
 def fhir_writes(url: str, tok: str, patients: list[str], n: int, concurrency: int = 32
