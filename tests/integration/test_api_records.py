@@ -171,6 +171,35 @@ def test_concurrent_conflicting_updates(node: NodeHandle) -> None:
         assert c.get(f"/fhir/Observation/{obs['id']}/_history")["total"] == 2
 
 
+def test_concurrent_writes_each_get_their_own_validation_outcome(node: NodeHandle) -> None:
+    # writes arriving together are validated in one worker-pool job: each must still get
+    # its own answer (its resource, or the error about its own content)
+    import asyncio
+
+    pid = node.patients[0]
+    with node.client("dr-house") as c:
+        token = c.token()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    bodies = []
+    for i in range(16):
+        obs = synthetic_observation(pid, 900 + i)
+        value: Any = 60 + i if i % 2 == 0 else f"bad-value-{i:02d}"
+        bodies.append({**obs, "valueQuantity": {**obs["valueQuantity"], "value": value}})
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=node.url, timeout=30) as h:
+            return await asyncio.gather(*(h.post("/fhir/Observation", content=orjson.dumps(b),
+                                                 headers=headers) for b in bodies))
+
+    for i, resp in enumerate(asyncio.run(send_all())):
+        if i % 2 == 0:
+            assert resp.status_code == 201, resp.text
+            assert resp.json()["valueQuantity"]["value"] == 60 + i
+        else:
+            text = assert_outcome(resp, 400, f"bad-value-{i:02d}")
+            assert not any(f"bad-value-{j:02d}" in text for j in range(1, 16, 2) if j != i)
+
+
 def test_put_id_mismatch(node: NodeHandle) -> None:
     obs = synthetic_observation(node.patients[0], 303)
     with node.client("dr-house") as c:
