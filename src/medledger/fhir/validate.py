@@ -439,19 +439,6 @@ def parse_resource(
     return dumped
 
 
-def parse_resources(items: Sequence[tuple[bytes | str | Mapping[str, Any], str | None]]
-                    ) -> list[tuple[bool, Any]]:
-    """``parse_resource`` for each ``(data, expected_type)``: ``(True, resource)`` or
-    ``(False, the exception it raised)``, so one worker-pool job carries many writes."""
-    out: list[tuple[bool, Any]] = []
-    for data, expected_type in items:
-        try:
-            out.append((True, parse_resource(data, expected_type)))
-        except Exception as exc:  # each write gets its own error, as if alone
-            out.append((False, exc))
-    return out
-
-
 def canonical_bytes(resource: Mapping[str, Any]) -> bytes:
     """The canonical bytes of a resource dict: compact JSON, keys sorted, UTF-8."""
     try:

@@ -69,12 +69,17 @@ def make_assertion(identity: Identity, token_url: str, now: float | None = None)
 class Authenticator:
     def __init__(self, state: st.StateReader, token_url: str | Callable[[], str], ttl_s: int,
                  clock: Callable[[], float] = time.time,
-                 used_assertions: Callable[[str, float, float], bool] | None = None) -> None:
+                 used_assertions: Callable[[str, float, float], bool] | None = None,
+                 sessions_state: st.StateReader | None = None) -> None:
         """``used_assertions(jti, exp, now)`` records a jti and says if it was new; by
         default an in-memory set (the node passes its durable store's). ``token_url`` may
         be a function: the audience then follows the URL the node actually serves (a
-        ``--port``/``--tls-cert`` given at start)."""
+        ``--port``/``--tls-cert`` given at start). ``sessions_state``: where a live
+        session's principal is read on every request (the node's state cache); a token
+        request names an unverified client, so it reads ``state`` (its misses are not
+        cached for anyone who asks)."""
         self.state = state
+        self.sessions_state = sessions_state if sessions_state is not None else state
         self._token_url = token_url
         self.ttl_s = ttl_s
         self.clock = clock
@@ -151,8 +156,8 @@ class Authenticator:
         if session.expires_s <= self.clock():
             del self.sessions[token]
             raise Unauthenticated("bearer token has expired; request a new one at /auth/token")
-        problem = standing_problem(st.principal(self.state, session.actor_id), session.actor_id,
-                                   session.keys_v)
+        problem = standing_problem(st.principal(self.sessions_state, session.actor_id),
+                                   session.actor_id, session.keys_v)
         if problem is not None:  # deactivated, left, or re-keyed since: refused at once
             del self.sessions[token]
             raise Unauthenticated(problem)

@@ -48,11 +48,12 @@ from medledger.errors import (
 )
 from medledger.fhir import ips, match
 from medledger.fhir.labels import classify, patient_of
-from medledger.fhir.validate import parse_resource, parse_resources
+from medledger.fhir.validate import parse_resource
 from medledger.node import audit as audit_mod
 from medledger.node import idempotency, onboarding, recovery, shares
 from medledger.node.audit import Auditor
 from medledger.node.auth import LOGIN_FAILED, Authenticator, LoginGuard, Session
+from medledger.node.batching import Batched
 from medledger.node.home import Config, Home
 from medledger.node.ledger_app import LedgerApp
 from medledger.node.records import open_any, rewrap_key, seal_record
@@ -173,9 +174,11 @@ class Node:
         app.on_commit.append(lambda applied, _txs: recovery.on_commit(self, applied))
         self.on_erase: list[Callable[[list[dict[str, Any]]], None]] = []
         self.submitter: Submitter | None = None
-        # principals read through the ledger's state cache (any thread may read it)
-        self.auth = Authenticator(app.state, lambda: self.config.base_url + "/auth/token",
-                                  config.token_ttl_s, clock, store.use_assertion)
+        # a live session's principal is read through the ledger's state cache (any
+        # thread may read it) on every request; token requests read the store
+        self.auth = Authenticator(store, lambda: self.config.base_url + "/auth/token",
+                                  config.token_ttl_s, clock, store.use_assertion,
+                                  sessions_state=app.state)
         # seals the chain head and the local audit log (checked by node/startcheck.py)
         store.set_seal_key(localseal.derive_seal_key(org.secret_root, config.chain))
         self.auditor = Auditor(store, org.id, clock, org.secret_root)
@@ -189,7 +192,9 @@ class Node:
         self.integrity_failure: str | None = None
         self.catching_up: str | None = None  # set while behind the network (node.erasure)
         self.validator_pool: Executor | None = None
-        self._to_validate: list[tuple[Any, str, asyncio.Future[dict[str, Any]]]] = []
+        # a write's FHIR validation: on the pool, one job per worker for the writes of one
+        # turn of the event loop (sealing there too measured no faster: it stays inline)
+        self._validate = Batched(parse_resource, self._off_loop, lambda: self.validator_workers)
         self.pool_jobs = 0  # ``_off_loop`` calls waiting for the pool
         self.validator_workers = 1  # the pool's processes (1 without a pool)
         self._share_locks: dict[str, asyncio.Lock] = {}
@@ -364,47 +369,9 @@ class Node:
         raise failure
 
     async def validate(self, data: Any, rtype: str) -> dict[str, Any]:
-        """FHIR validation (the costliest step of a write: ~0.6 ms) on the worker pool.
-
-        The writes that ask in one turn of the event loop go to the pool as one job
-        (``_validate_batch``): a job's round trip (pickling, the pool's feeder and result
-        threads, waking the loop) costs the node's process about as much as a
-        validation, and concurrent clients' writes arrive together."""
-        if self.validator_pool is None:
-            return parse_resource(data, rtype)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._to_validate.append((data, rtype, fut))
-        if len(self._to_validate) == 1:
-            asyncio.get_running_loop().call_soon(self._validate_batch)
-        return await fut
-
-    _VALIDATE_BATCH = 64
-
-    def _validate_batch(self) -> None:
-        batch = self._to_validate[:self._VALIDATE_BATCH]
-        del self._to_validate[:self._VALIDATE_BATCH]
-        if self._to_validate:  # the rest in the next job
-            asyncio.get_running_loop().call_soon(self._validate_batch)
-        job = asyncio.ensure_future(self._off_loop(parse_resources,
-                                                   [(data, rtype) for data, rtype, _ in batch]))
-
-        def answer(job: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-            if job.cancelled() or job.exception() is not None:  # the pool broke or stopped
-                exc = (asyncio.CancelledError() if job.cancelled()
-                       else job.exception())
-                for _, _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)  # type: ignore[arg-type]
-                return
-            for (_, _, fut), (ok, value) in zip(batch, job.result(), strict=True):
-                if fut.done():  # its request went away
-                    continue
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-
-        job.add_done_callback(answer)
+        """FHIR validation (the costliest step of a write: ~0.6 ms) on the worker pool,
+        with the other writes of this turn of the event loop (``node.batching``)."""
+        return await self._validate(data, rtype)  # type: ignore[no-any-return]
 
     async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a pure function on the validation process pool when there is one (the

@@ -1,0 +1,135 @@
+"""node.batching: the calls of one event-loop turn go to the pool as one job per worker,
+and each caller gets its own result or exception."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+from medledger.errors import InvalidInput
+from medledger.node.batching import MAX_BATCH, Batched, call_each
+
+
+def square_or_fail(x: int) -> int:
+    if x < 0:
+        raise InvalidInput(f"negative: {x}")
+    if x == 13:
+        raise ValueError("unlucky")
+    return x * x
+
+
+class Unpicklable(Exception):
+    def __init__(self) -> None:
+        super().__init__("cannot cross a process boundary")
+        self.lock = __import__("threading").Lock()
+
+
+def raise_unpicklable(_: int) -> int:
+    raise Unpicklable()
+
+
+def test_call_each_answers_each_call_in_order() -> None:
+    out = call_each(square_or_fail, [(2,), (-1,), (13,), (3,)])
+    assert [ok for ok, _ in out] == [True, False, False, True]
+    assert out[0][1] == 4 and out[3][1] == 9
+    assert isinstance(out[1][1], InvalidInput) and "negative: -1" in str(out[1][1])
+    unexpected = out[2][1]
+    assert isinstance(unexpected, ValueError)
+    assert any("square_or_fail" in note for note in unexpected.__notes__)  # its traceback
+    pickle.dumps(out)  # the whole answer crosses back from a worker
+
+
+def test_an_unpicklable_exception_does_not_fail_the_others() -> None:
+    out = call_each(raise_unpicklable, [(1,)])
+    assert not out[0][0] and isinstance(out[0][1], RuntimeError)
+    assert "Unpicklable" in str(out[0][1])
+    pickle.dumps(out)
+
+
+def _inline(jobs: list[int]) -> Any:
+    async def run(fn: Any, *args: Any) -> Any:
+        jobs.append(len(args[1]))  # calls in this job
+        return fn(*args)
+    return run
+
+
+def test_one_turn_is_one_job_per_worker() -> None:
+    jobs: list[int] = []
+    batched = Batched(square_or_fail, _inline(jobs), lambda: 3)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batched(x) for x in [1, 2, -3, 4, 5, 6, 7]),
+                                    return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert jobs == [3, 3, 1]
+    assert out[:2] == [1, 4] and out[3:] == [16, 25, 36, 49]
+    assert isinstance(out[2], InvalidInput)
+
+
+def test_more_than_a_batch_waits_for_the_next_turn() -> None:
+    jobs: list[int] = []
+    batched = Batched(square_or_fail, _inline(jobs), lambda: 1)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batched(x) for x in range(20, 25 + MAX_BATCH)))
+
+    assert asyncio.run(main()) == [x * x for x in range(20, 25 + MAX_BATCH)]
+    assert jobs == [MAX_BATCH, 5]
+
+
+def test_a_caller_that_went_away_does_not_stop_the_others() -> None:
+    batched = Batched(square_or_fail, _inline([]), lambda: 1)
+
+    async def main() -> list[Any]:
+        first = asyncio.ensure_future(batched(2))
+        rest = [asyncio.ensure_future(batched(x)) for x in (3, 4)]
+        await asyncio.sleep(0)
+        first.cancel()
+        return await asyncio.gather(*rest)
+
+    assert asyncio.run(main()) == [9, 16]
+
+
+def test_through_a_real_process_pool() -> None:
+    with ProcessPoolExecutor(2) as pool:
+        async def run(fn: Any, *args: Any) -> Any:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+        batched = Batched(square_or_fail, run, lambda: 2)
+
+        async def main() -> list[Any]:
+            return await asyncio.gather(*(batched(x) for x in (5, -5, 13, 6)),
+                                        return_exceptions=True)
+
+        out = asyncio.run(main())
+    assert out[0] == 25 and out[3] == 36
+    assert isinstance(out[1], InvalidInput) and "negative: -5" in str(out[1])
+    assert isinstance(out[2], ValueError) and "in the worker" in "".join(out[2].__notes__)
+
+
+def test_a_broken_pool_fails_every_waiting_caller() -> None:
+    async def broken(fn: Any, *args: Any) -> Any:
+        raise RuntimeError("pool is gone")
+
+    batched = Batched(square_or_fail, broken, lambda: 1)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batched(x) for x in (1, 2)), return_exceptions=True)
+
+    out = asyncio.run(main())
+    assert all(isinstance(e, RuntimeError) and "pool is gone" in str(e) for e in out)
+
+
+@pytest.mark.parametrize("workers", [0, 1, 8])
+def test_any_worker_count(workers: int) -> None:
+    batched = Batched(square_or_fail, _inline([]), lambda: workers)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(batched(x) for x in (1, 2, 3)))
+
+    assert asyncio.run(main()) == [1, 4, 9]
