@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 
 from bench import loadgen
@@ -28,9 +29,24 @@ class NodeProcess:
         self.proc = start_node_process(home, log, PASSWORD, port)
         try:
             wait_healthy(self.url, self.proc, timeout=60)
+            self.wait_indexed()
         except Exception:
             self.stop()
             raise
+
+    def wait_indexed(self, timeout: float = 600) -> None:
+        """Until the search index has caught up with the ledger (``/readyz``): a node
+        opened on a home built in-process indexes every record at start, and writes
+        measured meanwhile would share the cores with that catch-up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = httpx.get(self.url + "/readyz", timeout=10).json()
+            if doc.get("search_index_height", doc["height"]) >= doc["height"]:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"search index still at {doc['search_index_height']} of "
+                                   f"{doc['height']} after {timeout:.0f} s")
+            time.sleep(0.5)
 
     @property
     def peak_rss_mib(self) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,23 @@ def test_concurrent_writes_each_get_their_own_validation_outcome(node: NodeHandl
         else:
             text = assert_outcome(resp, 400, f"bad-value-{i:02d}")
             assert not any(f"bad-value-{j:02d}" in text for j in range(1, 16, 2) if j != i)
+
+
+def test_readyz_says_how_far_the_search_index_has_come(node: NodeHandle) -> None:
+    # informational (searches wait for the index, writes do not): a benchmark or an
+    # operator can tell a node still indexing its records at start from one caught up
+    with node.client("dr-house") as c:
+        created = c.request("POST", "/fhir/Observation",
+                            synthetic_observation(node.patients[0], 777))
+        assert created.status_code == 201, created.text
+    deadline = time.monotonic() + 30
+    while True:
+        doc = httpx.get(node.url + "/readyz", timeout=10).json()
+        assert doc["status"] == "ready" and 0 <= doc["search_index_height"] <= doc["height"]
+        if doc["search_index_height"] == doc["height"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert doc["search_index_height"] == doc["height"] > 0
 
 
 def test_put_id_mismatch(node: NodeHandle) -> None:

@@ -228,6 +228,9 @@ def readiness(node: Node) -> tuple[bool, dict[str, Any]]:
     document then names the validators that are not voting)."""
     doc: dict[str, Any] = {"org": node.org.id, "mode": node.config.mode,
                            "height": node.app.height, "reason": ""}
+    indexed = node.search_index_height
+    if indexed is not None:  # informational: searches wait for it, writes do not
+        doc["search_index_height"] = indexed
     if node.integrity_failure:
         doc["reason"] = f"refusing to serve: {node.integrity_failure}"
         return False, doc

@@ -427,6 +427,11 @@ class Node:
             self._search = NodeSearch(self)
         return self._search
 
+    @property
+    def search_index_height(self) -> int | None:
+        """The height the search index has reached, if it is open."""
+        return None if self._search is None else self._search.index.height
+
     def close_search(self) -> None:
         if self._search is not None:
             self._search.close()
