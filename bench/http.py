@@ -39,14 +39,17 @@ class NodeProcess:
         opened on a home built in-process indexes every record at start, and writes
         measured meanwhile would share the cores with that catch-up."""
         deadline = time.monotonic() + timeout
-        while True:
-            doc = httpx.get(self.url + "/readyz", timeout=10).json()
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                doc = httpx.get(self.url + "/readyz", timeout=10).json()
+            except (httpx.HTTPError, ValueError):  # busy indexing: ask again
+                time.sleep(0.5)
+                continue
             if doc.get("search_index_height", doc["height"]) >= doc["height"]:
                 return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"search index still at {doc['search_index_height']} of "
-                                   f"{doc['height']} after {timeout:.0f} s")
             time.sleep(0.5)
+        raise RuntimeError(f"search index not caught up after {timeout:.0f} s: {doc}")
 
     @property
     def peak_rss_mib(self) -> float:

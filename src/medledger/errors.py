@@ -135,8 +135,8 @@ class TooManyRequests(MedledgerError):
     http_status = 429
     issue_code = "throttled"
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)  # (a default: an unpickled copy is rebuilt from args)
         self.retry_after_s = max(1, int(retry_after_s))
 
 

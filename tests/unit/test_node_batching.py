@@ -4,6 +4,7 @@ and each caller gets its own result or exception."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -48,6 +49,50 @@ def test_an_unpicklable_exception_does_not_fail_the_others() -> None:
     assert not out[0][0] and isinstance(out[0][1], RuntimeError)
     assert "Unpicklable" in str(out[0][1])
     pickle.dumps(out)
+
+
+class NeedsKeyword(Exception):
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen(Exception):
+    why: str
+
+
+def raise_needs_keyword(_: int) -> int:
+    raise NeedsKeyword("pickles, but does not unpickle", code="x")
+
+
+def raise_frozen(_: int) -> int:
+    raise Frozen("no notes can be added")
+
+
+def raise_stop(_: int) -> int:
+    raise StopIteration
+
+
+@pytest.mark.parametrize("fn", [raise_needs_keyword, raise_frozen, raise_stop])
+def test_an_exception_that_cannot_travel_becomes_a_runtime_error(fn: Any) -> None:
+    # one that pickles but cannot be rebuilt would break the pool for every later job
+    [(ok, value)] = call_each(fn, [(1,)])
+    assert not ok and isinstance(value, RuntimeError)
+    pickle.loads(pickle.dumps(value))
+
+
+def test_a_job_that_cannot_start_fails_its_callers() -> None:
+    def refusing(fn: Any, *args: Any) -> Any:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    batched = Batched(square_or_fail, refusing, lambda: 1)
+
+    async def main() -> list[Any]:
+        return await asyncio.wait_for(asyncio.gather(*(batched(x) for x in (1, 2)),
+                                                     return_exceptions=True), 5)
+
+    assert all(isinstance(e, RuntimeError) for e in asyncio.run(main()))
 
 
 def _inline(jobs: list[int]) -> Any:

@@ -26,23 +26,30 @@ MAX_BATCH = 64  # calls per turn; the rest wait for the next turn
 
 def call_each(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
     """``fn(*args)`` for each ``args``: ``(True, result)`` or ``(False, exception)``. Runs
-    in a pool worker: an unexpected exception carries the worker's traceback back (as a
-    note) and must pickle, or the whole job would fail; one that does not is replaced by
-    a ``RuntimeError`` naming it."""
+    in a pool worker, so every exception sent back must survive a pickle round trip (one
+    that does not would break the pool for every later job): an unexpected one carries
+    the worker's traceback (as a note), and one that cannot travel, or cannot be set on a
+    future, is replaced by a ``RuntimeError`` naming it."""
     out: list[tuple[bool, Any]] = []
     for args in calls:
         try:
             out.append((True, fn(*args)))
-        except MedledgerError as exc:  # the caller's own error, as if it ran alone
-            out.append((False, exc))
         except Exception as exc:
-            exc.add_note("in the worker:\n" + traceback.format_exc())
-            try:
-                pickle.dumps(exc)
-            except Exception:
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            out.append((False, exc))
+            out.append((False, _portable(exc)))
     return out
+
+
+def _portable(exc: Exception) -> Exception:
+    try:
+        if not isinstance(exc, MedledgerError):  # a bug: say where it happened
+            exc.add_note("in the worker:\n" + traceback.format_exc())
+        if isinstance(exc, StopIteration | StopAsyncIteration):
+            raise TypeError("cannot be set on a future")
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__} (unreportable): "
+                            f"{traceback.format_exception_only(exc)[-1].strip()[:500]}")
 
 
 class Batched:
@@ -70,26 +77,50 @@ class Batched:
         del self._waiting[:MAX_BATCH]
         if self._waiting:
             asyncio.get_running_loop().call_soon(self._send)
-        per_job = -(-len(batch) // max(1, self.workers()))  # every worker gets some
+        try:
+            per_job = -(-len(batch) // max(1, self.workers()))  # every worker gets some
+        except Exception:
+            per_job = len(batch)
         for i in range(0, len(batch), per_job):
             part = batch[i:i + per_job]
-            job = asyncio.ensure_future(self.run(call_each, self.fn, [a for a, _ in part]))
+            try:
+                job = asyncio.ensure_future(self.run(call_each, self.fn,
+                                                     [a for a, _ in part]))
+            except Exception as exc:  # e.g. a stopped pool refusing at once
+                _fail(part, exc)
+                continue
             job.add_done_callback(functools.partial(_answer, part))
 
 
 def _answer(part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
             job: asyncio.Future[list[tuple[bool, Any]]]) -> None:
     """Each caller of a finished job gets its own result or exception."""
-    if job.cancelled() or job.exception() is not None:  # the pool broke or is stopping
-        for _, fut in part:
-            if not fut.done():
-                fut.set_exception(asyncio.CancelledError() if job.cancelled()
-                                  else job.exception())  # type: ignore[arg-type]
+    if job.cancelled():  # the pool is stopping
+        _fail(part, asyncio.CancelledError())
         return
-    for (_, fut), (ok, value) in zip(part, job.result(), strict=True):
+    failure = job.exception()
+    if failure is not None:  # the pool broke
+        _fail(part, failure)
+        return
+    results = job.result()
+    if len(results) != len(part):
+        _fail(part, RuntimeError(f"{len(results)} answers to {len(part)} calls"))
+        return
+    for (_, fut), (ok, value) in zip(part, results, strict=True):
         if fut.done():  # its request went away
             continue
         if ok:
             fut.set_result(value)
         else:
-            fut.set_exception(value)
+            _fail([((), fut)], value)
+
+
+def _fail(part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+          exc: BaseException) -> None:
+    for _, fut in part:
+        if fut.done():
+            continue
+        try:
+            fut.set_exception(exc)
+        except TypeError:  # StopIteration and the like cannot be set on a future
+            fut.set_exception(RuntimeError(f"{type(exc).__name__}: {exc}"))

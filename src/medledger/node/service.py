@@ -430,7 +430,8 @@ class Node:
     @property
     def search_index_height(self) -> int | None:
         """The height the search index has reached, if it is open."""
-        return None if self._search is None else self._search.index.height
+        search = self._search
+        return None if search is None else search.index.last_height
 
     def close_search(self) -> None:
         if self._search is not None:

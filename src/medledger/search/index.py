@@ -144,6 +144,9 @@ class SearchIndex:
         # indexer's write transaction
         self.rdb = connect(self.path, key)
         self.rlock = threading.RLock()
+        # the height as of this process's last commit: read by status pages without a
+        # lock (``height`` waits for a search holding the readers' connection)
+        self.last_height = self.height
 
     def close(self) -> None:
         with self.rlock:
@@ -275,6 +278,8 @@ class SearchIndex:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            if height is not None:
+                self.last_height = height
         with self.changed:
             self.changed.notify_all()
         return n
@@ -374,6 +379,7 @@ class SearchIndex:
                 self.db.execute(f"DELETE FROM {table}")
             self.db.execute("DELETE FROM meta WHERE k = 'height'")
             self.db.execute("COMMIT")
+            self.last_height = 0
 
     def checkpoint(self) -> None:
         """Move the WAL into the main file and truncate it (after erasures, rebuilds)."""
