@@ -1,7 +1,7 @@
 """Calls of a pure function made in one turn of the event loop, run as one pool job.
 
-A write's FHIR validation and its sealing run on the node's worker pool so the event loop
-keeps serving. A pool job's round trip (pickling, the pool's feeder and result threads,
+A write's FHIR validation runs on the node's worker pool so the event loop keeps
+serving. A pool job's round trip (pickling, the pool's feeder and result threads,
 waking the loop) costs the node's process about as much as the work it sends away, and
 concurrent clients' writes arrive together: so the calls made in one turn of the loop go
 as one job per worker (``Batched``), and each caller gets its own result or exception
@@ -40,16 +40,17 @@ def call_each(fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> list[tupl
 
 
 def _portable(exc: Exception) -> Exception:
+    unreportable = RuntimeError(f"{type(exc).__name__} (unreportable): "
+                                f"{traceback.format_exception_only(exc)[-1].strip()[:500]}")
+    if isinstance(exc, StopIteration | StopAsyncIteration):  # a future refuses these
+        return unreportable
     try:
         if not isinstance(exc, MedledgerError):  # a bug: say where it happened
             exc.add_note("in the worker:\n" + traceback.format_exc())
-        if isinstance(exc, StopIteration | StopAsyncIteration):
-            raise TypeError("cannot be set on a future")
         pickle.loads(pickle.dumps(exc))
-        return exc
     except Exception:
-        return RuntimeError(f"{type(exc).__name__} (unreportable): "
-                            f"{traceback.format_exception_only(exc)[-1].strip()[:500]}")
+        return unreportable
+    return exc
 
 
 class Batched:
@@ -77,10 +78,7 @@ class Batched:
         del self._waiting[:MAX_BATCH]
         if self._waiting:
             asyncio.get_running_loop().call_soon(self._send)
-        try:
-            per_job = -(-len(batch) // max(1, self.workers()))  # every worker gets some
-        except Exception:
-            per_job = len(batch)
+        per_job = -(-len(batch) // max(1, self.workers()))  # every worker gets some
         for i in range(0, len(batch), per_job):
             part = batch[i:i + per_job]
             try:
@@ -112,15 +110,11 @@ def _answer(part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
         if ok:
             fut.set_result(value)
         else:
-            _fail([((), fut)], value)
+            fut.set_exception(value)  # ``call_each`` made it one a future takes
 
 
 def _fail(part: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
           exc: BaseException) -> None:
     for _, fut in part:
-        if fut.done():
-            continue
-        try:
+        if not fut.done():
             fut.set_exception(exc)
-        except TypeError:  # StopIteration and the like cannot be set on a future
-            fut.set_exception(RuntimeError(f"{type(exc).__name__}: {exc}"))
