@@ -190,6 +190,27 @@ def test_a_read_that_straddles_a_commit_is_not_cached(
     assert app.state.get("actor/pat-1") == store.get("actor/pat-1") is not None
 
 
+def test_token_requests_read_the_store_sessions_the_cache(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    # a token request names a client nobody has verified yet: flooding it with made-up
+    # ids must not fill the ledger's state cache (CheckTx's working set)
+    from medledger.errors import Unauthenticated
+    from medledger.node.auth import Authenticator, make_assertion
+    from medledger.node.ledger_app import _MISSING
+
+    app, org = world
+    url = "https://node.example/auth/token"
+    auth = Authenticator(app.store, url, 300, sessions_state=app.state)
+    stranger = keys.new_identity("made-up-client", "practitioner")
+    with pytest.raises(Unauthenticated, match="not registered"):
+        auth.exchange(make_assertion(stranger, url), None)
+    assert app.state.cache.lookup("actor/made-up-client") is _MISSING
+    assert app.state.cache.lookup("org/made-up-client") is _MISSING
+    token, _ = auth.exchange(make_assertion(org, url), None)
+    assert auth.session(token).actor_id == org.id
+    assert app.state.cache.lookup("org/org-a") is not _MISSING  # a live session's read
+
+
 def test_scan_cache_forgets_a_prefix_when_a_key_under_it_is_written(
         world: tuple[LedgerApp, keys.Identity]) -> None:
     app, org = world

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from medledger.errors import InvalidInput
+from medledger.errors import InvalidInput, TooManyRequests
 from medledger.node.batching import MAX_BATCH, Batched, call_each
 
 
@@ -49,6 +49,17 @@ def test_an_unpicklable_exception_does_not_fail_the_others() -> None:
     assert not out[0][0] and isinstance(out[0][1], RuntimeError)
     assert "Unpicklable" in str(out[0][1])
     pickle.dumps(out)
+
+
+def test_a_throttled_answer_survives_the_trip_back() -> None:
+    # TooManyRequests took its retry delay as a required argument: it pickled, but did
+    # not unpickle (which would have broken the pool)
+    [(ok, value)] = call_each(raise_throttled, [(1,)])
+    assert not ok and isinstance(value, TooManyRequests) and value.retry_after_s == 30
+
+
+def raise_throttled(_: int) -> int:
+    raise TooManyRequests("slow down", 30)
 
 
 class NeedsKeyword(Exception):
