@@ -317,6 +317,26 @@ def test_server_answers_in_order_per_connection_with_partial_reads() -> None:
     asyncio.run(main())
 
 
+def test_server_answers_every_flush_of_a_read_holding_many() -> None:
+    # CometBFT's client sends a Flush after nearly every request, and a busy server
+    # reads many request + Flush pairs at once; it answers them together at the end of
+    # the read, and none may wait for more input (the client would wait forever).
+    async def main() -> None:
+        async with AbciServer(RecordingApp(), port=0) as server:
+            for split in (0, 1, 300):
+                r, w = await asyncio.open_connection("127.0.0.1", server.port)
+                reqs: list[pb.Request] = []
+                for i in range(150):  # > _YIELD_EVERY: answers also go out at a yield
+                    reqs.append(pb.Request(check_tx=pb.RequestCheckTx(tx=b"t%d" % i)))
+                    reqs.append(pb.Request(flush=pb.RequestFlush()))
+                resps = await _roundtrip(r, w, reqs, split=split)
+                assert [x.WhichOneof("value") for x in resps] == ["check_tx", "flush"] * 150
+                w.close()
+        assert server.fatal_error is None
+
+    asyncio.run(main())
+
+
 def test_server_writes_a_long_burst_before_its_flush() -> None:
     # Answers wait for a Flush (as with CometBFT's own server), but a burst of answers
     # larger than the write buffer goes out without one: a client that sends many

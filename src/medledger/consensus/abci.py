@@ -465,13 +465,28 @@ class AbciServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Answer requests in order. Like CometBFT's own socket server, responses are
-        buffered and written when a ``Flush`` is answered (CometBFT's client always sends
-        one before it waits for an answer) or when ``_WRITE_AT`` bytes are waiting: one
-        ``send`` per flush instead of one per burst of requests."""
+        held until a ``Flush`` is answered (CometBFT's client always sends one before it
+        waits for an answer); unlike it, what a read brought is answered with one
+        ``send``, not one per ``Flush``. CometBFT's client flushes after nearly every
+        request (its flush timer is 20 ns: bench/README.md), so under load a read holds
+        several request + ``Flush`` pairs (~6 on the mempool connection in
+        ``bench.network``). Nothing answered waits for more input: a read that brought a
+        ``Flush`` ends with a write, as does a voluntary yield after one, and
+        ``_WRITE_AT`` bytes of answers are written whatever came."""
         decoder = FrameDecoder(self._max_message_bytes)
         handled = 0
         out: list[bytes] = []
         buffered = 0
+        flush_due = False
+
+        async def write_out() -> None:
+            nonlocal buffered, flush_due
+            writer.write(b"".join(out))
+            out.clear()
+            buffered = 0
+            flush_due = False
+            await writer.drain()
+
         while True:
             chunk = await reader.read(_READ_CHUNK)
             if not chunk:
@@ -488,13 +503,15 @@ class AbciServer:
                 out.append(data)
                 buffered += len(data)
                 handled += 1
-                if buffered >= _WRITE_AT or resp.WhichOneof("value") == "flush":
-                    writer.write(b"".join(out))
-                    out.clear()
-                    buffered = 0
-                    await writer.drain()
+                flush_due = flush_due or resp.WhichOneof("value") == "flush"
+                if buffered >= _WRITE_AT:
+                    await write_out()
                 if handled % _YIELD_EVERY == 0:
+                    if flush_due:
+                        await write_out()
                     await asyncio.sleep(0)  # let other connections progress
+            if flush_due:
+                await write_out()
 
     def _fail(self, exc: BaseException) -> None:
         if self.fatal_error is None:

@@ -546,7 +546,7 @@ def _reference_sites(resource: dict[str, Any]) -> list[tuple[tuple[str | int, ..
     return sites
 
 
-def _check_local_references(resource: Mapping[str, Any], refs: Iterable[str]) -> None:
+def _check_local_references(resource: dict[str, Any], refs: Iterable[str]) -> None:
     """``#id`` must name a contained resource; ``#`` alone names the container (ref-1)."""
     contained = {c.get("id") for c in resource.get("contained", ()) if isinstance(c, Mapping)}
     for ref in refs:
@@ -836,25 +836,12 @@ def rewrite_references(node: Any, mapping: Mapping[str, str]) -> Any:
     return node
 
 
-def _reference_path(resource: Mapping[str, Any], ref: str) -> str:
-    """The element path of the first ``reference`` equal to ``ref`` (for messages)."""
-    found = _find_reference(resource, ref, str(resource.get("resourceType", "")))
-    return found or "?"
-
-
-def _find_reference(node: Any, ref: str, path: str) -> str | None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "reference" and value == ref:
-                return f"{path}.reference"
-            if isinstance(value, dict | list):
-                found = _find_reference(value, ref, f"{path}.{key}")
-                if found is not None:
-                    return found
-    elif isinstance(node, list):
-        for i, item in enumerate(node):
-            found = _find_reference(item, ref, f"{path}[{i}]")
-            if found is not None:
-                return found
-    return None
+def _reference_path(resource: dict[str, Any], ref: str) -> str:
+    """The element path of the first ``reference`` equal to ``ref`` (for messages), as
+    ``Observation.encounter.reference``."""
+    for path, value in _reference_sites(resource):
+        if value == ref:
+            steps = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+            return f"{resource.get('resourceType', '')}{steps}.reference"
+    return "?"
 
