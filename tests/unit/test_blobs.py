@@ -19,7 +19,7 @@ import pytest
 from medledger.core import state as st
 from medledger.core.machine import BlockApplied
 from medledger.crypto.canonical import canonical
-from medledger.errors import IntegrityError
+from medledger.errors import IntegrityError, StorageError
 from medledger.node.replica import GARBAGE_AGE_S, Replicator
 from medledger.storage.blobs import BlobStore, blob_hash
 
@@ -50,6 +50,25 @@ def test_have_and_settle_many_at_once() -> None:
     assert store.have([*absent, *held, held[0]]) == set(held)
     store.settle(held[:1100])
     assert {h for h, _ in store.stale_pending(float("inf"))} == set(held[1100:])
+
+
+def test_put_is_one_transaction() -> None:
+    """A put's blob rows, its clearing of the replication queue and its pending marks
+    land together or not at all: here the pending insert fails (a trigger refuses it)
+    after the blob insert and the queue delete ran, and neither of those may stay."""
+    store = BlobStore(":memory:")
+    h, data = blob("sealed-atomic")
+    store.want([(h, "Observation/o1/1", "org-b", 5)])
+    store.db.execute("CREATE TRIGGER refuse BEFORE INSERT ON pending "
+                     "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    with pytest.raises(StorageError, match="refused"):
+        store.put([(h, data)], pending="Observation/o1/1")
+    assert store.get(h) is None and store.count() == 0
+    assert [w[0] for w in store.wanted(float("inf"))] == [h]  # still wanted
+    store.db.execute("DROP TRIGGER refuse")
+    store.put([(h, data)], pending="Observation/o1/1")  # the store is usable after
+    assert store.get(h) == data and store.wanted(float("inf")) == []
+    assert [p[0] for p in store.stale_pending(float("inf"))] == [h]
 
 
 def test_delete_leaves_no_bytes_in_the_files(tmp_path: Path) -> None:
