@@ -35,6 +35,7 @@ from helpers import (
 )
 
 from medledger.client import Client
+from medledger.consensus.abci import FrameDecoder, frame, pb
 from medledger.fhir.synthetic import synthetic_patient_bundle
 from medledger.node.auth import ASSERTION_TYPE, make_assertion
 from medledger.node.home import Home
@@ -296,6 +297,52 @@ def test_port_override_keeps_token_login_working(tmp_path: Path) -> None:
         node.start()
         with Client(node.url, node.org) as c:
             assert c.get("/auth/me")["actor"] == ORG_ID
+    finally:
+        node.kill9()
+
+
+def _tcp_listeners(port: int) -> set[str]:
+    """The local addresses with a socket listening on ``port`` (Linux ``/proc/net``)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
+                          if len(addr) == 8 else addr)
+    return found
+
+
+def test_abci_stays_on_loopback_when_the_api_is_public(tmp_path: Path) -> None:
+    """``node start --host 0.0.0.0`` publishes the API, never the ABCI port: ABCI has no
+    authentication, and whoever reaches it can feed the ledger application blocks."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc/net/tcp")
+    node = NodeHandle(tmp_path / "home", free_port())
+    abci = free_port()
+    make_home(node.home, node.port, mode="cometbft", abci_port=abci,
+              cometbft_rpc=f"http://127.0.0.1:{free_port()}")  # no CometBFT: no quorum
+    node.args = ("--host", "0.0.0.0")
+    try:
+        node.start()
+        assert _tcp_listeners(node.port) == {"0.0.0.0"}  # the API, as asked
+        assert _tcp_listeners(abci) == {"127.0.0.1"}
+        # and it is ABCI: an Echo is answered
+        with socket.create_connection(("127.0.0.1", abci), timeout=5) as conn:
+            conn.sendall(frame(pb.Request(echo=pb.RequestEcho(message="hi"))
+                               .SerializeToString())
+                         + frame(pb.Request(flush=pb.RequestFlush()).SerializeToString()))
+            decoder, got = FrameDecoder(), []
+            while len(got) < 2:
+                chunk = conn.recv(4096)
+                assert chunk, "ABCI server closed the connection"
+                got += [pb.Response.FromString(m) for m in decoder.feed(chunk)]
+            assert got[0].echo.message == "hi"
     finally:
         node.kill9()
 

@@ -33,6 +33,10 @@ class Config:
     mode: str = "solo"  # "solo" | "cometbft"
     cometbft_rpc: str = ""
     abci_port: int = 0
+    # where the ABCI server listens for this node's CometBFT: loopback whatever `host`
+    # the API is served on (ABCI has no authentication: whoever reaches it can feed the
+    # ledger application blocks)
+    abci_host: str = "127.0.0.1"
     public_url: str = ""
     token_ttl_s: int = 900
     max_body_bytes: int = 8 * 1024 * 1024

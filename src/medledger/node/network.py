@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import logging
 import os
 import signal
@@ -334,6 +335,13 @@ class _NodeAbciApp:
         return result
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def check_store_for_network(store: Any) -> None:
     """Raise ``IntegrityError`` if the store must not be offered to CometBFT: the app hash
     the node would report in ``Info`` must be the one in the head block's header (what
@@ -369,7 +377,12 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
         submitter.refuse(node.integrity_failure)
         log.critical("REFUSING TO SERVE, not joining consensus: %s", node.integrity_failure)
         return None, submitter
-    server = AbciServer(_NodeAbciApp(node), host=config.host, port=config.abci_port)
+    if not _is_loopback(config.abci_host):
+        log.warning("ABCI listens on %s, beyond this machine: ABCI has no authentication, "
+                    "so whoever reaches %s:%d can feed this node's ledger application "
+                    "blocks; keep it on 127.0.0.1 unless a firewall admits only this "
+                    "node's CometBFT", config.abci_host, config.abci_host, config.abci_port)
+    server = AbciServer(_NodeAbciApp(node), host=config.abci_host, port=config.abci_port)
     await server.start()
     submitter.watch(node, server)
     log.info("network mode: ABCI on %s, CometBFT RPC %s, height %d", server.address,
