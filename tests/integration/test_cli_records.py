@@ -4,6 +4,7 @@ consent restrict/list/revoke signed with the patient's own key, record get, audi
 from __future__ import annotations
 
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,11 @@ def test_record_export_equals_what_the_node_serves(node: NodeHandle, key: Path,
         c.request("PUT", f"/fhir/Observation/{obs['id']}",
                   {**obs, "valueQuantity": {**obs["valueQuantity"], "value": 77}})
     out = tmp_path / "export.json"
+    out.write_text("{}")
+    out.chmod(0o644)  # an old world-readable file there: replaced by a private one
     res = run_cli("record", "export", "--node", node.url, "--key", str(key), "--out", str(out))
     assert res.returncode == 0, res.stdout + res.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # decrypted PHI: this user only
     bundle = orjson.loads(out.read_bytes())
     assert bundle["resourceType"] == "Bundle"
     exported = {(e["resource"]["resourceType"], e["resource"]["id"]): e["resource"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,6 +231,7 @@ def test_imported_patient_activates_with_a_one_time_code(node: NodeHandle) -> No
     first = next(ln.split(": ", 1)[1] for ln in out.stdout.splitlines()
                  if ln.startswith("code: "))
     assert qr.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stat.S_IMODE(qr.stat().st_mode) == 0o600  # the code opens the account
     with node.client(ORG_ID) as c:  # a new code replaces the first one
         doc = c.post(f"/api/onboarding/{pid}/code", {"valid_days": 3})
     assert doc["code"] != first and "<svg" in doc["qr_svg"] and pid in doc["text"]
@@ -360,6 +362,7 @@ def test_accounting_of_disclosures_with_proofs(node: NodeHandle, tmp_path: Path)
                   str(out_file), "--pdf", str(pdf_file), MEDLEDGER_KEY_PASSWORD=password)
     assert res.returncode == 0, res.stdout + res.stderr
     assert pdf_file.read_bytes().startswith(b"%PDF-")
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (out_file, pdf_file)} == {0o600}
     res = run_cli("audit", "prove", "--file", str(out_file), "--against", node.url,
                   "--key", str(key), MEDLEDGER_KEY_PASSWORD=password)
     assert res.returncode == 0, res.stdout + res.stderr

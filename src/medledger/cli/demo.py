@@ -26,6 +26,7 @@ from medledger.client import Client, NodeError
 from medledger.crypto import keys
 from medledger.errors import Unavailable
 from medledger.fhir.synthetic import synthetic_patient_bundle
+from medledger.storage.files import write_private
 
 DEMO_PASSWORD = "demo-password"
 STAFF = [("dr-house", "physician"), ("nurse-joy", "nurse"), ("dr-freud", "psychiatrist"),
@@ -81,7 +82,7 @@ def _register_staff(base_url: str, home: Path) -> keys.Identity:
                 continue
             doc = c.post("/admin/practitioners", {"id": pid, "role": role,
                                                   "password": DEMO_PASSWORD})
-            (staff_dir / f"{pid}.json").write_bytes(orjson.dumps(doc["keystore"]))
+            write_private(staff_dir / f"{pid}.json", orjson.dumps(doc["keystore"]))
     return keys.load_keystore(staff_dir / "dr-house.json", DEMO_PASSWORD)
 
 

@@ -31,6 +31,7 @@ from medledger.cli.common import (
 from medledger.client import Client
 from medledger.crypto.canonical import loads
 from medledger.errors import InvalidInput
+from medledger.storage.files import write_private
 
 # ---------------------------------------------------------------- init / node
 
@@ -156,7 +157,7 @@ def practitioner_add(home: HomeOpt, id: Annotated[str, typer.Option(help="Practi
     with Client(config.base_url, org) as c:
         doc = c.post("/admin/practitioners", {"id": id, "role": role, "password": password})
     target = out or Path(f"{id}.key.json")
-    target.write_bytes(orjson.dumps(doc["keystore"]))
+    write_private(target, orjson.dumps(doc["keystore"]))
     console.print(f"[green]registered[/] {id} ({role}) at {config.org_id}; keystore -> {target}")
 
 
@@ -229,7 +230,7 @@ def record_export(node: NodeOpt, key: KeyOpt,
               "entry": [{"fullUrl": f"urn:medledger:{r['resourceType']}/{r['id']}",
                          "resource": r} for r in sorted(resources, key=lambda r: (
                              r["resourceType"], r["id"]))]}
-    out.write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+    write_private(out, orjson.dumps(bundle, option=orjson.OPT_INDENT_2))  # PHI: 0600
     console.print(f"[green]exported[/] {len(resources)} records (decrypted locally) -> {out}")
 
 

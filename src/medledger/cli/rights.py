@@ -29,6 +29,7 @@ from medledger.cli.common import (
 )
 from medledger.client import Client
 from medledger.errors import InvalidInput
+from medledger.storage.files import write_private
 
 # ---------------------------------------------------------------- erasure
 
@@ -144,8 +145,8 @@ def audit_disclosures(node: NodeOpt, key: KeyOpt,
         assert c.identity is not None
         bundle = c.get(f"/fhir/Patient/{c.identity.id}/$disclosures?{query}")
         if pdf is not None:
-            pdf.write_bytes(c.request("GET", f"/api/disclosures.pdf?{query}").content)
-    out.write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+            write_private(pdf, c.request("GET", f"/api/disclosures.pdf?{query}").content)
+    write_private(out, orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
     table = Table("when", "kind", "recipient", "what", "purpose", "block")
     for e in bundle.get("entry", []):
         r = e["resource"]
@@ -209,8 +210,7 @@ def _org_client(home: Path) -> Client:
 def _save_keystore(c: Client, token: str, out: Path) -> None:
     resp = c.request("GET", "/api/keystore", auth=False,
                      headers={"Authorization": f"Bearer {token}"})
-    out.write_bytes(resp.content)
-    out.chmod(0o600)
+    write_private(out, resp.content)
 
 
 @patient_app.command("activation-code")
@@ -227,8 +227,9 @@ def activation_code(home: HomeOpt, patient: Annotated[str, typer.Option(help="Pa
     console.print(doc["text"])
     console.print(f"valid until {doc['exp']} (epoch s); one use; {doc['url']}")
     if qr is not None:
-        qr.write_bytes(base64.b64decode(doc["qr_png"] + "=" * (-len(doc["qr_png"]) % 4),
-                                        altchars=b"-_"))
+        # the code opens the patient's account: readable by this user only
+        write_private(qr, base64.b64decode(doc["qr_png"] + "=" * (-len(doc["qr_png"]) % 4),
+                                           altchars=b"-_"))
         console.print(f"QR code -> {qr}")
 
 

@@ -25,6 +25,7 @@ from medledger.errors import Gone, InvalidInput, NotFound, Unauthenticated, Unav
 from medledger.fhir import shl
 from medledger.node import shares
 from medledger.node.audit import iso_now
+from medledger.storage.files import write_private
 
 _DURATION = re.compile(r"^(\d+)([smhd])$")
 
@@ -62,10 +63,9 @@ def share_create(node: NodeOpt, key: KeyOpt,
     console.print(f"[green]share created[/], {len(chosen)} records, "
                   f"expires {time.strftime('%Y-%m-%d %H:%M', time.localtime(exp))}")
     if qr:
-        if qr.suffix == ".svg":
-            qr.write_text(shl.qr_svg(link))
-        else:
-            qr.write_bytes(shl.qr_png(link))
+        # the link carries the key to the shared records: readable by this user only
+        write_private(qr, shl.qr_svg(link).encode() if qr.suffix == ".svg"
+                      else shl.qr_png(link))
         console.print(f"QR code -> {qr}")
     typer.echo(link)
 
@@ -127,5 +127,5 @@ def share_open(link: Annotated[str, typer.Argument(help="shlink:/... or viewer U
                out: Annotated[Path, typer.Option()] = Path("shared-records.json")) -> None:
     """Open a share link as a recipient and save the decrypted FHIR Bundle."""
     bundle = open_link(link, recipient, passcode)
-    out.write_bytes(orjson.dumps(bundle, option=orjson.OPT_INDENT_2))
+    write_private(out, orjson.dumps(bundle, option=orjson.OPT_INDENT_2))  # PHI: 0600
     console.print(f"[green]opened[/] {len(bundle.get('entry', []))} records -> {out}")

@@ -26,6 +26,7 @@ from nacl.public import PrivateKey
 from medledger.crypto.canonical import b64d, b64e, canonical, loads
 from medledger.crypto.signing import Signer
 from medledger.errors import Conflict, InvalidInput, Unauthenticated
+from medledger.storage.files import write_private
 
 KEYSTORE_VERSION = 1
 DEFAULT_SCRYPT_N = 2**15
@@ -153,18 +154,10 @@ def save_keystore(path: Path, identity: Identity, password: str, n: int = DEFAUL
                   exclusive: bool = False) -> None:
     """Write a keystore atomically; ``exclusive`` refuses to replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    tmp.write_bytes(lock(identity, password, n))
-    os.chmod(tmp, 0o600)
-    if not exclusive:
-        tmp.replace(path)
-        return
-    try:
-        os.link(tmp, path)  # fails if the path exists: no check-then-write race
+    try:  # exclusive: the final link fails if the path exists, no check-then-write race
+        write_private(path, lock(identity, password, n), exclusive=exclusive)
     except FileExistsError as exc:
         raise Conflict(f"a keystore for {identity.id} already exists") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_keystore(path: Path, password: str) -> Identity:

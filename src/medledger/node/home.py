@@ -130,7 +130,8 @@ def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,
     home = Home(path)
     if home.exists():
         raise Conflict(f"{home.path} already holds a medledger node")
-    home.path.mkdir(parents=True, exist_ok=True)
+    home.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home.path, 0o700)  # private before the first key lands in it
     identity = identity or keys.new_identity(org_id, "org", {"name": org_name})
     keys.save_keystore(home.org_keystore, identity, password, scrypt_n)
     if genesis is None:
@@ -139,5 +140,4 @@ def init_home(path: Path | str, org_id: str, org_name: str, password: str, *,
             genesis["retention"] = dict(retention)
     home.genesis_path.write_bytes(orjson.dumps(genesis, option=orjson.OPT_INDENT_2))
     home.save_config(Config(org_id=org_id, chain=genesis["chain_id"], port=port))
-    os.chmod(home.path, 0o700)
     return home

@@ -42,6 +42,7 @@ from medledger.errors import (
 )
 from medledger.node.auth import Session
 from medledger.node.home import Home
+from medledger.storage.files import write_private
 
 if TYPE_CHECKING:
     from medledger.node.service import Node
@@ -69,10 +70,7 @@ def marker(home: Home, patient: str) -> Path:
 
 def _write(path: Path, doc: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    tmp.write_bytes(orjson.dumps(doc))
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    write_private(path, orjson.dumps(doc))
 
 
 def _read(home: Home, patient: str) -> dict[str, Any] | None:

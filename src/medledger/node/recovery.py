@@ -49,6 +49,7 @@ from medledger.errors import (
 from medledger.node import onboarding
 from medledger.node.auth import Session
 from medledger.storage.blobs import blob_hash
+from medledger.storage.files import write_private
 
 if TYPE_CHECKING:
     from medledger.node.service import Node
@@ -156,9 +157,8 @@ async def request(node: Node, session: Session, patient: str, enc_pub: str | Non
                                {"enc_private": b64e(eph.enc_private)})
         path = _request_file(node, rid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(orjson.dumps({"patient": patient, "sealed": sealed,
-                                       "attempts_left": MAX_CODE_ATTEMPTS}))
-        os.chmod(path, 0o600)
+        write_private(path, orjson.dumps({"patient": patient, "sealed": sealed,
+                                          "attempts_left": MAX_CODE_ATTEMPTS}))
     body = {"patient": patient, "id": rid, "enc_pub": enc_pub, "exp": node.now_s + ttl_s}
     try:
         await node.submit(signer, "recovery.request", body)

@@ -63,6 +63,7 @@ from medledger.search.engine import SearchResult
 from medledger.search.extract import Extracted
 from medledger.search.service import NodeSearch
 from medledger.storage.blobs import BlobStore, blob_hash
+from medledger.storage.files import write_private
 from medledger.storage.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -1174,7 +1175,7 @@ class Node:
                               "with `medledger node start` to rotate its keys")
         new = keys.rotated(self.org)
         pending = self.home.org_keystore.with_name("org.next.json")
-        _write_private(pending, self.seal_org(new))
+        write_private(pending, self.seal_org(new))
         try:
             await self.submit(self.org, "key.rotate", {
                 "id": self.org.id, "sign_pub": b64e(new.sign_public),
@@ -1203,7 +1204,7 @@ class Node:
                 doc.get("id") != session.actor_id or not {"kdf", "nonce", "ciphertext"} <= set(doc):
             raise InvalidInput("expected your own medledger keystore (JSON, as written by "
                                "`medledger key rotate`)")
-        _write_private(path, data)
+        write_private(path, data)
         self._audit(session, "key-rotate", session.actor_id if session.kind == "patient"
                     else None, [], detail="keystore held at this node replaced")
 
@@ -1372,14 +1373,6 @@ class WrongPasscode(Unauthenticated):
     def __init__(self, remaining: int, message: str = "wrong passcode") -> None:
         super().__init__(f"{message}; {remaining} attempts left")
         self.remaining = remaining
-
-
-def _write_private(path: Any, data: bytes) -> None:
-    """Write a keystore atomically, readable by this user only."""
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
 
 
 def _new_uuid() -> str:
