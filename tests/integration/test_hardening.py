@@ -372,11 +372,14 @@ def test_login_flood_throttled_with_back_off(fresh_node: NodeHandle) -> None:
     throttled = httpx.post(url, json={"id": "nurse-joy", "password": PASSWORD})
     assert_outcome(throttled, 429, "too many failed logins")  # even the right password
     assert int(throttled.headers["retry-after"]) >= 1
-    # per address: guesses spread over many ids lock out this client too
-    spread = [httpx.post(url, json={"id": f"user-{i}", "password": "x" * 10}).status_code
+    # per address: guesses spread over many ids lock out this client too, whatever
+    # address it claims in X-Forwarded-For (no proxy header is believed)
+    spread = [httpx.post(url, json={"id": f"user-{i}", "password": "x" * 10},
+                         headers={"X-Forwarded-For": f"203.0.113.{i}"}).status_code
               for i in range(30)]
     assert spread[-1] == 429, spread
-    assert_outcome(httpx.post(url, json={"id": "dr-house", "password": PASSWORD}), 429,
+    assert_outcome(httpx.post(url, json={"id": "dr-house", "password": PASSWORD},
+                              headers={"X-Forwarded-For": "198.51.100.7"}), 429,
                    "this address")
     # a locked-out address is refused before its request is parsed (a flood costs the
     # node a lookup per guess), after a pause: even a body that is not JSON gets the 429

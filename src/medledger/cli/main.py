@@ -105,6 +105,9 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
                   f"(mode {node.config.mode}, height {node.store.height})")
     uvicorn.run(create_app(node), host=node.config.host, port=node.config.port,
                 log_level="warning", loop="uvloop", http="httptools", server_header=False,
+                # the login throttle counts the peer address: a client-sent
+                # X-Forwarded-For (trusted from 127.0.0.1 by default) must not reset it
+                proxy_headers=False,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 
