@@ -332,6 +332,7 @@ def test_abci_stays_on_loopback_when_the_api_is_public(tmp_path: Path) -> None:
         node.start()
         assert _tcp_listeners(node.port) == {"0.0.0.0"}  # the API, as asked
         assert _tcp_listeners(abci) == {"127.0.0.1"}
+        assert "serving plain HTTP on 0.0.0.0" in node.log()  # and no TLS: warned
         # and it is ABCI: an Echo is answered
         with socket.create_connection(("127.0.0.1", abci), timeout=5) as conn:
             conn.sendall(frame(pb.Request(echo=pb.RequestEcho(message="hi"))

@@ -78,6 +78,7 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
     import uvicorn
 
     from medledger.api.app import create_app
+    from medledger.node.home import is_loopback
     from medledger.node.runtime import open_node
     from medledger.node.startcheck import start_check
     if (tls_cert is None) != (tls_key is None):
@@ -90,6 +91,11 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
         node.config.host = host
     if port:
         node.config.port = port
+    if tls_cert is None and not is_loopback(node.config.host):
+        err_console.print(f"[bold yellow]warning:[/] serving plain HTTP on "
+                          f"{node.config.host}: passwords, tokens and keystores would cross "
+                          "the network in clear; give --tls-cert/--tls-key, or keep the node "
+                          "on 127.0.0.1 behind a TLS-terminating proxy")
     if tls_cert is not None and not node.config.public_url:
         # the URL actually served: token audience, share links, FHIR base
         node.config.public_url = f"https://{node.config.host}:{node.config.port}"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import ipaddress
 import logging
 import os
 import signal
@@ -59,7 +58,7 @@ from medledger.errors import (
     Replay,
     Unavailable,
 )
-from medledger.node.home import Home, init_home, org_genesis_entry
+from medledger.node.home import Home, init_home, is_loopback, org_genesis_entry
 
 log = logging.getLogger(__name__)
 
@@ -335,13 +334,6 @@ class _NodeAbciApp:
         return result
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def check_store_for_network(store: Any) -> None:
     """Raise ``IntegrityError`` if the store must not be offered to CometBFT: the app hash
     the node would report in ``Info`` must be the one in the head block's header (what
@@ -377,7 +369,7 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
         submitter.refuse(node.integrity_failure)
         log.critical("REFUSING TO SERVE, not joining consensus: %s", node.integrity_failure)
         return None, submitter
-    if not _is_loopback(config.abci_host):
+    if not is_loopback(config.abci_host):
         log.warning("ABCI listens on %s, beyond this machine: ABCI has no authentication, "
                     "so whoever reaches %s:%d can feed this node's ledger application "
                     "blocks; keep it on 127.0.0.1 unless a firewall admits only this "
