@@ -15,7 +15,7 @@ from medledger.core.tx import make_tx
 from medledger.crypto import keys
 from medledger.crypto.canonical import b64e, canonical, sha256
 from medledger.crypto.signing import verify as real_verify
-from medledger.errors import Forbidden, Replay, UnknownSigner
+from medledger.errors import Forbidden, IntegrityError, Replay, UnknownSigner
 from medledger.node.home import org_genesis_entry
 from medledger.node.ledger_app import LedgerApp
 from medledger.storage.sqlite import SqliteStore
@@ -63,6 +63,23 @@ def test_each_signature_is_verified_once(world: tuple[LedgerApp, keys.Identity],
     app.finalize_block(2, 10**18 + 1, [fresh], b"", b"")
     app.commit()
     assert len(calls) == 6
+
+
+def test_a_block_that_does_not_follow_on_is_refused(
+        world: tuple[LedgerApp, keys.Identity]) -> None:
+    """Only the next height is applied (over ABCI a refusal halts the node: better than
+    a ledger with a gap or a second block 1)."""
+    app, org = world
+    raw = _register(org, "pat-1", "1" * 16)
+    for height in (0, 2, 7):
+        with pytest.raises(IntegrityError, match="does not follow"):
+            app.finalize_block(height, 10**18, [raw], b"", b"")
+    assert app.height == 0 and app.pending is None
+    app.finalize_block(1, 10**18, [raw], b"", b"")
+    app.commit()
+    with pytest.raises(IntegrityError, match="does not follow this ledger's height 1"):
+        app.finalize_block(1, 10**18 + 1, [], b"", b"")
+    assert app.height == 1
 
 
 def test_each_tx_is_decoded_once(world: tuple[LedgerApp, keys.Identity],

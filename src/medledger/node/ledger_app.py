@@ -31,7 +31,7 @@ from medledger.core import machine, mempool
 from medledger.core.machine import BlockApplied, BlockInput
 from medledger.core.tx import MAX_TX_BYTES, Tx
 from medledger.crypto.canonical import canonical, loads, sha256
-from medledger.errors import InvalidInput, MedledgerError, StorageError
+from medledger.errors import IntegrityError, InvalidInput, MedledgerError, StorageError
 from medledger.storage.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,9 @@ class LedgerApp:
 
     def finalize_block(self, height: int, time_ns: int, txs: list[bytes], proposer: bytes,
                        block_hash: bytes) -> BlockOutcome:
+        if height != self.height + 1:  # CometBFT never skips or repeats a height
+            raise IntegrityError(f"block {height} does not follow this ledger's height "
+                                 f"{self.height}: refused")
         block = BlockInput(self.chain, height, time_ns, tuple(txs), self.app_hash,
                            self.header_hash, self.state_acc)
         applied = machine.apply_block(self.state, block, self.verified, self.decoded.get,
