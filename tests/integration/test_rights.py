@@ -159,6 +159,11 @@ def test_key_recovery_with_k_of_n_guardians(node: NodeHandle) -> None:
     assert r.status_code == 401  # the lost password no longer opens the keystore
     done = _state(node, f"recoveryreq/{rid}")
     assert done is not None and done["status"] == "completed"
+    # the public keys came with the request's shares; nothing unauthenticated tells
+    # whether a patient id exists
+    for who in (pid, "no-such-patient"):
+        assert httpx.get(f"{node.url}/recovery/public/{who}").status_code == 404
+    assert httpx.get(f"{node.url}/recovery/requests/{'0' * 32}/shares").status_code == 404
     assert _held(node, list(done["approvals"].values())) == set()  # shares deleted
     with node.login(pid, NEW_PASSWORD) as me:
         events = me.get("/api/access-log?count=500").json()

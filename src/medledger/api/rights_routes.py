@@ -209,25 +209,22 @@ async def recovery_cancel(request: Request, rid: str) -> Response:
     return _json(await recovery.cancel(node, session, rid))
 
 
-@router.get("/recovery/public/{pid}")
-async def public_keys(request: Request, pid: str) -> Response:
-    """A patient's public keys (ledger state): a client checks a recovered key against
-    them."""
-    node = node_of(request)
-    actor = st.actor(node.store, pid)
-    if actor is None:
-        raise NotFound(f"no patient {pid}")
-    return _json({"id": pid, "sign_pub": actor["sign_pub"], "enc_pub": actor["enc_pub"]})
-
-
 @router.get("/recovery/requests/{rid}/shares")
 async def recovery_shares(request: Request, rid: str) -> Response:
     """The approvals' re-sealed shares: sealed to the request's key, so only the client
-    holding that key (the patient's) opens them; no sign-in (the patient has no key)."""
+    holding that key (the patient's) opens them; no sign-in (the patient has no key).
+    With the patient's public keys, which the client checks the recovered key against:
+    served here, under the request's unguessable id, and not by patient id, which
+    would tell anyone whether an id exists."""
     node = node_of(request)
+    shares = await recovery.approval_shares(node, rid)  # NotFound for an unknown id
     req = st.recovery_request(node.store, rid)
-    shares = await recovery.approval_shares(node, rid)
-    return _json({"request": req, "shares": {g: b64e(b) for g, b in shares.items()}})
+    actor = st.actor(node.store, req["patient"]) if req is not None else None
+    if req is None or actor is None:
+        raise NotFound(f"no recovery request {rid}")
+    keys = {"id": req["patient"], "sign_pub": actor["sign_pub"], "enc_pub": actor["enc_pub"]}
+    return _json({"request": req, "shares": {g: b64e(b) for g, b in shares.items()},
+                  "keys": keys})
 
 
 @router.post("/auth/recover")

@@ -397,10 +397,9 @@ def _finish_locally(node: str, patient: str, request: str, request_key: Path,
         if len(req["approvals"]) < req["threshold"]:
             raise InvalidInput(f"{len(req['approvals'])} of {req['threshold']} guardian "
                                "approvals so far")
-        actor = c.get(f"/recovery/public/{patient}", auth=False)
         identity = recover_identity(req, {g: b64d(v, field="share")
                                           for g, v in doc["shares"].items()},
-                                    eph.enc_private, actor)
+                                    eph.enc_private, doc["keys"])
         keys.save_keystore(target, identity, _password("MEDLEDGER_KEY_PASSWORD",
                                                        "your new password"))
         c.identity = identity
