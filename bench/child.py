@@ -1,4 +1,5 @@
-"""Helpers run in their own processes: ``verify <db>`` and ``abci <dir> <port> <log>``."""
+"""Helpers run in their own processes: ``verify <db>`` and ``abci <dir> <address> <log>``
+(``address``: CometBFT's ``proxy_app``, ``tcp://HOST:PORT`` or ``unix://PATH``)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def startcheck(home: str, workers: str) -> None:
                           resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
-async def abci(home: str, port: int, log_path: str) -> None:
+async def abci(home: str, address: str, log_path: str) -> None:
     """One validator's application: LedgerApp + AbciServer; logs each commit's tx hashes."""
     from medledger.consensus.abci import AbciServer
     from medledger.node.ledger_app import LedgerApp
@@ -81,7 +82,7 @@ async def abci(home: str, port: int, log_path: str) -> None:
         log.write(f"{time.time():.6f} {applied.header['height']} {hashes}\n")
 
     app.on_commit.append(on_commit)
-    server = AbciServer(app, port=port)
+    server = AbciServer.at(app, address)
     await server.start()
     print("ready", flush=True)
     await server.wait_stopped()
@@ -94,7 +95,7 @@ def main() -> None:
     elif cmd == "startcheck":
         startcheck(sys.argv[2], sys.argv[3])
     elif cmd == "abci":
-        asyncio.run(abci(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+        asyncio.run(abci(sys.argv[2], sys.argv[3], sys.argv[4]))
     else:
         raise SystemExit(f"unknown child command {cmd}")
 

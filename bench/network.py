@@ -311,17 +311,23 @@ class CommitWatcher:
 BROADCAST = "broadcast_tx_sync"  # waits for CheckTx; "broadcast_tx_async" does not
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+def _wait_listening(lay: NodeLayout, proc: subprocess.Popen[bytes],
+                    timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"abci-cli kvstore exited with {proc.returncode}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
+            if lay.abci_socket is not None:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(1)
+                    s.connect(str(lay.abci_socket))
+            else:
+                socket.create_connection(("127.0.0.1", lay.abci_port), timeout=1).close()
+            return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"abci-cli kvstore not listening on port {port} after {timeout} s")
+    raise RuntimeError(f"abci-cli kvstore not listening on {lay.proxy_app} after {timeout} s")
 
 
 def _start_apps(app: str, layouts: list[NodeLayout]) -> list[subprocess.Popen[Any]]:
@@ -337,13 +343,13 @@ def _start_apps(app: str, layouts: list[NodeLayout]) -> list[subprocess.Popen[An
                      "--persist", str(lay.home / "kvstore-data")],
                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         for lay, child in zip(layouts, children, strict=True):
-            _wait_listening(lay.abci_port, child)
+            _wait_listening(lay, child)
         return children
     for lay in layouts:
         with open(lay.home / "app.err", "w") as err:
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.child", "abci", str(lay.home / "app"),
-                 str(lay.abci_port), str(lay.home / "commits.log")],
+                 lay.proxy_app, str(lay.home / "commits.log")],
                 stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
                 start_new_session=True))
     for child in children:

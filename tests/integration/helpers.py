@@ -42,6 +42,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tcp_listeners(port: int) -> set[str]:
+    """The local addresses with a socket listening on ``port`` (Linux ``/proc/net``)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.rsplit(":", 1)
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
+                          if len(addr) == 8 else addr)
+    return found
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for ``medledger`` subprocesses (passwords for org and user keystores)."""
     return {**os.environ, "MEDLEDGER_PASSWORD": PASSWORD, "MEDLEDGER_KEY_PASSWORD": PASSWORD,

@@ -157,7 +157,7 @@ class Node:
     async def start(self, fresh_app: bool = False) -> None:
         if fresh_app:
             self.app = ToyKV()
-        self.server = AbciServer(self.app, port=self.layout.abci_port)
+        self.server = AbciServer.at(self.app, self.layout.proxy_app)
         await self.server.start()
         self.proc = start_node(self.layout)
         self._procs.append(self.proc)
@@ -327,7 +327,7 @@ def test_four_validators_agree_survive_crash_and_replay(
         try:
             t0 = time.monotonic()
             for node in nodes:  # all ABCI servers first, then the CometBFT processes
-                node.server = AbciServer(node.app, port=node.layout.abci_port)
+                node.server = AbciServer.at(node.app, node.layout.proxy_app)
                 await node.server.start()
             for node in nodes:
                 node.proc = start_node(node.layout)

@@ -32,6 +32,7 @@ from helpers import (
     make_home,
     register_staff,
     running_node,
+    tcp_listeners,
 )
 
 from medledger.client import Client
@@ -301,23 +302,6 @@ def test_port_override_keeps_token_login_working(tmp_path: Path) -> None:
         node.kill9()
 
 
-def _tcp_listeners(port: int) -> set[str]:
-    """The local addresses with a socket listening on ``port`` (Linux ``/proc/net``)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            local, state = line.split()[1], line.split()[3]
-            addr, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1])
-                          if len(addr) == 8 else addr)
-    return found
-
-
 def test_abci_stays_on_loopback_when_the_api_is_public(tmp_path: Path) -> None:
     """``node start --host 0.0.0.0`` publishes the API, never the ABCI port: ABCI has no
     authentication, and whoever reaches it can feed the ledger application blocks."""
@@ -330,8 +314,8 @@ def test_abci_stays_on_loopback_when_the_api_is_public(tmp_path: Path) -> None:
     node.args = ("--host", "0.0.0.0")
     try:
         node.start()
-        assert _tcp_listeners(node.port) == {"0.0.0.0"}  # the API, as asked
-        assert _tcp_listeners(abci) == {"127.0.0.1"}
+        assert tcp_listeners(node.port) == {"0.0.0.0"}  # the API, as asked
+        assert tcp_listeners(abci) == {"127.0.0.1"}
         assert "serving plain HTTP on 0.0.0.0" in node.log()  # and no TLS: warned
         # and it is ABCI: an Echo is answered
         with socket.create_connection(("127.0.0.1", abci), timeout=5) as conn:

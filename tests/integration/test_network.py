@@ -23,6 +23,7 @@ import base64
 import hashlib
 import re
 import sqlite3
+import stat
 import subprocess
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from helpers import tcp_listeners
 
 from medledger.client import Client, NodeError
 from medledger.consensus import cometbft
@@ -474,6 +476,20 @@ def _children(pid: int) -> list[int]:
             if int(fields[1]) == pid and fields[0] != "Z":
                 out.append(int(entry.name))
     return out
+
+
+def test_abci_is_a_private_unix_socket(tn: Harness) -> None:
+    """ABCI has no authentication: `net` serves it on a Unix socket only this user can
+    reach (0600, in a 0700 directory), and on no TCP port at all."""
+    for m in tn.net.members:
+        path = Path(m.home) / Home(m.home).load_config().abci_socket
+        assert stat.S_ISSOCK(path.stat().st_mode), path
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        toml = (Path(m.comet_home) / "config" / "config.toml").read_text()
+        assert f'proxy_app = "unix://{path}"' in toml
+        if Path("/proc/net/tcp").exists():
+            assert tcp_listeners(m.abci_port) == set()
 
 
 def test_kill9_of_a_node_leaves_no_orphans_and_net_start_cleans_up(tn: Harness) -> None:

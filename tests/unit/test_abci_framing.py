@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import stat
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -358,6 +361,43 @@ def test_server_writes_a_long_burst_before_its_flush() -> None:
         assert server.fatal_error is None
 
     asyncio.run(main())
+
+
+def test_server_on_a_private_unix_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "abci.sock"
+        server = AbciServer.at(RecordingApp(), f"unix://{path}")
+        async with server:
+            assert server.address == f"unix://{path}"
+            assert stat.S_ISSOCK(path.stat().st_mode)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            r, w = await asyncio.open_unix_connection(str(path))
+            resps = await _roundtrip(r, w, [pb.Request(echo=pb.RequestEcho(message="u")),
+                                            pb.Request(flush=pb.RequestFlush())])
+            assert resps[0].echo.message == "u"
+            w.close()
+        assert not path.exists()  # removed on stop
+        # a socket a killed server left behind is replaced on the next start
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(path))
+        stale.close()
+        async with AbciServer.at(RecordingApp(), f"unix://{path}"):
+            r, w = await asyncio.open_unix_connection(str(path))
+            w.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1", "tcp://:80", "http://h:1", "unix://",
+                                     "127.0.0.1:26658", "tcp://h:port"])
+def test_abci_address_must_be_tcp_or_unix(address: str) -> None:
+    with pytest.raises(ValueError, match="tcp://HOST:PORT or unix://PATH"):
+        AbciServer.at(RecordingApp(), address)
+
+
+def test_abci_address_tcp() -> None:
+    server = AbciServer.at(RecordingApp(), "tcp://127.0.0.1:26658")
+    assert (server.host, server.port, server.path) == ("127.0.0.1", 26658, None)
 
 
 def test_server_fatal_on_finalize_block_error_drops_connections() -> None:

@@ -26,7 +26,9 @@ Generated protobuf classes live in ``medledger.consensus._proto`` (run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Iterable
 
 from medledger.consensus.app import LedgerApplication, TxResult
@@ -360,7 +362,10 @@ class RequestHandler:
 class AbciServer:
     """Serves CometBFT's ABCI socket connections for one application instance.
 
-    ``port=0`` binds a free port; read it back from ``.port`` after ``start()``.
+    On TCP (``host``, ``port``; ``port=0`` binds a free port, read back from ``.port``
+    after ``start()``), or on a Unix socket at ``path``, created ``0600``: ABCI has no
+    authentication, so a Unix socket in a private directory is the only way to keep
+    other local users from feeding the application blocks.
     """
 
     def __init__(
@@ -369,11 +374,13 @@ class AbciServer:
         host: str = "127.0.0.1",
         port: int = 26658,
         *,
+        path: str | os.PathLike[str] | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.app = app
         self.host = host
         self._port = port
+        self.path = os.fspath(path) if path else None
         self._handler = RequestHandler(app)
         self._max_message_bytes = max_message_bytes
         self._server: asyncio.Server | None = None
@@ -387,20 +394,35 @@ class AbciServer:
     def port(self) -> int:
         return self._port
 
+    @classmethod
+    def at(cls, app: LedgerApplication, address: str) -> AbciServer:
+        """A server for a ``proxy_app`` address: ``tcp://HOST:PORT`` or ``unix://PATH``."""
+        scheme, sep, rest = address.partition("://")
+        if sep and scheme == "unix" and rest:
+            return cls(app, path=rest)
+        host, colon, port = rest.rpartition(":")
+        if not (sep and scheme == "tcp" and colon and host and port.isdigit()):
+            raise ValueError(f"ABCI address {address!r} is not tcp://HOST:PORT or unix://PATH")
+        return cls(app, host, int(port))
+
     @property
     def address(self) -> str:
         """The ``proxy_app`` value CometBFT needs to reach this server."""
-        return f"tcp://{self.host}:{self._port}"
+        return f"unix://{self.path}" if self.path else f"tcp://{self.host}:{self._port}"
 
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("AbciServer already started")
         self._stopped.clear()
-        self._server = await asyncio.start_server(
-            self._on_connection, self.host, self._port, reuse_address=True
-        )
-        sock = self._server.sockets[0]
-        self._port = int(sock.getsockname()[1])
+        if self.path:  # asyncio replaces a stale socket file left by a crash
+            self._server = await asyncio.start_unix_server(self._on_connection, self.path)
+            os.chmod(self.path, 0o600)
+        else:
+            self._server = await asyncio.start_server(
+                self._on_connection, self.host, self._port, reuse_address=True
+            )
+            sock = self._server.sockets[0]
+            self._port = int(sock.getsockname()[1])
         log.info("ABCI server listening on %s", self.address)
 
     async def stop(self) -> None:
@@ -417,6 +439,9 @@ class AbciServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
+            if self.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -172,6 +172,7 @@ def consensus_settings(
 # Sized for medledger's workload (docs/NETWORK.md "CometBFT settings" explains and
 # measures each). ADR 4: the largest tx is 1 MiB (big imports are staged over several).
 MAX_TX_BYTES = 1024 * 1024
+MAX_UNIX_SOCKET_PATH = 100  # sun_path holds 107 bytes on Linux, 103 on macOS
 BLOCK_MAX_BYTES = 2 * 1024 * 1024  # the largest tx fits; ~700 record.puts of ~3 KB
 
 
@@ -206,10 +207,15 @@ class NodeLayout:
     rpc_port: int
     abci_port: int
     host: str = "127.0.0.1"
+    # ABCI over a Unix socket in the network's private directory (``make_testnet``);
+    # ``None``: over loopback TCP on ``abci_port``
+    abci_socket: Path | None = None
 
     @property
     def proxy_app(self) -> str:
         """Where CometBFT dials the ABCI application (an ``AbciServer``)."""
+        if self.abci_socket is not None:
+            return f"unix://{self.abci_socket}"
         return f"tcp://{self.host}:{self.abci_port}"
 
     @property
@@ -286,6 +292,7 @@ def make_testnet(
     block_max_bytes: int = BLOCK_MAX_BYTES,
     settings: Mapping[str, object] | None = None,
     binary: Path | None = None,
+    abci_unix: bool = True,
 ) -> list[NodeLayout]:
     """Create ``n`` validator homes ``base_dir/node<i>`` for one loopback network.
 
@@ -296,6 +303,10 @@ def make_testnet(
     persistent peers. Blocks hold at most ``block_max_bytes``; ``workload_settings``
     (then ``settings``) are written to every ``config.toml``. Homes that already hold
     blocks are refused (a new genesis over old chain data would not start).
+
+    ``abci_unix``: each app serves ABCI on ``base_dir/abci<i>.sock`` (``base_dir`` made
+    ``0700``: ABCI has no authentication, and a loopback port is open to every local
+    user), unless the path is too long for a Unix socket; then on the ABCI port.
     """
     if n < 1:
         raise ValueError("a network needs at least one node")
@@ -314,6 +325,13 @@ def make_testnet(
 
     homes = [base_dir / f"node{i}" for i in range(n)]
     monikers = [f"node{i}" for i in range(n)]
+    sockets: list[Path | None] = [None] * n
+    if abci_unix:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(base_dir, 0o700)
+        wanted = [base_dir.resolve() / f"abci{i}.sock" for i in range(n)]
+        if all(len(os.fsencode(p)) <= MAX_UNIX_SOCKET_PATH for p in wanted):
+            sockets = list(wanted)
     for home, moniker in zip(homes, monikers, strict=True):
         init_home(home, moniker, binary=binary)
     layouts = [
@@ -325,6 +343,7 @@ def make_testnet(
             p2p_port=ports[3 * i],
             rpc_port=ports[3 * i + 1],
             abci_port=ports[3 * i + 2],
+            abci_socket=sockets[i],
         )
         for i in range(n)
     ]

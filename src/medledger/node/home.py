@@ -38,6 +38,10 @@ class Config:
     # the API is served on (ABCI has no authentication: whoever reaches it can feed the
     # ledger application blocks)
     abci_host: str = "127.0.0.1"
+    # or a Unix socket (relative to the home, or absolute): what `net up` writes, in a
+    # directory only this user can enter, so no other local user reaches ABCI either;
+    # set, it replaces abci_host/abci_port
+    abci_socket: str = ""
     public_url: str = ""
     token_ttl_s: int = 900
     max_body_bytes: int = 8 * 1024 * 1024

@@ -355,8 +355,9 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
     from medledger.consensus.abci import AbciServer
 
     config = node.config
-    if not config.cometbft_rpc or not config.abci_port:
-        raise InvalidInput("mode 'cometbft' needs cometbft_rpc and abci_port in config.json")
+    if not config.cometbft_rpc or not (config.abci_port or config.abci_socket):
+        raise InvalidInput("mode 'cometbft' needs cometbft_rpc and abci_socket or abci_port "
+                           "in config.json")
     timeout = float(config.extra.get("commit_timeout_s", COMMIT_TIMEOUT_S))
     submitter = CometSubmitter(node.app, config.cometbft_rpc, timeout_s=timeout)
     node.submitter = submitter
@@ -369,12 +370,20 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
         submitter.refuse(node.integrity_failure)
         log.critical("REFUSING TO SERVE, not joining consensus: %s", node.integrity_failure)
         return None, submitter
-    if not is_loopback(config.abci_host):
-        log.warning("ABCI listens on %s, beyond this machine: ABCI has no authentication, "
-                    "so whoever reaches %s:%d can feed this node's ledger application "
-                    "blocks; keep it on 127.0.0.1 unless a firewall admits only this "
-                    "node's CometBFT", config.abci_host, config.abci_host, config.abci_port)
-    server = AbciServer(_NodeAbciApp(node), host=config.abci_host, port=config.abci_port)
+    if config.abci_socket:
+        path = node.home.path / config.abci_socket
+        if len(os.fsencode(path)) > cometbft.MAX_UNIX_SOCKET_PATH:
+            raise InvalidInput(f"abci_socket {path} is longer than a Unix socket path may be "
+                               f"({cometbft.MAX_UNIX_SOCKET_PATH} bytes): give a shorter one")
+        server = AbciServer(_NodeAbciApp(node), path=path)
+    else:
+        if not is_loopback(config.abci_host):
+            log.warning("ABCI listens on %s, beyond this machine: ABCI has no "
+                        "authentication, so whoever reaches %s:%d can feed this node's "
+                        "ledger application blocks; keep it on 127.0.0.1 unless a firewall "
+                        "admits only this node's CometBFT", config.abci_host,
+                        config.abci_host, config.abci_port)
+        server = AbciServer(_NodeAbciApp(node), host=config.abci_host, port=config.abci_port)
     await server.start()
     submitter.watch(node, server)
     log.info("network mode: ABCI on %s, CometBFT RPC %s, height %d", server.address,
@@ -520,6 +529,7 @@ def create_network(directory: Path | str, n: int = 4, password: str = "", *,
         config.mode = "cometbft"
         config.cometbft_rpc = lay.rpc_url
         config.abci_port = lay.abci_port
+        config.abci_socket = str(lay.abci_socket or "")
         config.extra["commit_timeout_s"] = commit_timeout_s
         home.save_config(config)
         members.append(Member(i, org.id, ORG_NAMES[i], str(home.path), str(lay.home),
