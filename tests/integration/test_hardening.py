@@ -379,6 +379,25 @@ def test_login_flood_throttled_with_back_off(fresh_node: NodeHandle) -> None:
         assert c.get("/auth/me")["actor"] == "dr-house"
 
 
+def test_a_trusted_proxy_names_each_client(tmp_path: Path) -> None:
+    """Behind a proxy listed in trusted_proxies, the throttle counts the address the
+    proxy forwards: guesses spread over many clients lock out none of them, guesses
+    from one client lock it out (the proxy itself, 127.0.0.1 here, is not counted)."""
+    with running_node(tmp_path / "home", staff=False,
+                      extra={"login_first_backoff_s": 60, "login_tarpit_s": 0.1},
+                      trusted_proxies=["127.0.0.1"]) as node:
+        url = node.url + "/auth/login"
+
+        def guess(i: int, client: str) -> int:
+            return httpx.post(url, json={"id": f"user-{i}", "password": "x" * 10},
+                              headers={"X-Forwarded-For": client}).status_code
+
+        assert {guess(i, f"203.0.113.{i}") for i in range(30)} == {401}
+        one = [guess(100 + i, "198.51.100.7") for i in range(30)]
+        assert one[-1] == 429, one
+        assert guess(999, "198.51.100.8") == 401  # another client is not locked out
+
+
 def test_aborted_requests_one_line_each_no_traceback(fresh_node: NodeHandle) -> None:
     before = fresh_node.log_path.read_text(errors="replace")
     n = 25

@@ -25,6 +25,7 @@ from medledger.consensus.abci import (
     pb,
 )
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
+from medledger.errors import StorageError
 
 # (value, encoding) - the same bytes Go's binary.PutUvarint writes; NOT zigzag.
 VARINT_VECTORS = [
@@ -388,6 +389,23 @@ def test_server_on_a_private_unix_socket(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_second_server_leaves_a_live_socket_alone(tmp_path: Path) -> None:
+    """The node started twice: the second must not unlink the first's socket."""
+    async def main() -> None:
+        path = tmp_path / "abci.sock"
+        async with AbciServer.at(RecordingApp(), f"unix://{path}"):
+            with pytest.raises(StorageError, match="already serves ABCI"):
+                await AbciServer.at(RecordingApp(), f"unix://{path}").start()
+            r, w = await asyncio.open_unix_connection(str(path))  # still the first's
+            resps = await _roundtrip(r, w, [pb.Request(echo=pb.RequestEcho(message="1")),
+                                            pb.Request(flush=pb.RequestFlush())])
+            assert resps[0].echo.message == "1"
+            w.close()
+        assert not path.exists()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("address", ["tcp://127.0.0.1", "tcp://:80", "http://h:1", "unix://",
                                      "127.0.0.1:26658", "tcp://h:port"])
 def test_abci_address_must_be_tcp_or_unix(address: str) -> None:
@@ -398,6 +416,7 @@ def test_abci_address_must_be_tcp_or_unix(address: str) -> None:
 def test_abci_address_tcp() -> None:
     server = AbciServer.at(RecordingApp(), "tcp://127.0.0.1:26658")
     assert (server.host, server.port, server.path) == ("127.0.0.1", 26658, None)
+    assert AbciServer.at(RecordingApp(), "tcp://[::1]:5").host == "::1"
 
 
 def test_server_fatal_on_finalize_block_error_drops_connections() -> None:

@@ -43,6 +43,30 @@ def test_exclusive_refuses_an_existing_file_and_keeps_it(tmp_path: Path) -> None
     assert os.listdir(tmp_path) == ["key.json"]
 
 
+def test_a_symlink_is_followed_and_a_device_written_through(tmp_path: Path) -> None:
+    real = tmp_path / "real.json"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_private(link, b"new")
+    assert link.is_symlink() and real.read_bytes() == b"new" and _mode(real) == 0o600
+    write_private(Path("/dev/null"), b"discarded")  # --out /dev/stdout and the like
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        write_private(fifo, b"piped")
+        assert os.read(reader, 100) == b"piped"
+    finally:
+        os.close(reader)
+
+
+def test_long_names_fit(tmp_path: Path) -> None:
+    name = "x" * 250 + ".json"  # the temporary name does not grow with the target's
+    write_private(tmp_path / name, b"ok")
+    assert (tmp_path / name).read_bytes() == b"ok"
+
+
 def test_missing_directory_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_private(tmp_path / "no" / "such.json", b"x")

@@ -95,7 +95,8 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
         err_console.print(f"[bold yellow]warning:[/] serving plain HTTP on "
                           f"{node.config.host}: passwords, tokens and keystores would cross "
                           "the network in clear; give --tls-cert/--tls-key, or keep the node "
-                          "on 127.0.0.1 behind a TLS-terminating proxy")
+                          "on 127.0.0.1 behind a TLS-terminating proxy (listed in config "
+                          "trusted_proxies, so the login throttle sees each client)")
     if tls_cert is not None and not node.config.public_url:
         # the URL actually served: token audience, share links, FHIR base
         node.config.public_url = f"https://{node.config.host}:{node.config.port}"
@@ -111,9 +112,11 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
                   f"(mode {node.config.mode}, height {node.store.height})")
     uvicorn.run(create_app(node), host=node.config.host, port=node.config.port,
                 log_level="warning", loop="uvloop", http="httptools", server_header=False,
-                # the login throttle counts the peer address: a client-sent
-                # X-Forwarded-For (trusted from 127.0.0.1 by default) must not reset it
-                proxy_headers=False,
+                # the login throttle counts the client's address: X-Forwarded-For names
+                # it only when a configured proxy sent it (uvicorn's default believes
+                # any local client, which could then claim a new address per guess)
+                proxy_headers=bool(node.config.trusted_proxies),
+                forwarded_allow_ips=node.config.trusted_proxies or None,
                 ssl_certfile=str(tls_cert) if tls_cert else None,
                 ssl_keyfile=str(tls_key) if tls_key else None)
 

@@ -29,9 +29,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterable
 
 from medledger.consensus.app import LedgerApplication, TxResult
+from medledger.errors import StorageError
 
 try:
     from medledger.consensus._proto.tendermint.abci import types_pb2 as pb
@@ -381,6 +383,7 @@ class AbciServer:
         self.host = host
         self._port = port
         self.path = os.fspath(path) if path else None
+        self._inode = -1
         self._handler = RequestHandler(app)
         self._max_message_bytes = max_message_bytes
         self._server: asyncio.Server | None = None
@@ -403,7 +406,21 @@ class AbciServer:
         host, colon, port = rest.rpartition(":")
         if not (sep and scheme == "tcp" and colon and host and port.isdigit()):
             raise ValueError(f"ABCI address {address!r} is not tcp://HOST:PORT or unix://PATH")
-        return cls(app, host, int(port))
+        return cls(app, host.removeprefix("[").removesuffix("]"), int(port))  # [::1]
+
+    @staticmethod
+    def _refuse_if_served(path: str) -> None:
+        """A live server at ``path`` (this node started twice) keeps it: binding would
+        unlink its socket from under it."""
+        if not os.path.exists(path):
+            return
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                return  # nobody answers: a stale file, replaced on bind
+        raise StorageError(f"another process already serves ABCI at {path}: is this node "
+                           "running already?")
 
     @property
     def address(self) -> str:
@@ -414,9 +431,14 @@ class AbciServer:
         if self._server is not None:
             raise RuntimeError("AbciServer already started")
         self._stopped.clear()
-        if self.path:  # asyncio replaces a stale socket file left by a crash
-            self._server = await asyncio.start_unix_server(self._on_connection, self.path)
-            os.chmod(self.path, 0o600)
+        if self.path:
+            self._refuse_if_served(self.path)
+            old_umask = os.umask(0o177)  # 0600 from the bind on: no window for others
+            try:  # a stale socket file a crash left is replaced
+                self._server = await asyncio.start_unix_server(self._on_connection, self.path)
+            finally:
+                os.umask(old_umask)
+            self._inode = os.stat(self.path).st_ino
         else:
             self._server = await asyncio.start_server(
                 self._on_connection, self.host, self._port, reuse_address=True
@@ -439,9 +461,10 @@ class AbciServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         if server is not None:
             await server.wait_closed()
-            if self.path:
+            if self.path:  # ours only: not one a later server bound there
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path)
+                    if os.stat(self.path).st_ino == self._inode:
+                        os.unlink(self.path)
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import shutil
 import signal
@@ -58,6 +59,8 @@ __all__ = [
 ]
 
 COMETBFT_VERSION = "0.38.25"
+log = logging.getLogger(__name__)
+
 _REPO_ROOT = Path(__file__).resolve().parents[3]
 LOG_FILE_NAME = "cometbft.log"
 
@@ -332,6 +335,10 @@ def make_testnet(
         wanted = [base_dir.resolve() / f"abci{i}.sock" for i in range(n)]
         if all(len(os.fsencode(p)) <= MAX_UNIX_SOCKET_PATH for p in wanted):
             sockets = list(wanted)
+        else:
+            log.warning("%s is too long a path for Unix sockets (%d bytes at most): ABCI "
+                        "goes over loopback TCP, which every local user can reach; use a "
+                        "shorter directory", wanted[0], MAX_UNIX_SOCKET_PATH)
     for home, moniker in zip(homes, monikers, strict=True):
         init_home(home, moniker, binary=binary)
     layouts = [

@@ -43,6 +43,9 @@ class Config:
     # set, it replaces abci_host/abci_port
     abci_socket: str = ""
     public_url: str = ""
+    # addresses of reverse proxies whose X-Forwarded-For names the client (the login
+    # throttle counts that address); none: the peer address counts, headers ignored
+    trusted_proxies: list[str] = field(default_factory=list)
     token_ttl_s: int = 900
     max_body_bytes: int = 8 * 1024 * 1024
     # transaction/batch Bundles (POST /fhir): a Synthea patient with decades of history is

@@ -294,7 +294,7 @@ async def finish(node: Node, patient: str, rid: str, code: str, password: str
                                 held["sealed"])
     except IntegrityError:
         held["attempts_left"] -= 1
-        path.write_bytes(orjson.dumps(held))
+        write_private(path, orjson.dumps(held))
         _audit_patient(node, patient, "recovery-complete", "4", "wrong recovery code")
         raise Unauthenticated(f"wrong recovery code; {held['attempts_left']} tries left") \
             from None

@@ -19,8 +19,14 @@ def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` atomically, mode ``0600``.
 
     ``exclusive``: raise ``FileExistsError`` if ``path`` exists (checked by the final
-    hard link, so two writers cannot both succeed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    hard link, so two writers cannot both succeed). A symlink is followed (its target is
+    replaced); a device or FIFO (``--out /dev/stdout``) is written through, as is."""
+    path = Path(os.path.realpath(path))
+    if not exclusive and path.exists() and not path.is_file():
+        with open(path, "wb") as out:
+            out.write(data)
+        return
+    tmp = path.with_name(f".{os.getpid()}.{os.urandom(6).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as out:
