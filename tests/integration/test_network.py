@@ -492,6 +492,49 @@ def test_abci_is_a_private_unix_socket(tn: Harness) -> None:
             assert tcp_listeners(m.abci_port) == set()
 
 
+def test_only_members_nodes_are_admitted_as_peers(tn: Harness) -> None:
+    """filter_peers: CometBFT asks the app about each new peer, and the app admits the
+    node ids the ledger lists for active members. A stranger's CometBFT, with the
+    genesis and every member as a persistent peer, gets no peer and no block."""
+    root = Path(tn.net.dir)
+    members = [cometbft.node_id(Path(m.comet_home)) for m in tn.net.members]
+    for i, m in enumerate(tn.net.members):
+        toml = (Path(m.comet_home) / "config" / "config.toml").read_text()
+        assert "filter_peers = true" in toml
+        for node in members:
+            assert tn.rpc(i, "abci_query", path=f"/p2p/filter/id/{node}")["response"].get(
+                "code", 0) == 0
+    home = root / "stranger"
+    cometbft.init_home(home, "stranger")
+    stranger = cometbft.node_id(home)
+    refused = tn.rpc(0, "abci_query", path=f"/p2p/filter/id/{stranger}")["response"]
+    assert refused.get("code", 0) != 0 and "not an active member" in refused["log"]
+    p2p, rpc, abci = cometbft.free_ports(3)
+    (home / "config" / "genesis.json").write_text(
+        (Path(tn.net.members[0].comet_home) / "config" / "genesis.json").read_text())
+    peers = ",".join(f"{node}@127.0.0.1:{m.p2p_port}"
+                     for node, m in zip(members, tn.net.members, strict=True))
+    cometbft.edit_config(home / "config" / "config.toml", {
+        "rpc.laddr": f"tcp://127.0.0.1:{rpc}", "p2p.laddr": f"tcp://127.0.0.1:{p2p}",
+        "p2p.persistent_peers": peers, "p2p.addr_book_strict": False,
+        "p2p.allow_duplicate_ip": True})
+    lay = cometbft.NodeLayout(9, "stranger", home, stranger, p2p, rpc, abci)
+    proc = cometbft.start_node(lay, extra_args=["--proxy_app=kvstore"])
+    tn.procs.append(proc)
+    try:
+        eventually(lambda: httpx.get(f"http://127.0.0.1:{rpc}/status", timeout=2)
+                   .status_code == 200, 30, "the stranger's RPC")
+        time.sleep(8)  # several dial rounds to every member
+        info = httpx.get(f"http://127.0.0.1:{rpc}/net_info", timeout=5).json()["result"]
+        assert int(info["n_peers"]) == 0, info["peers"]
+        status = httpx.get(f"http://127.0.0.1:{rpc}/status", timeout=5).json()["result"]
+        assert int(status["sync_info"]["latest_block_height"]) == 0
+        ids = {p["node_info"]["id"] for p in tn.rpc(0, "net_info")["peers"]}
+        assert stranger not in ids and set(members[1:]) <= ids
+    finally:
+        cometbft.stop_node(proc, 10)
+
+
 def test_kill9_of_a_node_leaves_no_orphans_and_net_start_cleans_up(tn: Harness) -> None:
     import os
     import signal
@@ -563,7 +606,8 @@ def test_governance_fifth_org_joins_as_validator(tn: Harness) -> None:
     cometbft.init_home(comet_home, "node4")
     val_pub = network.validator_pub(comet_home)
     org5 = keys.new_identity("org-5", "org", {"name": "Elm Street Family Practice"})
-    entry = org_genesis_entry(org5, "Elm Street Family Practice", val_pub)
+    entry = org_genesis_entry(org5, "Elm Street Family Practice", val_pub,
+                              node_id=cometbft.node_id(comet_home))
     chain = net.chain
 
     def org_tx(i: int, kind: str, body: dict[str, Any]) -> bytes:

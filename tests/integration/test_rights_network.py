@@ -349,6 +349,13 @@ def test_node_syncing_from_genesis_never_receives_erased_content(w: World,
     home.save_config(config)
     comet_home = tmp_path / "comet-b"
     cometbft.init_home(comet_home, "full-node-b")
+    # peers admit only the nodes the ledger names: org-4 names its second node first
+    out = subprocess.run([sys.executable, "-m", "medledger", "org", "nodes", "--home",
+                          m3.home, cometbft.node_id(Path(m3.comet_home)),
+                          cometbft.node_id(comet_home)],
+                         env={**__import__("os").environ, "MEDLEDGER_PASSWORD": PW},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "names 2 node(s)" in out.stdout, out.stdout + out.stderr
     (comet_home / "config" / "genesis.json").write_text(
         (Path(m3.comet_home) / "config" / "genesis.json").read_text())
     peers = ",".join(f"{cometbft.node_id(Path(m.comet_home))}@127.0.0.1:{m.p2p_port}"

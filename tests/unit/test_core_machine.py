@@ -471,6 +471,30 @@ def test_org_join_needs_a_majority() -> None:
     assert c.run("org-d", "actor.register", register("p1", "patient")).code == OK
 
 
+def test_peers_admitted_are_active_members_nodes_once_the_ledger_names_them(
+        c: Chain) -> None:
+    stranger, node_d = "5" * 40, "d" * 40
+    assert st.peer_admitted(c.state, stranger)  # no node named yet: CometBFT's default
+    bad = {**org_doc("org-x"), "node_ids": ["D" * 40]}  # not lowercase hex
+    assert c.run("org-a", "org.propose", {"org": bad}).code == INVALID
+    doc = {**org_doc("org-d"), "node_ids": [node_d]}
+    assert c.run("org-a", "org.propose", {"org": doc}).data == "proposed"
+    assert st.peer_admitted(c.state, stranger)  # a proposed member names nothing yet
+    assert c.run("org-b", "org.approve", {"org_id": "org-d"}).data == "active"
+    assert c.get("org/org-d")["node_ids"] == [node_d]
+    assert st.peer_admitted(c.state, node_d)
+    assert not st.peer_admitted(c.state, stranger)
+    # an organisation names its own nodes (a second one here), nobody else's
+    second = "e" * 40
+    assert c.run("org-d", "org.nodes", {"node_ids": [node_d, second]}).data == "2"
+    assert st.peer_admitted(c.state, second) and c.get("org/org-d")["node_ids"] == [
+        node_d, second]
+    for body in ({"node_ids": [second, node_d]}, {"node_ids": ["x"]}, {"node_ids": "e"},
+                 {}, {"node_ids": [f"{i:040x}" for i in range(17)]}):
+        assert c.run("org-d", "org.nodes", body).code == INVALID, body
+    assert c.run("dr-phys", "org.nodes", {"node_ids": [second]}).code == FORBIDDEN
+
+
 def test_single_member_activates_immediately() -> None:
     c = Chain(orgs=("org-a",))
     r = c.run("org-a", "org.propose", {"org": org_doc("org-b")})

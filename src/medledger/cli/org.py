@@ -60,14 +60,18 @@ def _validator_pub(cometbft_home: Path | None) -> bytes | None:
 @handle_errors
 def describe(home: HomeOpt,
              cometbft_home: Annotated[Path | None, typer.Option(
-                 help="This org's CometBFT home, to include its validator key.")] = None
-             ) -> None:
+                 help="This org's CometBFT home, to include its validator key and p2p "
+                      "node id (members' nodes admit only members' nodes as peers).")]
+             = None) -> None:
     """Print this organisation's public descriptor (give it to the network's members)."""
+    from medledger.consensus import cometbft
     h = Home(home)
     h.load_config()
     org = h.unlock_org(_password("MEDLEDGER_PASSWORD", "organisation keystore password"))
-    _print_json(org_genesis_entry(org, str(org.meta.get("name") or org.id),
-                                  _validator_pub(cometbft_home)))
+    validator = _validator_pub(cometbft_home)  # a clear error if the home is not one
+    node_id = cometbft.node_id(cometbft_home) if cometbft_home is not None else None
+    _print_json(org_genesis_entry(org, str(org.meta.get("name") or org.id), validator,
+                                  node_id=node_id))
 
 
 @org_app.command("propose")
@@ -95,6 +99,22 @@ def approve(home: HomeOpt, org_id: Annotated[str, typer.Argument()],
     with client:
         res = client.submit_tx("org.approve", {"org_id": org_id})
     console.print(f"[green]{me} approved {org_id}[/]: now {res['data']} (height {res['height']})")
+
+
+@org_app.command("nodes")
+@handle_errors
+def nodes(home: HomeOpt, node_ids: Annotated[list[str], typer.Argument(
+        help="Every CometBFT node id of this organisation (`cometbft show-node-id`): "
+             "the list replaces the one on the ledger.")],
+          node: NodeUrlOpt = None) -> None:
+    """Name this organisation's CometBFT nodes: members' nodes admit only these as peers
+    (a replacement machine, or a second node, must be named before it can sync)."""
+    client, me = _org_client(home, node)
+    ids = sorted({i.strip().lower() for i in node_ids})
+    with client:
+        res = client.submit_tx("org.nodes", {"node_ids": ids})
+    console.print(f"[green]{me} names {res['data']} node(s)[/] (height {res['height']}): "
+                  + ", ".join(ids))
 
 
 @org_app.command("rewrap")

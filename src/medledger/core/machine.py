@@ -59,6 +59,7 @@ MAX_ERASE_RECORDS = 10_000
 VALIDATOR_POWER = 10
 RESOURCE_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}\Z")
 HASH_RE = re.compile(r"^[0-9a-f]{64}\Z")
+NODE_ID_RE = re.compile(r"^[0-9a-f]{40}\Z")
 # Ledger audit events carry no free text: reasons and details travel sealed in ``x``
 # (AES-GCM under the node's audit key of epoch ``k``, ADR 4 section 6).
 AUDIT_FIELDS = {"id", "recorded", "action", "subtype", "outcome", "agent", "agent_org",
@@ -430,7 +431,22 @@ def _org_entry(o: Any) -> dict[str, Any]:
             raise InvalidInput("organisation api_url must be an http(s) URL of at most 200 "
                                "characters")
         entry["api_url"] = api_url.rstrip("/")
+    if o.get("node_ids") is not None:  # its CometBFTs' p2p ids: members admit these only
+        entry["node_ids"] = _node_ids(o, "organisation")
     return entry
+
+
+MAX_NODE_IDS = 16
+
+
+def _node_ids(body: Mapping[str, Any], what: str) -> list[str]:
+    ids = body.get("node_ids")
+    if not isinstance(ids, list) or len(ids) > MAX_NODE_IDS or ids != sorted(set(ids)) \
+            or not all(isinstance(i, str) and NODE_ID_RE.match(i) for i in ids):
+        raise InvalidInput(f"{what}: node_ids must be a sorted list of at most "
+                           f"{MAX_NODE_IDS} unique CometBFT node ids (40 lowercase hex "
+                           "digits each)")
+    return list(ids)
 
 
 # --- governance
@@ -460,6 +476,19 @@ def _apply_org_approve(s: Overlay, sid: str, signer: dict[str, Any], body: Mappi
     entry["approvals"] = sorted([*entry["approvals"], sid])
     _maybe_activate(s, entry, ctx)
     return str(entry["status"])
+
+
+def _apply_org_nodes(s: Overlay, sid: str, signer: dict[str, Any], body: Mapping[str, Any],
+                     tx: Tx, ctx: _Ctx) -> str | None:
+    """An organisation names its CometBFT nodes (a replacement, a second one): the
+    members' nodes admit only the nodes their ledger names (``state.peer_admitted``)."""
+    _need_org(sid, signer, "org.nodes")
+    entry = st.org(s, sid)
+    if entry is None:
+        raise NotFound(f"no organisation {sid}")
+    entry["node_ids"] = _node_ids(body, "org.nodes")
+    put_json(s, f"org/{sid}", entry)
+    return str(len(entry["node_ids"]))
 
 
 def _maybe_activate(s: Overlay, entry: dict[str, Any], ctx: _Ctx) -> None:
@@ -1337,6 +1366,7 @@ def _apply_recovery_cancel(s: Overlay, sid: str, signer: dict[str, Any],
 _HANDLERS: dict[str, Handler] = {
     "org.propose": _apply_org_propose,
     "org.approve": _apply_org_approve,
+    "org.nodes": _apply_org_nodes,
     "actor.register": _apply_actor_register,
     "actor.deactivate": _apply_actor_deactivate,
     "key.rotate": _apply_key_rotate,

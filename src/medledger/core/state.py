@@ -234,6 +234,17 @@ def active_orgs(state: StateReader) -> list[dict[str, Any]]:
     return [o for _, raw in state.scan("org/") if (o := loads(raw))["status"] == "active"]
 
 
+def peer_admitted(state: StateReader, node_id: str) -> bool:
+    """May a CometBFT node with p2p id ``node_id`` be a peer (CometBFT's ``filter_peers``)?
+
+    Once the ledger names its members' nodes (``node_ids`` in organisation entries, set
+    at genesis, in ``org.propose`` or by ``org.nodes``), only an active member's node; a
+    ledger that names none (a chain from before node ids, or whose organisations were
+    not given them) admits any, as CometBFT does unfiltered."""
+    named = {n for o in active_orgs(state) for n in o.get("node_ids", ())}
+    return not named or node_id in named
+
+
 def record_head(state: StateReader, rtype: str, rid: str) -> dict[str, Any] | None:
     return get_json(state, f"rec/{rtype}/{rid}")
 

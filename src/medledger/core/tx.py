@@ -30,7 +30,7 @@ ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}\Z")
 NONCE_RE = re.compile(r"^[0-9a-f]{16,64}\Z")
 
 KINDS = frozenset({
-    "org.propose", "org.approve",
+    "org.propose", "org.approve", "org.nodes",
     "actor.register", "actor.deactivate", "key.rotate",
     "record.put", "record.erase",
     "consent.put", "consent.revoke",

@@ -127,12 +127,16 @@ class Home:
 
 def org_genesis_entry(identity: keys.Identity, name: str,
                       validator_pub: bytes | None = None,
-                      api_url: str | None = None) -> dict[str, Any]:
-    entry = {"id": identity.id, "name": name, "sign_pub": b64e(identity.sign_public),
-             "enc_pub": b64e(identity.enc_public),
-             "validator_pub": b64e(validator_pub) if validator_pub else None}
+                      api_url: str | None = None,
+                      node_id: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": identity.id, "name": name, "sign_pub": b64e(identity.sign_public),
+        "enc_pub": b64e(identity.enc_public),
+        "validator_pub": b64e(validator_pub) if validator_pub else None}
     if api_url:  # where member nodes fetch sealed blobs from this organisation (ADR 4)
         entry["api_url"] = api_url
+    if node_id:  # its CometBFT's p2p id: members' nodes admit only members' nodes
+        entry["node_ids"] = [node_id]
     return entry
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from medledger.consensus.app import AppInfo, BlockOutcome, QueryResult, TxResult
 from medledger.core import machine, mempool
+from medledger.core import state as st
 from medledger.core.machine import BlockApplied, BlockInput
 from medledger.core.tx import MAX_TX_BYTES, Tx
 from medledger.crypto.canonical import canonical, loads, sha256
@@ -390,6 +391,13 @@ class LedgerApp:
         if path == "/state":
             value = self.store.get(data.decode("utf-8", "replace"))
             return QueryResult(0 if value is not None else 8, value or b"", "", h)
+        if path.startswith("/p2p/filter/id/"):  # CometBFT asks before adding a peer
+            node = path.removeprefix("/p2p/filter/id/")
+            if st.peer_admitted(self.state, node):
+                return QueryResult(0, b"", "", h)
+            return QueryResult(3, b"", f"node {node} is not an active member's node", h)
+        if path.startswith("/p2p/filter/addr/"):  # admission is by node id, not address
+            return QueryResult(0, b"", "", h)
         if path == "/status":
             return QueryResult(0, canonical({"height": h, "app_hash": self.app_hash.hex(),
                                              "chain": self.chain}), "", h)

@@ -506,21 +506,23 @@ def create_network(directory: Path | str, n: int = 4, password: str = "", *,
     # 1. CometBFT keys first: the genesis organisations carry their validator keys.
     progress("creating CometBFT validator keys")
     binary = cometbft.binary_path()
-    vals = []
+    vals, node_ids = [], []
     for i in range(n):
         cometbft.init_home(comet_root / f"node{i}", f"node{i}", binary=binary)
         vals.append(validator_pub(comet_root / f"node{i}"))
+        node_ids.append(cometbft.node_id(comet_root / f"node{i}", binary=binary))
     # 2. Organisation identities and the shared genesis.
     progress("creating organisation keys")
     orgs = [keys.new_identity(f"org-{i + 1}", "org", {"name": ORG_NAMES[i]}) for i in range(n)]
-    entries = [org_genesis_entry(o, ORG_NAMES[i], vals[i], f"http://127.0.0.1:{api_ports[i]}")
+    entries = [org_genesis_entry(o, ORG_NAMES[i], vals[i], f"http://127.0.0.1:{api_ports[i]}",
+                                 node_ids[i])
                for i, o in enumerate(orgs)]
     app_state: dict[str, Any] = {"orgs": entries}
     if retention:  # erasure retention rules per category, fixed at genesis (ADR 4)
         app_state["retention"] = dict(retention)
     genesis = {"chain_id": chain, **app_state}
     layouts = cometbft.make_testnet(comet_root, n, chain, app_state, comet_base,
-                                    binary=binary)
+                                    binary=binary, settings={"filter_peers": True})
     # 3. One node home per organisation, in network mode.
     members = []
     for i, (org, lay) in enumerate(zip(orgs, layouts, strict=True)):
