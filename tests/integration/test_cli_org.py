@@ -48,8 +48,10 @@ def _orgs(node: NodeHandle) -> dict[str, dict[str, object]]:
 
 def test_members_admit_organisations_by_majority(node: NodeHandle, tmp_path: Path) -> None:
     clinic = _joiner(node, tmp_path, "org-clinic", "City Clinic")
-    out = _ok("org", "propose", "--home", str(node.home), str(tmp_path / "org-clinic.json"))
-    assert "now active" in out  # 1 of 1 members approved
+    res = run_cli("org", "propose", "--home", str(node.home), str(tmp_path / "org-clinic.json"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "now active" in res.stdout  # 1 of 1 members approved
+    assert "names no CometBFT node" in res.stderr  # described without --cometbft-home
     assert _orgs(node)["org-clinic"]["status"] == "active"
 
     _joiner(node, tmp_path, "org-lab", "Lakeside Lab")

@@ -22,6 +22,7 @@ from medledger.cli.common import (
     _password,
     _print_json,
     console,
+    err_console,
     handle_errors,
 )
 from medledger.client import Client
@@ -88,6 +89,11 @@ def propose(home: HomeOpt, descriptor: Annotated[Path, typer.Argument(
         res = client.submit_tx("org.propose", {"org": entry})
     console.print(f"[green]{me} proposed {entry.get('id')}[/]: now {res['data']} "
                   f"(height {res['height']})")
+    if not entry.get("node_ids"):
+        err_console.print(f"[yellow]note:[/] {entry.get('id')} names no CometBFT node (its "
+                          "descriptor was made without --cometbft-home): where the ledger "
+                          "names its members' nodes (as `net` does), peers will not admit "
+                          f"its node until {entry.get('id')} runs `medledger org nodes`")
 
 
 @org_app.command("approve")
