@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +32,7 @@ from helpers import (
     load_patient,
     make_home,
     register_staff,
+    run_cli,
     running_node,
     tcp_listeners,
 )
@@ -319,15 +321,45 @@ def test_abci_stays_on_loopback_when_the_api_is_public(tmp_path: Path) -> None:
         assert "serving plain HTTP on 0.0.0.0" in node.log()  # and no TLS: warned
         # and it is ABCI: an Echo is answered
         with socket.create_connection(("127.0.0.1", abci), timeout=5) as conn:
-            conn.sendall(frame(pb.Request(echo=pb.RequestEcho(message="hi"))
-                               .SerializeToString())
-                         + frame(pb.Request(flush=pb.RequestFlush()).SerializeToString()))
-            decoder, got = FrameDecoder(), []
-            while len(got) < 2:
-                chunk = conn.recv(4096)
-                assert chunk, "ABCI server closed the connection"
-                got += [pb.Response.FromString(m) for m in decoder.feed(chunk)]
-            assert got[0].echo.message == "hi"
+            assert _abci_echo(conn) == "hi"
+    finally:
+        node.kill9()
+
+
+def _abci_echo(sock: socket.socket) -> str:
+    sock.sendall(frame(pb.Request(echo=pb.RequestEcho(message="hi")).SerializeToString())
+                 + frame(pb.Request(flush=pb.RequestFlush()).SerializeToString()))
+    decoder, got = FrameDecoder(), []
+    while len(got) < 2:
+        chunk = sock.recv(4096)
+        assert chunk, "ABCI server closed the connection"
+        got += [pb.Response.FromString(m) for m in decoder.feed(chunk)]
+    return str(got[0].echo.message)
+
+
+def test_a_bad_network_config_or_a_second_start_is_one_line(tmp_path: Path) -> None:
+    """What a network-mode start would fail on is said before the web server starts
+    (whose start-up failure prints a traceback): an ABCI socket path too long for a
+    Unix socket, and the same node started twice, which must also leave the running
+    node's socket alone."""
+    node = NodeHandle(tmp_path / "home", free_port())
+    rpc = f"http://127.0.0.1:{free_port()}"  # no CometBFT: no quorum, still serving
+    make_home(node.home, node.port, mode="cometbft", cometbft_rpc=rpc, abci_socket="s" * 120)
+    res = run_cli("node", "start", "--home", str(node.home))
+    assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr
+    assert "longer than a Unix socket path may be" in " ".join(res.stderr.split())
+    config = orjson.loads((node.home / "config.json").read_bytes())
+    (node.home / "config.json").write_bytes(orjson.dumps({**config,
+                                                          "abci_socket": "abci.sock"}))
+    try:
+        node.start()
+        res = run_cli("node", "start", "--home", str(node.home), "--port", str(free_port()))
+        assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr
+        assert "already serves ABCI" in " ".join(res.stderr.split())
+        with socket.socket(socket.AF_UNIX) as s:  # the first node still answers there
+            s.settimeout(5)
+            s.connect(str(node.home / "abci.sock"))
+            assert _abci_echo(s) == "hi"
     finally:
         node.kill9()
 

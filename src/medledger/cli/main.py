@@ -79,6 +79,7 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
 
     from medledger.api.app import create_app
     from medledger.node.home import is_loopback
+    from medledger.node.network import check_network_config
     from medledger.node.runtime import open_node
     from medledger.node.startcheck import start_check
     if (tls_cert is None) != (tls_key is None):
@@ -91,6 +92,8 @@ def node_start(home: HomeOpt, host: Annotated[str | None, typer.Option()] = None
         node.config.host = host
     if port:
         node.config.port = port
+    if node.config.mode == "cometbft":  # a config error is one line here, not a traceback
+        check_network_config(node)
     if tls_cert is None and not is_loopback(node.config.host):
         err_console.print(f"[bold yellow]warning:[/] serving plain HTTP on "
                           f"{node.config.host}: passwords, tokens and keystores would cross "

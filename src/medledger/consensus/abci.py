@@ -409,7 +409,7 @@ class AbciServer:
         return cls(app, host.removeprefix("[").removesuffix("]"), int(port))  # [::1]
 
     @staticmethod
-    def _refuse_if_served(path: str) -> None:
+    def refuse_if_served(path: str) -> None:
         """A live server at ``path`` (this node started twice) keeps it: binding would
         unlink its socket from under it."""
         if not os.path.exists(path):
@@ -432,7 +432,7 @@ class AbciServer:
             raise RuntimeError("AbciServer already started")
         self._stopped.clear()
         if self.path:
-            self._refuse_if_served(self.path)
+            self.refuse_if_served(self.path)
             old_umask = os.umask(0o177)  # 0600 from the bind on: no window for others
             try:  # a stale socket file a crash left is replaced
                 self._server = await asyncio.start_unix_server(self._on_connection, self.path)

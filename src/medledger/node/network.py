@@ -334,6 +334,27 @@ class _NodeAbciApp:
         return result
 
 
+def check_network_config(node: Any) -> Path | None:
+    """Raise what a network-mode start would fail on, before anything starts (``node
+    start`` calls it ahead of the web server, whose start-up would print a traceback):
+    a config without CometBFT's RPC or an ABCI address, an ABCI socket path too long for
+    a Unix socket, or one a running node still serves. Returns that socket's path."""
+    from medledger.consensus.abci import AbciServer
+
+    config = node.config
+    if not config.cometbft_rpc or not (config.abci_port or config.abci_socket):
+        raise InvalidInput("mode 'cometbft' needs cometbft_rpc and abci_socket or abci_port "
+                           "in config.json")
+    if not config.abci_socket:
+        return None
+    path: Path = node.home.path / config.abci_socket
+    if len(os.fsencode(path)) > cometbft.MAX_UNIX_SOCKET_PATH:
+        raise InvalidInput(f"abci_socket {path} is longer than a Unix socket path may be "
+                           f"({cometbft.MAX_UNIX_SOCKET_PATH} bytes): give a shorter one")
+    AbciServer.refuse_if_served(str(path))
+    return path
+
+
 def check_store_for_network(store: Any) -> None:
     """Raise ``IntegrityError`` if the store must not be offered to CometBFT: the app hash
     the node would report in ``Info`` must be the one in the head block's header (what
@@ -355,9 +376,7 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
     from medledger.consensus.abci import AbciServer
 
     config = node.config
-    if not config.cometbft_rpc or not (config.abci_port or config.abci_socket):
-        raise InvalidInput("mode 'cometbft' needs cometbft_rpc and abci_socket or abci_port "
-                           "in config.json")
+    socket_path = check_network_config(node)
     timeout = float(config.extra.get("commit_timeout_s", COMMIT_TIMEOUT_S))
     submitter = CometSubmitter(node.app, config.cometbft_rpc, timeout_s=timeout)
     node.submitter = submitter
@@ -370,12 +389,8 @@ async def start_network_mode(node: Any) -> tuple[Any, CometSubmitter]:
         submitter.refuse(node.integrity_failure)
         log.critical("REFUSING TO SERVE, not joining consensus: %s", node.integrity_failure)
         return None, submitter
-    if config.abci_socket:
-        path = node.home.path / config.abci_socket
-        if len(os.fsencode(path)) > cometbft.MAX_UNIX_SOCKET_PATH:
-            raise InvalidInput(f"abci_socket {path} is longer than a Unix socket path may be "
-                               f"({cometbft.MAX_UNIX_SOCKET_PATH} bytes): give a shorter one")
-        server = AbciServer(_NodeAbciApp(node), path=path)
+    if socket_path is not None:
+        server = AbciServer(_NodeAbciApp(node), path=socket_path)
     else:
         if not is_loopback(config.abci_host):
             log.warning("ABCI listens on %s, beyond this machine: ABCI has no "
