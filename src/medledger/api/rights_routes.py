@@ -217,11 +217,11 @@ async def recovery_shares(request: Request, rid: str) -> Response:
     served here, under the request's unguessable id, and not by patient id, which
     would tell anyone whether an id exists."""
     node = node_of(request)
-    shares = await recovery.approval_shares(node, rid)  # NotFound for an unknown id
     req = st.recovery_request(node.store, rid)
     actor = st.actor(node.store, req["patient"]) if req is not None else None
     if req is None or actor is None:
         raise NotFound(f"no recovery request {rid}")
+    shares = await recovery.approval_shares(node, req)
     keys = {"id": req["patient"], "sign_pub": actor["sign_pub"], "enc_pub": actor["enc_pub"]}
     return _json({"request": req, "shares": {g: b64e(b) for g, b in shares.items()},
                   "keys": keys})

@@ -248,12 +248,9 @@ async def sealed_share_for(node: Node, session: Session, patient: str) -> bytes:
                        _home_org(node, patient))
 
 
-async def approval_shares(node: Node, rid: str) -> dict[str, bytes]:
+async def approval_shares(node: Node, req: dict[str, Any]) -> dict[str, bytes]:
     """The re-sealed shares of a request (sealed to its key: useless to anyone else)."""
-    req = st.recovery_request(node.store, rid)
-    if req is None:
-        raise NotFound(f"no recovery request {rid}")
-    return {g: await _blob(node, h, f"recovery/{req['patient']}/{rid}/key:{g}",
+    return {g: await _blob(node, h, f"recovery/{req['patient']}/{req['id']}/key:{g}",
                            _home_org(node, g))
             for g, h in sorted(req["approvals"].items())}
 
@@ -306,7 +303,7 @@ async def finish(node: Node, patient: str, rid: str, code: str, password: str
                        "far; recovery needs all of them")
     actor = st.actor(node.store, patient)
     assert actor is not None
-    identity = recover_identity(req, await approval_shares(node, rid),
+    identity = recover_identity(req, await approval_shares(node, req),
                                 b64d(opened["enc_private"]), actor)
     await node._off_loop(keys.save_keystore, node.home.user_keystore(patient), identity,
                          password)
