@@ -446,13 +446,6 @@ class Member:
     def comet_log(self) -> Path:
         return Path(self.comet_home) / cometbft.LOG_FILE_NAME
 
-    @property
-    def layout(self) -> cometbft.NodeLayout:
-        socket = Home(self.home).load_config().abci_socket
-        return cometbft.NodeLayout(self.index, f"node{self.index}", Path(self.comet_home), "",
-                                   self.p2p_port, self.rpc_port, self.abci_port,
-                                   abci_socket=Path(self.home, socket) if socket else None)
-
 
 @dataclass
 class Network:
